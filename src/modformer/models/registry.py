@@ -1,0 +1,34 @@
+"""Architectures by name, so the trainer and CLI build any model from `arch` + `preset`.
+
+Each entry maps an architecture name to (config class, causal-LM class). Config classes
+provide `from_preset(name, **overrides)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from modformer.models.gpt import GPTConfig, GPTForCausalLM
+
+ARCHITECTURES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
+    "gpt": (GPTConfig, GPTForCausalLM),
+}
+
+
+def build_config(arch: str, preset: str, **overrides: Any) -> PreTrainedConfig:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"model.arch: unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    config_cls, _ = ARCHITECTURES[arch]
+    try:
+        return config_cls.from_preset(preset, **overrides)
+    except TypeError as e:  # an override that is not a field of this config
+        raise ValueError(f"model.overrides: {e}") from None
+
+
+def build_model(config: PreTrainedConfig) -> PreTrainedModel:
+    for config_cls, model_cls in ARCHITECTURES.values():
+        if type(config) is config_cls:
+            return model_cls(config)
+    raise ValueError(f"no modformer architecture uses config class {type(config).__name__}")
