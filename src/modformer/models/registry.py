@@ -19,7 +19,9 @@ ARCHITECTURES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] =
 
 def build_config(arch: str, preset: str, **overrides: Any) -> PreTrainedConfig:
     if arch not in ARCHITECTURES:
-        raise ValueError(f"model.arch: unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        raise ValueError(
+            f"model.arch: unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}"
+        )
     config_cls, _ = ARCHITECTURES[arch]
     try:
         return config_cls.from_preset(preset, **overrides)

@@ -98,6 +98,8 @@ def _check_inputs(
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
     if not q.is_floating_point():
         raise ValueError(f"q, k, v must be floating point, got {q.dtype}.")
     if key_padding_mask is not None:
@@ -105,6 +107,10 @@ def _check_inputs(
             raise ValueError(
                 f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected "
                 f"(batch, Tk) = ({B}, {Tk}) with True for real tokens."
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(
+                f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}."
             )
         if key_padding_mask.dtype != torch.bool:
             raise ValueError(

@@ -70,9 +70,7 @@ class GPTConfig(PreTrainedConfig):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_inner is not None and self.n_inner <= 0:
             raise ValueError(f"n_inner must be positive or None, got {self.n_inner}")
         if self.activation_function not in ACTIVATIONS:
