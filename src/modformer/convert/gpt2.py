@@ -1,0 +1,155 @@
+"""Import a local Hugging Face GPT-2 directory (`config.json` + `model.safetensors`) into
+`GPTForCausalLM` (SPEC §1). Nothing is downloaded.
+
+HF GPT-2 stores `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` as Conv1D, i.e. as
+(in, out) matrices: we transpose them into `nn.Linear`'s (out, in). Keys may carry the
+`transformer.` prefix or not; `attn.bias` / `attn.masked_bias` are mask buffers and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from modformer.models.gpt import GPTConfig, GPTForCausalLM
+
+CONV1D_SUFFIXES = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
+BUFFER_SUFFIXES = ("attn.bias", "attn.masked_bias")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
+
+
+class ConversionError(ValueError):
+    """The source checkpoint cannot be converted; the message says why and what to do."""
+
+
+def _read_config(src: Path) -> GPTConfig:
+    path = src / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{src} has no config.json; is it a Hugging Face GPT-2 directory?")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from None
+    if hf.get("model_type") not in ("gpt2", None):
+        raise ConversionError(f"{path} describes a {hf.get('model_type')!r} model, not gpt2")
+    for flag in (
+        "scale_attn_by_inverse_layer_idx",
+        "reorder_and_upcast_attn",
+        "add_cross_attention",
+    ):
+        if hf.get(flag):
+            raise ConversionError(
+                f"{path}: {flag}=true is not supported by the GPT-2 architecture here"
+            )
+    if hf.get("scale_attn_weights") is False:
+        raise ConversionError(f"{path}: scale_attn_weights=false is not supported")
+    return GPTConfig(
+        vocab_size=hf.get("vocab_size", 50257),
+        n_positions=hf.get("n_positions", 1024),
+        n_embd=hf.get("n_embd", 768),
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_inner=hf.get("n_inner"),
+        activation_function=hf.get("activation_function", "gelu_new"),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        initializer_range=hf.get("initializer_range", 0.02),
+        dropout=0.0,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def _read_weights(src: Path) -> dict[str, torch.Tensor]:
+    st = src / "model.safetensors"
+    if st.is_file():
+        try:
+            return load_file(st)
+        except Exception as e:
+            raise ConversionError(f"{st} is unreadable or truncated ({e})") from None
+    if (src / "model.safetensors.index.json").is_file():
+        index = json.loads((src / "model.safetensors.index.json").read_text())
+        weights: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            weights.update(load_file(src / shard))
+        return weights
+    bin_path = src / "pytorch_model.bin"
+    if bin_path.is_file():
+        return torch.load(bin_path, map_location="cpu", weights_only=True)
+    raise ConversionError(f"{src} has no model.safetensors (or pytorch_model.bin)")
+
+
+def gpt2_state_dict_to_modformer(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename and transpose an HF GPT-2 state dict into `GPTForCausalLM`'s layout."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        if ".".join(key.split(".")[-2:]) in BUFFER_SUFFIXES or key == "lm_head.weight":
+            continue  # mask buffers; the LM head is tied to wte
+        name = key if key.startswith("transformer.") else f"transformer.{key}"
+        if name.endswith(CONV1D_SUFFIXES):
+            value = value.t().contiguous()
+        out[name] = value
+    return out
+
+
+def load_gpt2_directory(src: str | Path) -> GPTForCausalLM:
+    """Build a `GPTForCausalLM` from a local HF GPT-2 directory, weights checked by shape."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ConversionError(
+            f"{src} is not a directory; pass a local Hugging Face GPT-2 directory"
+        )
+    config = _read_config(src)
+    model = GPTForCausalLM(config)
+    state = gpt2_state_dict_to_modformer(_read_weights(src))
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(
+            f"{src}: weights do not match a GPT-2 of this config; missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ConversionError(
+                f"{src}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def convert_gpt2(src: str | Path, dst: str | Path) -> GPTForCausalLM:
+    """`modformer convert gpt2 SRC DST`: import and save (with the tokenizer files, if any)."""
+    from modformer.train.checkpoint import atomic_save_model
+
+    model = load_gpt2_directory(src)
+    tmp_tok = Path(dst).parent / f".{Path(dst).name}.tokenizer-src"
+    src = Path(src)
+    tokenizer_files = [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if tokenizer_files:
+        tmp_tok.mkdir(parents=True, exist_ok=True)
+        for f in tokenizer_files:
+            shutil.copy2(f, tmp_tok / f.name)
+    try:
+        atomic_save_model(model, dst, tokenizer_dir=tmp_tok if tokenizer_files else None)
+    finally:
+        shutil.rmtree(tmp_tok, ignore_errors=True)
+    return model

@@ -1,0 +1,1 @@
+"""Evaluation: language-model loss, costs, downstream tasks."""

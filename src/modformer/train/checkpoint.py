@@ -1,0 +1,138 @@
+"""Atomic checkpoints: each is a directory written under a temporary name and renamed.
+
+A checkpoint `step_000100/` holds `model/` (save_pretrained, safetensors) and
+`trainer_state.pt` (optimizer, scheduler, RNG states, step, data position, config). A
+crash mid-write leaves only a `.tmp-*` directory, which is never loaded and is cleaned up
+on the next save.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+CKPT_RE = re.compile(r"^step_(\d{6,})$")
+STATE_FILE = "trainer_state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unreadable; the message says which and what to do."""
+
+
+def save_model_files(model: PreTrainedModel, dest: Path, tokenizer_dir: Path | None = None) -> None:
+    """`save_pretrained` plus the tokenizer files beside it, so that `from_pretrained(dest)`
+    works for both the model and `AutoTokenizer` (generation, lm-eval)."""
+    model.save_pretrained(dest, safe_serialization=True)
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        for item in tokenizer_dir.iterdir():
+            if item.is_file():
+                shutil.copy2(item, dest / item.name)
+
+
+def atomic_save_model(
+    model: PreTrainedModel, dest: str | Path, tokenizer_dir: Path | None = None
+) -> Path:
+    """Save into a temp dir next to `dest`, then swap it in by rename."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        save_model_files(model, tmp, tokenizer_dir)
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Rename `tmp` to `dest`; an existing `dest` is moved aside first and then deleted."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    ckpt_root: str | Path,
+    step: int,
+    model: PreTrainedModel,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    tokenizer_dir: Path | None = None,
+) -> Path:
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    dest = ckpt_root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=ckpt_root))
+    try:
+        save_model_files(model, tmp / "model", tokenizer_dir)
+        torch.save(trainer_state, tmp / STATE_FILE)
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(ckpt_root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".step_*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return dest
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CKPT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    ckpts = list_checkpoints(ckpt_root)
+    return ckpts[-1] if ckpts else None
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {ckpt} has no {STATE_FILE}; delete it or resume from an older one"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or corrupt file
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({e}); delete {ckpt} to resume from an older one"
+        ) from None
