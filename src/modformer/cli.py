@@ -1,0 +1,250 @@
+"""The `modformer` command: prepare | train | eval | generate | convert | demo.
+
+Each subcommand is a thin layer over the library; `modformer CMD --help` explains every
+option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from modformer.config import ConfigError
+from modformer.train.checkpoint import CheckpointError
+
+
+def _prepare(sub: argparse._SubParsersAction) -> None:
+    from modformer.data.prepare import add_prepare_arguments, run_prepare
+
+    p = sub.add_parser(
+        "prepare",
+        help="tokenise a corpus into train/val token files",
+        description="Turn text into memory-mapped token files plus meta.json and a tokenizer. "
+        "Without --inputs, the built-in offline corpus is used (Python stdlib sources, "
+        "pydoc topics, C headers).",
+    )
+    add_prepare_arguments(p)
+    p.set_defaults(func=run_prepare)
+
+
+def _train(sub: argparse._SubParsersAction) -> None:
+    from modformer.train.config import add_train_arguments
+
+    p = sub.add_parser(
+        "train",
+        help="train a model (also under torchrun for DDP)",
+        description="Train a model on prepared data. Settings come from --config (YAML/JSON), "
+        "then --set overrides, then the per-setting options below. Launch with "
+        "`torchrun --nproc_per_node N -m modformer.cli train ...` for DistributedDataParallel.",
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    from modformer.train.config import train_config_from_args
+    from modformer.train.trainer import train
+
+    cfg = train_config_from_args(args)
+    final = train(cfg, resume=args.resume)
+    if "val_loss" in final:
+        print(
+            f"final val loss {final['val_loss']:.4f}  ppl {final['val_ppl']:.2f}  -> {cfg.out_dir}/model"
+        )
+    return final
+
+
+def _eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="loss / perplexity of a saved model",
+        description="Report next-token loss and perplexity on a prepared split (optionally per "
+        "domain) or on a UTF-8 text file.",
+    )
+    p.add_argument("model", help="model directory or training out_dir")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="prepared data directory (output of `modformer prepare`)")
+    src.add_argument("--text", help="a UTF-8 text file, tokenised with the model's tokenizer")
+    p.add_argument(
+        "--split", default="val", choices=["train", "val"], help="split of --data (default: val)"
+    )
+    p.add_argument("--domains", help="comma-separated domains of --data to restrict to")
+    p.add_argument("--per-domain", action="store_true", help="also report each domain of --data")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per window (default: 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    p.add_argument("--max-batches", type=int, help="stop after this many batches (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    from modformer.eval.lm import evaluate_split, evaluate_text_file
+    from modformer.models.loading import load_model, load_tokenizer
+
+    model = load_model(args.model, args.device)
+    if args.block_size < 2:
+        raise ConfigError(f"--block-size must be >= 2, got {args.block_size}")
+    if args.text:
+        tokenizer = load_tokenizer(args.model)
+        if tokenizer is None:
+            raise ConfigError(
+                f"{args.model} has no tokenizer.json; evaluate prepared data with --data instead"
+            )
+        results = {
+            "text": evaluate_text_file(
+                model, tokenizer, args.text, args.block_size, args.batch_size, args.device
+            )
+        }
+    else:
+        domains = args.domains.split(",") if args.domains else None
+        results = evaluate_split(
+            model,
+            args.data,
+            args.split,
+            args.block_size,
+            args.batch_size,
+            args.max_batches,
+            args.per_domain,
+            domains,
+            args.device,
+        )
+    print(f"{'set':<16} {'loss':>8} {'ppl':>10} {'tokens':>10}")
+    for name, r in results.items():
+        print(f"{name:<16} {r['loss']:>8.4f} {r['ppl']:>10.2f} {r['tokens']:>10,}")
+    if args.json:
+        from modformer.utils import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=2))
+    return results
+
+
+def _generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a saved model",
+        description="Continue a prompt with a saved model and its tokenizer.",
+    )
+    p.add_argument("model", help="model directory or training out_dir")
+    p.add_argument(
+        "--prompt", default="", help="text to continue (default: empty, start of a document)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=50, help="sample from the k most likely tokens (default: 50)"
+    )
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> str:
+    from modformer.generation import generate_text
+    from modformer.models.loading import load_model, load_tokenizer
+
+    model = load_model(args.model, args.device)
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        raise ConfigError(
+            f"{args.model} has no tokenizer.json, so text cannot be encoded or decoded"
+        )
+    text = generate_text(
+        model,
+        tokenizer,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.greedy,
+        args.seed,
+    )
+    print(args.prompt + text)
+    return text
+
+
+def _convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert checkpoints (gpt2 -> modformer, vanilla -> MoM)")
+    conv = p.add_subparsers(dest="convert_kind", required=True, metavar="KIND")
+    g = conv.add_parser(
+        "gpt2",
+        help="import a local Hugging Face GPT-2 directory",
+        description="Import a local HF GPT-2 directory (config.json + model.safetensors) into a "
+        "modformer GPT model directory; tokenizer files are copied along.",
+    )
+    g.add_argument("src", help="local Hugging Face GPT-2 directory")
+    g.add_argument("dst", help="output model directory")
+    g.set_defaults(func=run_convert_gpt2)
+
+
+def run_convert_gpt2(args: argparse.Namespace) -> None:
+    from modformer.convert.gpt2 import convert_gpt2
+
+    model = convert_gpt2(args.src, args.dst)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.src} -> {args.dst} ({n:,} parameters)")
+
+
+def _demo(sub: argparse._SubParsersAction) -> None:
+    from modformer.demo import add_demo_arguments, run_demo
+
+    p = sub.add_parser(
+        "demo",
+        help="the end-to-end demo on the built-in corpus",
+        description="Prepare the built-in corpus, train the tiny models, report validation "
+        "loss beside a unigram baseline, and generate a sample.",
+    )
+    add_demo_arguments(p)
+    p.set_defaults(func=run_demo)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _prepare,
+    _train,
+    _eval,
+    _generate,
+    _convert,
+    _demo,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modformer", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard bars add noise to our own progress output
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        # Our errors carry the problem and the fix; a traceback would bury them.
+        if args.verbose:
+            raise
+        print(f"modformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

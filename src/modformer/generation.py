@@ -1,0 +1,40 @@
+"""Text generation from a saved model: prompt -> text, via HF `generate()`."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+
+def generate_text(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    greedy: bool = False,
+    seed: int = 0,
+) -> str:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise ValueError(
+            f"temperature must be > 0 for sampling, got {temperature}; or use greedy decoding"
+        )
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    torch.manual_seed(seed)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else temperature,
+        top_k=None if greedy else top_k,
+        pad_token_id=tokenizer.eos_token_id,
+        eos_token_id=None,  # keep going past document ends: the demo shows a fixed length
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
