@@ -22,7 +22,6 @@ from modformer.data import (
     prepare,
     read_meta,
     run_prepare,
-    step_generator,
     token_dtype,
 )
 from modformer.data.corpus import c_headers_domain
@@ -257,14 +256,20 @@ def test_token_dtype_selection():
 
 def test_validation_split_rules():
     for n in range(2, 30):
-        mask = validation_documents(n, 0.1, seed=0, domain="x")
-        assert 1 <= mask.sum() < n
-        assert mask.sum() == min(n - 1, max(1, round(0.1 * n)))
-    assert validation_documents(1, 0.1, seed=0, domain="x").sum() == 0
-    a = validation_documents(200, 0.1, seed=0, domain="x")
-    assert np.array_equal(a, validation_documents(200, 0.1, seed=0, domain="x"))
-    assert not np.array_equal(a, validation_documents(200, 0.1, seed=1, domain="x"))
-    assert not np.array_equal(a, validation_documents(200, 0.1, seed=0, domain="y"))
+        mask = validation_documents([10] * n, 0.1, seed=0, domain="x")
+        assert mask.sum() == max(1, n // 10)  # equal documents: a tenth of them, at least one
+    assert validation_documents([10], 0.1, seed=0, domain="x").sum() == 0
+    # One huge document does not swamp validation: small ones fill it to just under 10%.
+    sizes = np.array([10_000] + [10] * 999)
+    mask = validation_documents(sizes, 0.1, seed=0, domain="x")
+    assert not mask[0] and 0.1 * sizes.sum() - 10 < sizes[mask].sum() <= 0.1 * sizes.sum()
+    # No document fits the budget: the smallest one goes to validation.
+    assert validation_documents([500, 40, 900], 0.01, seed=0, domain="x").tolist() == [0, 1, 0]
+    sizes = np.arange(1, 201)
+    a = validation_documents(sizes, 0.1, seed=0, domain="x")
+    assert np.array_equal(a, validation_documents(sizes, 0.1, seed=0, domain="x"))
+    assert not np.array_equal(a, validation_documents(sizes, 0.1, seed=1, domain="x"))
+    assert not np.array_equal(a, validation_documents(sizes, 0.1, seed=0, domain="y"))
     assert position_split(1000, 0.1) == 900
     assert position_split(2, 0.01) == 1
     assert position_split(1, 0.1) == 1
@@ -313,9 +318,21 @@ def test_get_batch_is_reproducible_and_domain_restricted(two_domain_dir):
     assert torch.isin(batch, torch.cat([letter_ids(B_LETTERS), torch.tensor([256])])).all()
     for row in batch.numpy():
         assert row.tobytes() in domain_tokens.tobytes()
-    same = dataset.get_batch(4, 8, step_generator(7, 100))
-    assert torch.equal(same, dataset.get_batch(4, 8, step_generator(7, 100)))
-    assert not torch.equal(same, dataset.get_batch(4, 8, step_generator(7, 101)))
+    # Restricted to b, the batch differs from the unrestricted one with the same seed.
+    everything = TokenDataset(two_domain_dir, "train")
+    assert not torch.equal(batch, everything.get_batch(16, 64, torch.Generator().manual_seed(3)))
+
+
+def test_tokens_view_of_selected_domains(two_domain_dir):
+    full = read_split(two_domain_dir, "train")
+    dataset = TokenDataset(two_domain_dir, "train")
+    assert isinstance(dataset.tokens, np.memmap) and np.array_equal(dataset.tokens, full)
+    b_only = TokenDataset(two_domain_dir, "train", domains=["b"])
+    start, end = b_only.domain_ranges["b"]
+    assert np.array_equal(b_only.tokens, full[start:end])
+    both = TokenDataset(two_domain_dir, "train", domains=["b", "a"])  # adjacent: one view
+    assert isinstance(both.tokens, np.memmap) and np.array_equal(both.tokens, full)
+    assert both.num_tokens == len(full)
 
 
 def test_get_batch_samples_domains_in_proportion_to_length(two_domain_dir):

@@ -2,7 +2,7 @@
 the trainer and evaluation use."""
 
 from modformer.data.corpus import BUILTIN_DOMAINS, DataError, build_corpus
-from modformer.data.dataset import TokenDataset, load_tokenizer, read_meta, step_generator
+from modformer.data.dataset import TokenDataset, load_tokenizer, read_meta
 from modformer.data.prepare import add_prepare_arguments, prepare, run_prepare
 from modformer.data.tokenizer import token_dtype
 
@@ -16,6 +16,5 @@ __all__ = [
     "prepare",
     "read_meta",
     "run_prepare",
-    "step_generator",
     "token_dtype",
 ]

@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import sysconfig
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,17 +133,12 @@ def _walk_sorted(
                 yield Path(dirpath) / filename
 
 
-def _fill_from_files(
-    domain: Domain, files: Iterator[Path], root: Path, max_bytes: int, skipped: list
-) -> None:
-    """Add files as documents until `max_bytes` is reached; the last one is truncated."""
+def _fill_within_budget(domain: Domain, texts: Iterable[str], max_bytes: int, source: str) -> None:
+    """Append `texts` as documents until `max_bytes` of UTF-8 is used (the last one is
+    truncated to fit), and record where they came from as the domain's source."""
     used_bytes = 0
-    num_files = 0
     truncated = False
-    for path in files:
-        text = _read_utf8(path, skipped)
-        if text is None:
-            continue
+    for text in texts:
         if not text.strip():
             continue  # empty headers / __init__.py files carry nothing to learn
         document = _truncate_utf8(text, max_bytes - used_bytes)
@@ -151,20 +146,25 @@ def _fill_from_files(
         if document.strip():
             domain.documents.append(document)
             used_bytes += len(document.encode("utf-8"))
-            num_files += 1
         if used_bytes >= max_bytes or truncated:
             break
     domain.sources.append(
         {
             "domain": domain.name,
-            "path": str(root),
+            "path": source,
             "builtin": True,
-            "files": num_files,
             "documents": len(domain.documents),
             "bytes": used_bytes,
             "truncated": truncated,
         }
     )
+
+
+def _readable_texts(files: Iterable[Path], skipped: list[dict[str, Any]]) -> Iterator[str]:
+    for path in files:
+        text = _read_utf8(path, skipped)
+        if text is not None:
+            yield text
 
 
 def python_stdlib_domain(
@@ -179,7 +179,7 @@ def python_stdlib_domain(
     excluded = _PYTHON_SKIP_DIRS if include_tests else _PYTHON_SKIP_DIRS | _PYTHON_TEST_DIRS
     domain = Domain("python")
     files = _walk_sorted(root, ".py", lambda name: name in excluded, skipped)
-    _fill_from_files(domain, files, root, max_bytes, skipped)
+    _fill_within_budget(domain, _readable_texts(files, skipped), max_bytes, str(root))
     return domain
 
 
@@ -192,26 +192,8 @@ def prose_domain(max_bytes: int = DEFAULT_MAX_BYTES_PER_DOMAIN) -> Domain:
     except ImportError:
         logger.warning("pydoc_data is not installed with this Python: no 'prose' domain")
         return domain
-    used_bytes = 0
-    truncated = False
-    for name in sorted(topics):
-        document = _truncate_utf8(topics[name], max_bytes - used_bytes)
-        truncated = document != topics[name]
-        if document.strip():
-            domain.documents.append(document)
-            used_bytes += len(document.encode("utf-8"))
-        if used_bytes >= max_bytes or truncated:
-            break
-    domain.sources.append(
-        {
-            "domain": "prose",
-            "path": "pydoc_data.topics",
-            "builtin": True,
-            "documents": len(domain.documents),
-            "bytes": used_bytes,
-            "truncated": truncated,
-        }
-    )
+    texts = (topics[name] for name in sorted(topics))
+    _fill_within_budget(domain, texts, max_bytes, "pydoc_data.topics")
     return domain
 
 
@@ -228,7 +210,7 @@ def c_headers_domain(
         logger.warning("%s does not exist on this machine: no 'c' domain", include_dir)
         return domain
     files = _walk_sorted(include_dir, ".h", lambda name: False, skipped)
-    _fill_from_files(domain, files, include_dir, max_bytes, skipped)
+    _fill_within_budget(domain, _readable_texts(files, skipped), max_bytes, str(include_dir))
     return domain
 
 

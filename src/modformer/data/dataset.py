@@ -4,7 +4,8 @@
 checks it against `meta.json`, and serves
 
 - `get_batch`: random windows, nanoGPT style, drawn with a caller-owned `torch.Generator`
-  so a batch is a pure function of the generator state (see `step_generator`);
+  so a batch is a pure function of the generator state (seed it from (seed, step) to
+  make every training step's batch reproducible);
 - `iter_sequential`: every non-overlapping window in order, for evaluation.
 
 A window is `block_size` consecutive tokens; the model shifts labels itself
@@ -117,13 +118,6 @@ def load_tokenizer(data_dir: str | os.PathLike) -> PreTrainedTokenizerFast:
         ) from error
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU generator determined by (seed, step), so the batch of any training step can be
-    drawn again (e.g. after resuming) without replaying the steps before it."""
-    mixed = np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(mixed))
-
-
 class TokenDataset:
     """One split ("train" or "val") of a prepared data directory, optionally restricted to
     some domains.
@@ -211,6 +205,21 @@ class TokenDataset:
     def num_tokens(self) -> int:
         """Tokens in the selected ranges."""
         return sum(end - start for start, end in self._ranges)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The selected tokens as one 1-D array, in split order: a read-only memmap view
+        when they form one contiguous block (the whole split, one domain, adjacent
+        domains), else the ranges concatenated into memory."""
+        merged: list[list[int]] = []
+        for start, end in sorted(self._ranges):
+            if merged and merged[-1][1] == start:
+                merged[-1][1] = end
+            else:
+                merged.append([start, end])
+        if len(merged) == 1:
+            return self._data[merged[0][0] : merged[0][1]]
+        return np.concatenate([self._data[start:end] for start, end in merged])
 
     def check_vocab_fits(self, model_vocab_size: int) -> None:
         """Raise if a token id of this data could fall outside the model's embedding."""

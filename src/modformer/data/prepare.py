@@ -12,7 +12,8 @@ Output directory (format version 1)::
 Within each split the tokens of a domain are contiguous: ``meta["splits"][split]["domains"]
 [name] == [start, end)`` so training can sample from, and evaluation can score, one domain.
 
-The train/val split is by document, drawn with a seeded permutation per domain, with at
+The train/val split is by document: in each domain, documents drawn in a seeded order
+join validation while they keep it within `val_fraction` of the domain's bytes, with at
 least one validation document in every domain of two or more documents. A domain of a
 single document is split by token position instead (its last `val_fraction` of tokens).
 
@@ -78,20 +79,32 @@ def check_val_fraction(val_fraction: float) -> None:
 
 
 def validation_documents(
-    num_documents: int, val_fraction: float, seed: int, domain: str
+    document_sizes: Sequence[int], val_fraction: float, seed: int, domain: str
 ) -> np.ndarray:
-    """Boolean mask of the documents that go to the validation split.
+    """Boolean mask of the documents of one domain that go to the validation split.
 
-    `round(val_fraction * n)` documents, at least one and never all, chosen by a
-    permutation seeded with (seed, domain name): the same inputs give the same split, and
-    adding a domain does not reshuffle the others.
+    Documents are visited in a permutation seeded with (seed, domain name), and each one
+    that still fits joins validation while the validation share of the domain's bytes
+    stays within `val_fraction`. Aiming at a share of the text rather than of the
+    documents keeps one huge file from making the split lopsided. At least one document
+    goes to validation (the smallest, if none fits) and never all of them. The same
+    inputs give the same split, and adding a domain does not reshuffle the others.
     """
-    is_val = np.zeros(num_documents, dtype=bool)
-    if num_documents < 2:
+    sizes = np.asarray(document_sizes, dtype=np.int64)
+    is_val = np.zeros(len(sizes), dtype=bool)
+    if len(sizes) < 2:
         return is_val
-    num_val = min(num_documents - 1, max(1, round(val_fraction * num_documents)))
     rng = np.random.default_rng([seed, zlib.crc32(domain.encode("utf-8"))])
-    is_val[rng.permutation(num_documents)[:num_val]] = True
+    order = rng.permutation(len(sizes))
+    budget = val_fraction * sizes.sum()
+    val_bytes = 0
+    for index in order:
+        if val_bytes + sizes[index] <= budget:
+            is_val[index] = True
+            val_bytes += sizes[index]
+    if not is_val.any():
+        # `order` breaks ties between equally small documents at random too.
+        is_val[order[np.argmin(sizes[order])]] = True
     return is_val
 
 
@@ -171,7 +184,8 @@ def _write_corpus(
                 progress_bar.update(1)
             else:
                 split_by = "documents"
-                is_val = validation_documents(len(domain.documents), val_fraction, seed, name)
+                sizes = [len(doc.encode("utf-8")) for doc in domain.documents]
+                is_val = validation_documents(sizes, val_fraction, seed, name)
                 for split, in_split in (("train", ~is_val), ("val", is_val)):
                     documents = [doc for doc, keep in zip(domain.documents, in_split) if keep]
                     _write_documents(documents, tokenizer, files[split], progress_bar)
@@ -290,7 +304,8 @@ def prepare(
         tokenizer: "bpe" (train a byte-level BPE here), "byte" (raw UTF-8 bytes), or a
             local Hugging Face tokenizer directory or tokenizer.json file.
         vocab_size: BPE vocabulary size, end-of-text token included (bpe only).
-        val_fraction: share of each domain's documents held out for validation, in (0, 0.5].
+        val_fraction: share of each domain's text held out for validation, in (0, 0.5]
+            (whole documents; a single-document domain is split by position).
         seed: seeds the train/val split (BPE training is deterministic by itself).
         max_bytes_per_domain: cap on the UTF-8 bytes read for each built-in domain.
         text_field: JSON field holding the text in `.jsonl` inputs.
@@ -413,8 +428,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         "--val-fraction",
         type=float,
         default=DEFAULT_VAL_FRACTION,
-        help="share of each domain's documents held out for validation, in (0, 0.5]; a "
-        "single-document domain is split by position. Default: %(default)s",
+        help="share of each domain's text held out for validation, in (0, 0.5], as whole "
+        "documents (at least one per domain); a single-document domain is split by "
+        "position. Default: %(default)s",
     )
     parser.add_argument(
         "--seed",
