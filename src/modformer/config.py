@@ -109,7 +109,7 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
             hint = (
                 f"; did you mean {prefix}{close[0]}?" if close else f"; known: {', '.join(names)}"
             )

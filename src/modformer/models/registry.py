@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
@@ -25,6 +26,10 @@ def build_config(arch: str, preset: str, **overrides: Any) -> PreTrainedConfig:
     config_cls, _ = ARCHITECTURES[arch]
     try:
         return config_cls.from_preset(preset, **overrides)
+    except StrictDataclassError as e:
+        # `@strict` wraps our validators' ValueErrors; show the validator's own message.
+        cause = e.__cause__ or e
+        raise ValueError(f"model config: {cause}") from None
     except TypeError as e:  # an override that is not a field of this config
         raise ValueError(f"model.overrides: {e}") from None
 
