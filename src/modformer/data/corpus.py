@@ -80,7 +80,9 @@ class Corpus:
             yield from domain.documents
 
 
-def _skip(skipped: list[dict[str, Any]], path: Path | str, reason: str, line: int | None = None):
+def _skip(
+    skipped: list[dict[str, Any]], path: Path | str, reason: str, line: int | None = None
+) -> None:
     where = f"{path}:{line}" if line is not None else str(path)
     logger.warning("skipping %s: %s", where, reason)
     record: dict[str, Any] = {"path": str(path), "reason": reason}

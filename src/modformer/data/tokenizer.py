@@ -23,11 +23,9 @@ from modformer.data.corpus import DataError
 EOS_TOKEN = "<|endoftext|>"
 # A byte-level BPE starts from all 256 byte symbols plus the end-of-text token.
 MIN_BPE_VOCAB_SIZE = 257
-BYTE_VOCAB_SIZE = 257
 # End-of-text tokens of common tokenizers, tried in order when a loaded tokenizer's
 # config does not name its eos token.
 KNOWN_EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
-TOKENIZER_KINDS = ("bpe", "byte", "hf")
 
 
 class PreparedTokenizer:
