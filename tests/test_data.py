@@ -312,6 +312,8 @@ def test_get_batch_is_reproducible_and_domain_restricted(two_domain_dir):
     fresh = TokenDataset(two_domain_dir, "train", ["b"])
     assert torch.equal(batch, fresh.get_batch(16, 64, torch.Generator().manual_seed(3)))
     assert not torch.equal(batch, dataset.get_batch(16, 64, torch.Generator().manual_seed(4)))
+    on_device = dataset.get_batch(16, 64, torch.Generator().manual_seed(3), device="cpu")
+    assert torch.equal(batch, on_device)
     # Every window is a contiguous slice of domain b's tokens.
     start, end = dataset.domain_ranges["b"]
     domain_tokens = read_split(two_domain_dir, "train")[start:end].astype(np.int64)
