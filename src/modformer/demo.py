@@ -107,7 +107,7 @@ def stage_vanilla(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[
     final = train(_train_cfg(args, data_dir, out_dir, args.steps, arch="gpt", preset="tiny"))
     seconds = time.perf_counter() - t0
     tr, va = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
-    unigram = unigram_loss(tr._data, va._data, tr.vocab_size)
+    unigram = unigram_loss(tr.tokens, va.tokens, tr.vocab_size)
     model = load_model(out_dir)
     tokenizer = load_tokenizer(out_dir)
     prompt = "def "
