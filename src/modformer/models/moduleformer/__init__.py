@@ -1,0 +1,23 @@
+from modformer.models.moduleformer.configuration_moduleformer import (
+    MODULEFORMER_PRESETS,
+    ModuleFormerConfig,
+)
+from modformer.models.moduleformer.modeling_moduleformer import (
+    ModuleFormerBlock,
+    ModuleFormerCausalLMOutput,
+    ModuleFormerForCausalLM,
+    ModuleFormerMemory,
+    ModuleFormerModel,
+    ModuleFormerPreTrainedModel,
+)
+
+__all__ = [
+    "MODULEFORMER_PRESETS",
+    "ModuleFormerBlock",
+    "ModuleFormerCausalLMOutput",
+    "ModuleFormerConfig",
+    "ModuleFormerForCausalLM",
+    "ModuleFormerMemory",
+    "ModuleFormerModel",
+    "ModuleFormerPreTrainedModel",
+]

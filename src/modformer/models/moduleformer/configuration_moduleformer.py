@@ -1,0 +1,238 @@
+"""Configuration of ModuleFormer (SPEC §3; ModuleFormer paper sec. 3-5, Table 1).
+
+Choices the paper leaves open, and where they come from:
+
+- ``n_head`` (heads per attention expert): the paper calls ``D_att`` "the attention
+  head dimension", i.e. each MoLM attention expert is one head of size 1024; the
+  official code's MoLM configs likewise use one head, and then (``D_att == D_emb``)
+  ``W_k``/``W_v`` are the identity. The MoLM presets use ``n_head=1``.
+- ``router_hidden`` (``D_rtr``): 256, the official code's ``gating_size``.
+- ``vocab_size``: 50295, the official code's default (the Codegen tokenizer).
+- ``router_activation``: ReLU as in eq. 2 (the official code uses GELU: set "gelu").
+- ``tie_word_embeddings``: True. With tied embeddings MoLM-4B-K2 has 4.08B parameters
+  and 353M active per token, matching Table 1's "4B" and "350M".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+from modformer.models.gpt.configuration_gpt import apply_preset
+from modformer.nn.activations import ACTIVATIONS
+
+_MOLM = dict(
+    vocab_size=50295,
+    n_positions=2048,
+    n_embd=1024,
+    n_layer=24,
+    n_att_experts=16,
+    att_hidden=1024,
+    n_head=1,
+    n_ffd_experts=32,
+    ffd_hidden=2048,
+    k_att=2,
+    k_ffd=2,
+    router_hidden=256,
+    use_history=True,  # sec. 5.1: keys/values of the previous batch are concatenated
+)
+
+# The CPU presets are sized against GPT's presets of the same width: the active attention
+# heads (k_att * n_head of size att_hidden / n_head) and the active FFN width
+# (k_ffd * ffd_hidden) equal GPT's (n_head heads, 4 * n_embd), so the per-token compute is
+# comparable while the total parameter count is larger.
+MODULEFORMER_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        n_embd=128,
+        n_layer=4,
+        n_att_experts=4,
+        att_hidden=64,
+        n_head=2,
+        k_att=2,
+        n_ffd_experts=8,
+        ffd_hidden=256,
+        k_ffd=2,
+        router_hidden=64,
+        n_positions=256,
+    ),
+    "small": dict(
+        n_embd=256,
+        n_layer=6,
+        n_att_experts=8,
+        att_hidden=128,
+        n_head=2,
+        k_att=2,
+        n_ffd_experts=16,
+        ffd_hidden=512,
+        k_ffd=2,
+        router_hidden=64,
+        n_positions=512,
+    ),
+    "d512": dict(
+        n_embd=512,
+        n_layer=8,
+        n_att_experts=8,
+        att_hidden=256,
+        n_head=4,
+        k_att=2,
+        n_ffd_experts=16,
+        ffd_hidden=1024,
+        k_ffd=2,
+        router_hidden=128,
+        n_positions=1024,
+    ),
+    "molm-4b-k2": dict(_MOLM),
+    "molm-4b-k4": dict(_MOLM, k_att=4, k_ffd=4),
+    "molm-8b-k2": dict(_MOLM, n_layer=48),
+}
+
+AUX_LOSS_TYPES = ("mi", "switch", "none")
+ROUTER_ACTIVATIONS = ("relu", "gelu")
+
+
+@strict
+class ModuleFormerConfig(PreTrainedConfig):
+    """ModuleFormer: MoA (stick-breaking attention experts) + SMoE blocks, no positions.
+
+    Routing: ``k_att`` of ``n_att_experts`` attention experts and ``k_ffd`` of
+    ``n_ffd_experts`` FFN experts per token, each chosen by a router
+    ``TopK(softmax(A act(B x)))`` with ``B: router_hidden x n_embd``.
+
+    Auxiliary losses (added to the LM loss when labels are given):
+    ``aux_loss_weight * mean over routers of`` the MI loss (``aux_loss_type="mi"``,
+    eq. 7) or Switch balance + ``switch_z_loss_coef`` * z-loss (``"switch"``), or nothing
+    (``"none"``); ``load_concentration_weight * mean over routers of H(m)`` (eq. 8,
+    fine-tuning); ``routing_reg_weight * sum over routers of ||A'||^2`` (eq. 10) where
+    ``A'`` are the last ``n_inserted_att_experts`` / ``n_inserted_ffd_experts`` rows of
+    each router's expert embedding (experts added for continual learning).
+
+    History (Transformer-XL, sec. 3.2): with ``use_history`` the model returns the
+    detached keys/values of the segment it just processed as ``memory``; passing it to
+    the next call prepends it to every layer's keys/values. ``history_length`` caps the
+    memory (None: exactly the previous segment).
+
+    ``n_positions`` is only the nominal context for generation: there are no position
+    embeddings and stick-breaking attention has no length limit.
+    """
+
+    model_type = "modformer_moduleformer"
+    keys_to_ignore_at_inference = ["past_key_values", "memory"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "max_position_embeddings": "n_positions",
+        "num_hidden_layers": "n_layer",
+    }
+
+    vocab_size: int = 50295
+    n_positions: int = 2048
+    n_embd: int = 1024
+    n_layer: int = 24
+    n_att_experts: int = 16
+    att_hidden: int = 1024
+    n_head: int = 1
+    k_att: int = 2
+    n_ffd_experts: int = 32
+    ffd_hidden: int = 2048
+    k_ffd: int = 2
+    router_hidden: int = 256
+    router_activation: str = "relu"
+    activation_function: str = "gelu_new"
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    aux_loss_type: str = "mi"
+    aux_loss_weight: float = 0.01
+    switch_z_loss_coef: float = 0.1
+    load_concentration_weight: float = 0.0
+    routing_reg_weight: float = 0.0
+    n_inserted_att_experts: int = 0
+    n_inserted_ffd_experts: int = 0
+    use_history: bool = False
+    history_length: int | None = None
+    attention_block_size: int = 128
+    use_cache: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> ModuleFormerConfig:
+        """A named preset (case-insensitive, e.g. "tiny", "MoLM-4B-K2") plus overrides."""
+        return cls(**apply_preset(MODULEFORMER_PRESETS, preset.lower(), overrides))
+
+    @property
+    def att_head_dim(self) -> int:
+        return self.att_hidden // self.n_head
+
+    def validate_architecture(self):
+        """Checked by `@strict` on construction; messages name the field."""
+        positive = (
+            "vocab_size",
+            "n_positions",
+            "n_embd",
+            "n_layer",
+            "n_att_experts",
+            "att_hidden",
+            "n_head",
+            "k_att",
+            "n_ffd_experts",
+            "ffd_hidden",
+            "k_ffd",
+            "router_hidden",
+            "attention_block_size",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.att_hidden % self.n_head != 0:
+            raise ValueError(
+                f"att_hidden ({self.att_hidden}) must be divisible by n_head ({self.n_head})"
+            )
+        for k_name, n_name in (("k_att", "n_att_experts"), ("k_ffd", "n_ffd_experts")):
+            if getattr(self, k_name) > getattr(self, n_name):
+                raise ValueError(
+                    f"{k_name} ({getattr(self, k_name)}) must be <= {n_name} "
+                    f"({getattr(self, n_name)}): a token cannot pick more experts than exist"
+                )
+        for ins_name, n_name in (
+            ("n_inserted_att_experts", "n_att_experts"),
+            ("n_inserted_ffd_experts", "n_ffd_experts"),
+        ):
+            if not 0 <= getattr(self, ins_name) <= getattr(self, n_name):
+                raise ValueError(
+                    f"{ins_name} ({getattr(self, ins_name)}) must be between 0 and {n_name} "
+                    f"({getattr(self, n_name)}): it counts the last experts of each layer"
+                )
+        if self.router_activation not in ROUTER_ACTIVATIONS:
+            raise ValueError(
+                f"router_activation {self.router_activation!r} is unknown; choose one of "
+                f"{list(ROUTER_ACTIVATIONS)} (relu: paper eq. 2, gelu: official code)"
+            )
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"activation_function {self.activation_function!r} is unknown; "
+                f"choose one of {sorted(ACTIVATIONS)}"
+            )
+        if self.aux_loss_type not in AUX_LOSS_TYPES:
+            raise ValueError(
+                f"aux_loss_type {self.aux_loss_type!r} is unknown; choose one of "
+                f"{list(AUX_LOSS_TYPES)}"
+            )
+        for name in (
+            "aux_loss_weight",
+            "switch_z_loss_coef",
+            "load_concentration_weight",
+            "routing_reg_weight",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.history_length is not None and self.history_length <= 0:
+            raise ValueError(
+                f"history_length must be positive or None (None = the whole previous "
+                f"segment), got {self.history_length}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")

@@ -1,0 +1,247 @@
+"""Top-k routing, sparse FFN experts and a mixture of attention heads (ModuleFormer sec. 3).
+
+- ``TopKRouter``: ``g(m|x) = TopK(softmax(A act(B x)))`` (eqs. 1-2), softmax in fp32,
+  the k kept gates are not renormalised.
+- ``SparseMoE``: ``y = sum_m g(m|x) f_m(x)`` with FFN experts ``D_emb -> D_ffd -> D_emb``.
+- ``MixtureOfAttentionHeads`` (MoA): attention experts with their own ``W_q``/``W_o``
+  and keys/values shared by all experts, stick-breaking attention (eqs. 3-5).
+
+Only the selected (token, expert) pairs are computed: pairs are grouped by expert with
+``make_dispatch`` and each expert's weights are applied to its pairs by one grouped GEMM
+(``grouped_linear``); expert weights are stacked as (experts, d_in, d_out). Padding
+tokens (``token_mask`` False) select no expert at all: their outputs are 0.
+Nothing here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from modformer.nn.activations import get_activation
+from modformer.nn.grouped import Dispatch, grouped_linear, make_dispatch
+from modformer.nn.stick_breaking import stick_breaking_attention
+
+
+@dataclass
+class RouterOutput:
+    """One router's decisions for a flat batch of tokens.
+
+    ``logits`` (tokens, N) fp32 are ``h(x) = A act(B x)``; ``probs`` their softmax (the
+    full distribution the auxiliary losses need); ``top_k_gates`` / ``top_k_indices``
+    (tokens, k) the kept gates (not renormalised) and their experts.
+    """
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    top_k_gates: torch.Tensor
+    top_k_indices: torch.Tensor
+
+
+class TopKRouter(nn.Module):
+    """Eqs. 1-2: ``TopK(softmax(A act(B x)))``.
+
+    ``input_proj.weight`` is ``B`` (D_rtr x D_emb) and ``expert_embedding.weight`` is
+    the expert embedding ``A`` (N x D_rtr), one row per expert, so inserting experts
+    (sec. 4.3) appends rows to ``A``.
+    """
+
+    def __init__(
+        self,
+        n_embd: int,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.input_proj = nn.Linear(n_embd, hidden_size, bias=False)
+        self.act = get_activation(activation)
+        self.expert_embedding = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """x: (tokens, n_embd)."""
+        logits = self.expert_embedding(self.act(self.input_proj(x))).float()
+        probs = torch.softmax(logits, dim=-1)
+        top_k_gates, top_k_indices = probs.topk(self.top_k, dim=-1)
+        return RouterOutput(logits, probs, top_k_gates, top_k_indices)
+
+
+def _dispatch(route: RouterOutput, num_experts: int, token_mask: torch.Tensor | None):
+    """Group the selected (token, expert) pairs by expert; padding tokens select nothing."""
+    indices = route.top_k_indices
+    if token_mask is not None:
+        # Index num_experts is "no expert": make_dispatch leaves such pairs out.
+        indices = indices.masked_fill(~token_mask[:, None], num_experts)
+    return make_dispatch(indices, num_experts)
+
+
+def _expert_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the grouped GEMMs: autocast's dtype when autocast is on, else x's.
+
+    nn.Linear is cast by autocast but grouped_mm is not; casting by hand keeps bf16
+    training on the fast grouped path instead of fp32 (which has none on CUDA).
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _combine(
+    pair_outputs: torch.Tensor, gates: torch.Tensor, dispatch: Dispatch, n_tokens: int
+) -> torch.Tensor:
+    """``y[t] = sum_slots gate[t, slot] * out[t, slot]`` from outputs sorted by expert."""
+    sorted_gates = gates.reshape(-1)[dispatch.slot_index].to(pair_outputs.dtype)
+    y = pair_outputs.new_zeros(n_tokens, pair_outputs.shape[-1])
+    return y.index_add(0, dispatch.token_index, pair_outputs * sorted_gates[:, None])
+
+
+class SparseMoE(nn.Module):
+    """Sparse mixture of FFN experts: ``y = sum_m g(m|x) f_m(x)``, only top-k computed.
+
+    Expert m is ``act(x @ w_in[m]) @ w_out[m]`` (no biases, as the official code).
+    """
+
+    def __init__(
+        self,
+        n_embd: int,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        activation: str = "gelu_new",
+        router_hidden: int = 256,
+        router_activation: str = "relu",
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.router = TopKRouter(n_embd, num_experts, top_k, router_hidden, router_activation)
+        self.w_in = nn.Parameter(torch.randn(num_experts, n_embd, hidden_size) * 0.02)
+        self.act = get_activation(activation)
+        self.w_out = nn.Parameter(torch.randn(num_experts, hidden_size, n_embd) * 0.02)
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Parameters a token only touches for its k selected experts."""
+        return [self.w_in, self.w_out]
+
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RouterOutput]:
+        """x: (..., n_embd); token_mask: x.shape[:-1].numel() bools, True = real token."""
+        flat = x.reshape(-1, x.shape[-1])
+        route = self.router(flat)
+        dispatch = _dispatch(route, self.num_experts, token_mask)
+        dtype = _expert_dtype(flat)
+        hidden = grouped_linear(
+            flat[dispatch.token_index].to(dtype), self.w_in.to(dtype), dispatch.offsets
+        )
+        out = grouped_linear(self.act(hidden), self.w_out.to(dtype), dispatch.offsets)
+        y = _combine(out, route.top_k_gates, dispatch, flat.shape[0])
+        return y.view(*x.shape[:-1], -1), route
+
+
+class MixtureOfAttentionHeads(nn.Module):
+    """MoA with stick-breaking attention experts (sec. 3.1-3.2).
+
+    Expert m has its own ``W_q[m]`` (D_emb x D_att, split into ``n_head`` heads of
+    ``D_att / n_head``) and ``W_o[m]`` (D_att x D_emb); the keys and values
+    ``x W_k``, ``x W_v`` are shared by all experts (the identity when ``D_att == D_emb``
+    and one head, as in the paper and the official code). For each token the output is
+    ``sum_{m in top-k} g_m * W_o[m]^T attn(q_m, K, V)``.
+
+    Efficient form: K/V are computed once per token (``project_kv``, so the caller can
+    add a cache or a Transformer-XL memory in front); the k selected queries of every
+    token are computed by one grouped GEMM and laid out as ``k * n_head`` heads, so a
+    single stick-breaking call serves all experts; ``W_o`` is one more grouped GEMM.
+    """
+
+    def __init__(
+        self,
+        n_embd: int,
+        num_experts: int,
+        top_k: int,
+        att_hidden: int,
+        n_head: int = 1,
+        router_hidden: int = 256,
+        router_activation: str = "relu",
+        block_size: int = 128,
+    ):
+        super().__init__()
+        if att_hidden % n_head != 0:
+            raise ValueError(f"att_hidden ({att_hidden}) must be divisible by n_head ({n_head})")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.n_head = n_head
+        self.head_dim = att_hidden // n_head
+        self.att_hidden = att_hidden
+        self.block_size = block_size
+        self.router = TopKRouter(n_embd, num_experts, top_k, router_hidden, router_activation)
+        self.w_q = nn.Parameter(torch.randn(num_experts, n_embd, att_hidden) * 0.02)
+        self.w_o = nn.Parameter(torch.randn(num_experts, att_hidden, n_embd) * 0.02)
+        self.shared_kv_is_identity = att_hidden == n_embd and n_head == 1
+        # W_k and W_v side by side; None when both are the identity.
+        self.kv_proj = (
+            None if self.shared_kv_is_identity else nn.Linear(n_embd, 2 * att_hidden, bias=False)
+        )
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Parameters a token only touches for its k selected experts."""
+        return [self.w_q, self.w_o]
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_head * head_dim) -> (B, n_head, T, head_dim)."""
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared keys and values of x (B, T, n_embd): two (B, n_head, T, head_dim)."""
+        if self.kv_proj is None:
+            return self._split_heads(x), self._split_heads(x)
+        keys, values = self.kv_proj(x).chunk(2, dim=-1)
+        return self._split_heads(keys), self._split_heads(values)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, RouterOutput]:
+        """Attend from x (B, T, n_embd) to ``keys``/``values`` (B, n_head, Tk, head_dim).
+
+        The last T keys belong to x; the first ``Tk - T`` are a prefix (KV cache or
+        memory) seen by every query. ``token_mask`` (B*T,) marks real query tokens and
+        ``key_padding_mask`` (B, Tk) real keys (True = real).
+        """
+        B, T, C = x.shape
+        k = self.top_k
+        flat = x.reshape(-1, C)
+        route = self.router(flat)
+        dispatch = _dispatch(route, self.num_experts, token_mask)
+        dtype = _expert_dtype(flat)
+
+        # Queries of the selected pairs, put back at their (token, slot) place; slot s of
+        # a token becomes heads s * n_head .. (s + 1) * n_head - 1.
+        q_pairs = grouped_linear(
+            flat[dispatch.token_index].to(dtype), self.w_q.to(dtype), dispatch.offsets
+        )
+        q = q_pairs.new_zeros(B * T * k, self.att_hidden).index_copy(
+            0, dispatch.slot_index, q_pairs
+        )
+        q = q.view(B, T, k * self.n_head, self.head_dim).transpose(1, 2)
+        # Every slot attends to the same shared keys/values: repeat them per slot.
+        keys = keys.to(dtype).repeat(1, k, 1, 1)
+        values = values.to(dtype).repeat(1, k, 1, 1)
+        attended = stick_breaking_attention(q, keys, values, key_padding_mask, self.block_size)
+
+        attended = attended.transpose(1, 2).reshape(B * T * k, self.att_hidden)
+        out = grouped_linear(attended[dispatch.slot_index], self.w_o.to(dtype), dispatch.offsets)
+        y = _combine(out, route.top_k_gates, dispatch, B * T)
+        return y.view(B, T, -1), route
