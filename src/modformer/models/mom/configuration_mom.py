@@ -1,0 +1,315 @@
+"""Configuration of Mixture-of-Modules (SPEC §2; MoM paper sec. 3-4, appendices A, B, D).
+
+A MoM model is a GPT-2 whose layers are grouped by a chunk string such as
+``[1-1-4-1-4-1]``: a ``1`` is a fixed standard block, an ``N`` is a chunk of ``N``
+attention and ``N`` FFN modules assembled for ``H`` steps with top-``K`` routing. The
+shorthand ``KaHb`` (trailing ``S``: SKIP is a choice) sets ``K``, ``H`` and ``skip``
+together: ``MoMConfig.from_preset("small", mom="K2H6S")``.
+
+Choices the paper leaves open, and where they come from:
+
+- ``router_dim``: 256, the GRU state size (and MLP-router hidden size) of the official
+  code (``router_dim``).
+- The routers see the raw residual stream (``x_h`` for attention, ``u_h`` for the FFN),
+  as in eq. 7 and the official code; each module applies its own LayerNorm afterwards.
+- ``balance_loss_weight``: the official code's depth-wise Switch balance loss uses 0.01;
+  the paper found it hurts, so the default is 0 (off).
+- ``mom_same``: the MoM-same ablation (Table 2) "forces" a chunk's modules to be
+  identical. We tie them (one stored attention and one stored FFN module per chunk that
+  every router choice uses), so they stay identical during training; the router still
+  picks among N choices (and SKIP), so K copies of the module are summed when K > 1.
+
+Fixed policies (sec. 3.5) replace the learned routers by a rule; their parameters:
+
+- ``vanilla``: step h runs module h with weight 1. Needs ``H == N`` for every chunk.
+- ``layer_skip``: step h runs module h, or SKIP (attention and FFN) at the assembled
+  layers listed in ``skip_layers``, or for the tokens a runtime criterion picks
+  (``MoMModel.set_skip_criterion``). Needs ``H == N``.
+- ``early_exit``: as ``layer_skip``, but once a token skips it skips every later chunk
+  step (fixed ``1`` blocks still run: use a single chunk such as ``[12]`` for classic
+  early exit). Needs ``H == N``.
+- ``parameter_sharing``: step h runs module ``share_map[h]`` (a list of H indices < N).
+- ``moe``: attention step h runs module h; the FFN of step h is top-K over
+  ``num_experts`` experts private to step h (a pool of H * num_experts FFNs), with a
+  Mixtral-style linear router per step. Needs ``H == N``; ``skip`` must be off.
+- ``moe_share``: as ``moe`` but all steps share one pool of ``num_experts`` FFN experts
+  (default N: the chunk's own FFNs, so the parameter count equals the vanilla model's).
+
+``K`` and ``skip`` are ignored by the policies that pick one module per step (vanilla,
+layer_skip, early_exit, parameter_sharing). Layer numbers (``skip_layers``, the routing
+trace) count assembled layers: fixed blocks and chunk steps in order, so with ``H == N``
+they are the layer numbers of the vanilla model the MoM was converted from.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+from modformer.models.gpt.configuration_gpt import apply_preset
+from modformer.nn.activations import ACTIVATIONS
+
+POLICIES = (
+    "learned",
+    "vanilla",
+    "layer_skip",
+    "early_exit",
+    "parameter_sharing",
+    "moe",
+    "moe_share",
+)
+# Policies whose step h uses module h (of attention, and of FFN unless MoE): H must be N.
+STEP_IS_MODULE_POLICIES = ("vanilla", "layer_skip", "early_exit", "moe", "moe_share")
+ROUTERS = ("gru", "mlp")
+
+_CHUNKS_SYNTAX = re.compile(r"^\[\s*[1-9]\d*\s*(-\s*[1-9]\d*\s*)*\]$")
+_MOM_NAME_SYNTAX = re.compile(r"^K(\d+)H(\d+)(S?)$")
+
+# Paper presets (appendix A) with GPT-2 small/medium/large shapes; `tiny` matches
+# GPTConfig's tiny preset (4 layers) so phase 2 can start from a tiny vanilla model, and
+# `d512` is the 8-layer model of appendix B with the paper's [1-1-4-1-1] chunking.
+MOM_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_embd=128, n_head=4, n_positions=256, chunks="[1-2-1]", K=2, H=2, router_dim=64),
+    "d512": dict(n_embd=512, n_head=8, n_positions=1024, chunks="[1-1-4-1-1]", K=2, H=4),
+    "small": dict(n_embd=768, n_head=12, n_positions=1024, chunks="[1-1-4-1-4-1]"),
+    "medium": dict(n_embd=1024, n_head=16, n_positions=1024, chunks="[1-1-1-4-1-4-1-4-1-4-1-1]"),
+    "large": dict(
+        n_embd=1280, n_head=20, n_positions=1024, chunks="[1-4-1-4-1-4-1-4-1-4-1-4-1-4-1]"
+    ),
+}
+
+
+def parse_chunks(chunks: str) -> list[int]:
+    """'[1-1-4-1-1]' -> [1, 1, 4, 1, 1]; bad syntax raises a ValueError naming the field."""
+    if not isinstance(chunks, str) or not _CHUNKS_SYNTAX.match(chunks):
+        raise ValueError(
+            f"chunks={chunks!r} is not a chunk string: write positive integers joined by '-' "
+            "inside brackets, e.g. '[1-1-4-1-1]' (1 = fixed block, N = chunk of N modules)"
+        )
+    return [int(part) for part in chunks.strip()[1:-1].split("-")]
+
+
+def parse_mom_name(name: str) -> tuple[int, int, bool]:
+    """'K2H6S' -> (K=2, H=6, skip=True)."""
+    match = _MOM_NAME_SYNTAX.match(name)
+    if match is None:
+        raise ValueError(
+            f"mom={name!r} is not a MoM name: write K<top-k>H<steps>, with a trailing S to "
+            "include SKIP, e.g. 'K2H6S' (MoM_P), 'K3H2S' (MoM_I), 'K3H1S' (MoM_E)"
+        )
+    return int(match.group(1)), int(match.group(2)), match.group(3) == "S"
+
+
+@strict
+class MoMConfig(PreTrainedConfig):
+    """GPT-2 shape plus the MoM tuple <M, R, phi, K, H> (see the module docstring)."""
+
+    model_type = "modformer_mom"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "max_position_embeddings": "n_positions",
+        "num_attention_heads": "n_head",
+    }
+
+    # GPT-2 shape (same meaning as GPTConfig).
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    bias: bool = True
+    use_cache: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+
+    # MoM structure.
+    chunks: str = "[1-1-4-1-4-1]"
+    mom: str | None = None  # shorthand "KaHb[S]"; consumed at construction into K, H, skip
+    K: int = 2
+    H: int = 6
+    skip: bool = True
+    router: str = "gru"
+    router_dim: int = 256
+    renormalize: bool = True
+    weighted_qkv: bool = False
+    mom_same: bool = False
+    balance_loss_weight: float = 0.0
+
+    # Assembly policy and its parameters.
+    policy: str = "learned"
+    skip_layers: list[int] | None = None
+    share_map: list[int] | None = None
+    num_experts: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.mom is not None:
+            self.K, self.H, self.skip = parse_mom_name(self.mom)
+            # K, H and skip are the stored truth; dropping the shorthand keeps a saved
+            # config from overriding later edits of K/H/skip when it is loaded again.
+            self.mom = None
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> MoMConfig:
+        return cls(**apply_preset(MOM_PRESETS, preset, overrides))
+
+    # ---- derived structure -------------------------------------------------------------
+
+    @property
+    def mom_name(self) -> str:
+        return f"K{self.K}H{self.H}{'S' if self.skip else ''}"
+
+    @property
+    def d_inner(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def chunk_sizes(self) -> list[int]:
+        """The chunk string as numbers: 1 = fixed block, N > 1 = chunk of N modules."""
+        return parse_chunks(self.chunks)
+
+    @property
+    def num_vanilla_layers(self) -> int:
+        """Layers of the vanilla model this MoM is initialised from (modules per type)."""
+        return sum(self.chunk_sizes)
+
+    @property
+    def num_attention_layers(self) -> int:
+        """Assembled depth: one per fixed block plus H per chunk."""
+        return sum(1 if n == 1 else self.H for n in self.chunk_sizes)
+
+    @property
+    def attention_may_skip_all(self) -> bool:
+        """Whether a token may select only SKIP at an attention step, which then masks it
+        out of that step's keys (and needs a key-flag layer in the KV cache)."""
+        if self.policy == "learned":
+            return self.skip and self.K == 1  # with K >= 2 some pick is always a module
+        return self.policy in ("layer_skip", "early_exit")
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """KV-cache layers: one per assembled attention layer, plus (when a token may skip
+        a whole attention step) one per chunk step holding which positions are keys.
+        `generate()` sizes its `DynamicCache` from this."""
+        chunk_steps = sum(self.H for n in self.chunk_sizes if n > 1)
+        return self.num_attention_layers + (chunk_steps if self.attention_may_skip_all else 0)
+
+    def ffn_pool_size(self, num_modules: int) -> int:
+        """FFN modules stored for a chunk of `num_modules` (before `mom_same` tying)."""
+        experts = self.num_experts if self.num_experts is not None else num_modules
+        if self.policy == "moe":
+            return self.H * experts
+        if self.policy == "moe_share":
+            return experts
+        return num_modules
+
+    # ---- validation (run by @strict on construction; messages name the field) ----------
+
+    def validate_architecture(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_head", "K", "H", "router_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_inner is not None and self.n_inner <= 0:
+            raise ValueError(f"n_inner must be positive or None, got {self.n_inner}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"activation_function {self.activation_function!r} is unknown; "
+                f"choose one of {sorted(ACTIVATIONS)}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router {self.router!r} is unknown; choose one of {list(ROUTERS)}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy {self.policy!r} is unknown; choose one of {list(POLICIES)}")
+        if self.balance_loss_weight < 0:
+            raise ValueError(f"balance_loss_weight must be >= 0, got {self.balance_loss_weight}")
+        if self.num_experts is not None and self.num_experts <= 0:
+            raise ValueError(f"num_experts must be positive or None, got {self.num_experts}")
+        sizes = self.chunk_sizes  # raises on bad syntax
+        chunk_sizes = [n for n in sizes if n > 1]
+        if self.mom_same and self.policy != "learned":
+            raise ValueError(
+                f"mom_same ties a chunk's modules for learned routing; it does not apply to "
+                f"policy {self.policy!r}"
+            )
+        if self.policy == "learned":
+            for n in chunk_sizes:
+                limit = n + 1 if self.skip else n
+                if limit < self.K:
+                    choices = f"{n} modules + SKIP" if self.skip else f"{n} modules"
+                    raise ValueError(
+                        f"K={self.K} exceeds the {limit} choices ({choices}) of a chunk of "
+                        f"size {n} in chunks={self.chunks!r}; lower K"
+                    )
+        if self.policy in STEP_IS_MODULE_POLICIES:
+            for n in chunk_sizes:
+                if n != self.H:
+                    raise ValueError(
+                        f"policy {self.policy!r} runs module h at step h, so H must equal every "
+                        f"chunk's size; got H={self.H} and a chunk of {n} in "
+                        f"chunks={self.chunks!r}"
+                    )
+        if self.policy in ("moe", "moe_share"):
+            if self.skip:
+                raise ValueError(
+                    f"policy {self.policy!r} has no SKIP module; set skip=False (a MoM name "
+                    "without the trailing S, e.g. 'K2H4')"
+                )
+            for n in chunk_sizes:
+                experts = self.num_experts if self.num_experts is not None else n
+                if experts < self.K:
+                    raise ValueError(
+                        f"K={self.K} exceeds num_experts={experts} of policy {self.policy!r}"
+                    )
+        if self.policy in ("layer_skip", "early_exit"):
+            chunk_layers = self.chunk_layer_indices()
+            for layer in self.skip_layers or []:
+                if layer not in chunk_layers:
+                    raise ValueError(
+                        f"skip_layers names layer {layer}, which is not a chunk step; chunk "
+                        f"steps of chunks={self.chunks!r} are layers {sorted(chunk_layers)}"
+                    )
+        elif self.skip_layers:
+            raise ValueError(
+                f"skip_layers is a parameter of the layer_skip/early_exit policies, "
+                f"not of policy {self.policy!r}"
+            )
+        if self.policy == "parameter_sharing":
+            if self.share_map is None or len(self.share_map) != self.H:
+                raise ValueError(
+                    f"policy 'parameter_sharing' needs share_map, a list of H={self.H} module "
+                    f"indices (step h uses module share_map[h]), got {self.share_map!r}"
+                )
+            for n in chunk_sizes:
+                if any(not 0 <= m < n for m in self.share_map):
+                    raise ValueError(
+                        f"share_map={self.share_map} names a module outside [0, {n}) of a "
+                        f"chunk of size {n} in chunks={self.chunks!r}"
+                    )
+        elif self.share_map is not None:
+            raise ValueError(
+                f"share_map is a parameter of policy 'parameter_sharing', not of {self.policy!r}"
+            )
+
+    def chunk_layer_indices(self) -> set[int]:
+        """Assembled layer numbers that are chunk steps (not fixed blocks)."""
+        layers, layer = set(), 0
+        for n in self.chunk_sizes:
+            steps = 1 if n == 1 else self.H
+            if n > 1:
+                layers.update(range(layer, layer + steps))
+            layer += steps
+        return layers

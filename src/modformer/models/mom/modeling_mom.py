@@ -1,0 +1,630 @@
+"""Mixture-of-Modules as a Hugging Face `PreTrainedModel` (SPEC §2).
+
+Read top to bottom:
+
+- `AttentionModulePool` / `FFNModulePool`: the modules of one chunk, each with its own
+  pre-LN, stored stacked as (num_modules, d_in, d_out) tensors. A decision's (token, pick)
+  pairs are sorted by module (`make_dispatch`), each pair gets its module's LN affine, and
+  every projection is one grouped GEMM over all modules (`grouped_linear`); results go
+  back to their tokens with `index_add_`. SKIP pairs sort to the end, where the grouped
+  GEMM and the zero-padded per-module biases leave them exactly zero.
+- `MoMChunk`: H assembly steps, `u_h = F^A_h(x_h) + x_h`, `x_{h+1} = F^F_h(u_h) + u_h`,
+  with the modules each token runs chosen by the chunk's policy (`policies.py`).
+- `MoMModel`: embeddings, then fixed GPT-2 `Block`s and chunks in chunk-string order,
+  then the final LN. `MoMForCausalLM` adds the tied LM head, the loss and `generate()`.
+
+Attention assembly (eq. 5): q/k/v of a token are the sums over its picked modules of
+`LN_k(x) W_k` (times r_k when `weighted_qkv`), heads attend causally, and the output is
+`sum_k r_k * a W^O_k`. A token whose picks are all SKIP is neither a query nor a key at
+that step: it is masked out of the keys (boolean SDPA mask) and gets no output.
+
+KV cache: every assembled attention layer has its own cache layer, numbered in order
+over fixed blocks and chunk steps (`layer`). When a token may skip a whole attention step
+(K=1 with SKIP, layer-skip, early exit) the "is a key" flags of each chunk step live in
+extra cache layers after those (shape (B, 1, T, 1)), so beam reordering and cropping keep
+them aligned with the keys. `config.num_hidden_layers` counts both kinds.
+
+Routing trace: `model(..., return_routing=True)` returns `routing`, a tuple with one
+`RoutingStep` per chunk step in execution order (fixed blocks are not listed: every
+token runs their one attention and one FFN). Nothing is kept when it is off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from modformer.models.gpt.modeling_gpt import Block
+from modformer.models.mom.configuration_mom import MoMConfig
+from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
+from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss
+from modformer.nn.activations import get_activation
+from modformer.nn.grouped import Dispatch, grouped_linear, make_dispatch
+from modformer.nn.masking import causal_padding_mask
+
+# ---- outputs ---------------------------------------------------------------------------
+
+
+@dataclass
+class RoutingStep:
+    """The decisions of one chunk step. B, T: batch and tokens of the call.
+
+    attn_index / ffn_index: (B, T, k) long pool indices; the value num_attn_modules /
+        num_ffn_modules means SKIP. For the `moe` policy FFN indices count over the
+        H * E pool (expert e of step h is h * E + e).
+    attn_weight / ffn_weight: (B, T, k) fp32 weights r_k.
+    A token runs `(attn_index < num_attn_modules).sum(-1)` attention modules here.
+    """
+
+    chunk: int
+    step: int
+    layer: int
+    attn_index: torch.Tensor
+    attn_weight: torch.Tensor
+    ffn_index: torch.Tensor
+    ffn_weight: torch.Tensor
+    num_attn_modules: int
+    num_ffn_modules: int
+
+
+@dataclass
+class MoMModelOutput(BaseModelOutputWithPast):
+    aux_loss: torch.Tensor | None = None
+    aux_metrics: dict[str, torch.Tensor] | None = None
+    routing: tuple[RoutingStep, ...] | None = None
+
+
+@dataclass
+class MoMCausalLMOutput(ModformerCausalLMOutput):
+    routing: tuple[RoutingStep, ...] | None = None
+
+
+# ---- module pools ----------------------------------------------------------------------
+
+
+@dataclass
+class RoutedPairs:
+    """One decision's (token, pick) pairs, sorted by module.
+
+    module: (P,) module of each sorted pair (the pool size for SKIP pairs);
+    weight: (P, 1) its routing weight.
+    """
+
+    dispatch: Dispatch
+    module: torch.Tensor
+    weight: torch.Tensor
+
+    @classmethod
+    def sort(cls, index: torch.Tensor, weight: torch.Tensor, num_modules: int) -> RoutedPairs:
+        dispatch = make_dispatch(index, num_modules)
+        module = index.reshape(-1)[dispatch.slot_index]
+        return cls(dispatch, module, weight.reshape(-1)[dispatch.slot_index][:, None])
+
+    @property
+    def token_index(self) -> torch.Tensor:
+        return self.dispatch.token_index
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when it is on (grouped_mm has no autocast rule)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _per_pair(param: torch.Tensor, pairs: RoutedPairs) -> torch.Tensor:
+    """(num_modules, f) per-module vectors -> (P, f) per pair, zeros for SKIP pairs."""
+    return F.pad(param, (0, 0, 0, 1))[pairs.module]
+
+
+class _ModulePool(nn.Module):
+    """Shared by both pools: per-pair LayerNorm and per-module linear maps."""
+
+    def __init__(self, config: MoMConfig, num_modules: int):
+        super().__init__()
+        self.num_modules = num_modules
+        self.n_embd = config.n_embd
+        self.eps = config.layer_norm_epsilon
+        self.ln_weight = nn.Parameter(torch.ones(num_modules, config.n_embd))
+        self.ln_bias = self._bias(config, config.n_embd)
+
+    def _weight(self, d_in: int, d_out: int) -> nn.Parameter:
+        # Values come from `reset_parameters`, which the model's `_init_weights` calls.
+        return nn.Parameter(torch.empty(self.num_modules, d_in, d_out))
+
+    def _bias(self, config: MoMConfig, d_out: int) -> nn.Parameter | None:
+        return nn.Parameter(torch.zeros(self.num_modules, d_out)) if config.bias else None
+
+    def extra_repr(self) -> str:
+        shapes = ", ".join(f"{n}={tuple(p.shape)}" for n, p in self.named_parameters(recurse=False))
+        return f"num_modules={self.num_modules}, {shapes}"
+
+    def reset_parameters(self, std: float, resid_std: float) -> None:
+        """GPT-2 init: LN weight 1, biases 0, input projection N(0, std), output
+        projection (`proj_weight`, on the residual path) N(0, resid_std)."""
+        for name, param in self.named_parameters(recurse=False):
+            if name == "ln_weight":
+                init.ones_(param)
+            elif name.endswith("bias"):
+                init.zeros_(param)
+            else:
+                init.normal_(param, mean=0.0, std=resid_std if name == "proj_weight" else std)
+
+    def layer_norm(self, x: torch.Tensor, pairs: RoutedPairs) -> torch.Tensor:
+        """LN_k(x_t) for every pair (t, k): (n, d) rows -> (P, d).
+
+        The normalisation is the same for every module, so it runs once per token; only
+        each module's affine is applied per pair.
+        """
+        x_hat = F.layer_norm(x, (self.n_embd,), eps=self.eps)[pairs.token_index]
+        out = x_hat * _per_pair(self.ln_weight, pairs)
+        if self.ln_bias is not None:
+            out = out + _per_pair(self.ln_bias, pairs)
+        return out
+
+    @staticmethod
+    def linear(
+        rows: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        pairs: RoutedPairs,
+    ) -> torch.Tensor:
+        """rows[j] @ weight[module of j] + bias[...] as one grouped GEMM; SKIP rows -> 0."""
+        dtype = _compute_dtype(rows)
+        out = grouped_linear(rows.to(dtype), weight.to(dtype), pairs.dispatch.offsets)
+        if bias is not None:
+            out = out + _per_pair(bias, pairs).to(dtype)
+        return out
+
+    @staticmethod
+    def combine(rows: torch.Tensor, pairs: RoutedPairs, n_tokens: int) -> torch.Tensor:
+        """Sum each token's pair rows: (P, f) -> (n, f)."""
+        out = rows.new_zeros(n_tokens, rows.shape[-1])
+        return out.index_add_(0, pairs.token_index, rows)
+
+
+class AttentionModulePool(_ModulePool):
+    """N attention modules: own pre-LN, fused W_Q|W_K|W_V (d x 3d) and W_O (d x d)."""
+
+    def __init__(self, config: MoMConfig, num_modules: int):
+        super().__init__(config, num_modules)
+        d = config.n_embd
+        self.n_head = config.n_head
+        self.head_dim = d // config.n_head
+        self.qkv_weight = self._weight(d, 3 * d)
+        self.qkv_bias = self._bias(config, 3 * d)
+        self.proj_weight = self._weight(d, d)
+        self.proj_bias = self._bias(config, d)
+        self.weighted_qkv = config.weighted_qkv
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pairs: RoutedPairs,
+        mask: AttentionMasks,
+        cache: Cache | None,
+        layer_idx: int,
+        is_key: torch.Tensor | None = None,
+        key_flag_layer: int | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, d) -> attention output (B, T, d) (the residual is added by the caller).
+
+        is_key: (B, T) bool, False for tokens whose picks are all SKIP, or None when no
+        token can be; with a cache their flags are kept in layer `key_flag_layer`.
+        """
+        B, T, d = x.shape
+        rows = self.layer_norm(x.reshape(B * T, d), pairs)
+        qkv_rows = self.linear(rows, self.qkv_weight, self.qkv_bias, pairs)
+        if self.weighted_qkv:
+            qkv_rows = qkv_rows * pairs.weight.to(qkv_rows.dtype)
+        qkv = self.combine(qkv_rows, pairs, B * T)
+        q, k, v = (
+            t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in qkv.split(d, 1)
+        )
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
+        attn_mask = mask.base
+        if is_key is not None:
+            if cache is not None:
+                flags = is_key[:, None, :, None]
+                is_key = cache.update(flags, flags, key_flag_layer)[0][:, 0, :, 0]
+            attn_mask = mask.restricted_to_keys(is_key)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and T > 1,
+        )
+        a = y.transpose(1, 2).reshape(B * T, d)
+        out_rows = self.linear(a[pairs.token_index], self.proj_weight, self.proj_bias, pairs)
+        out_rows = out_rows * pairs.weight.to(out_rows.dtype)
+        return self.resid_dropout(self.combine(out_rows, pairs, B * T).view(B, T, d))
+
+
+class FFNModulePool(_ModulePool):
+    """N FFN modules: own pre-LN and a GPT-2 MLP (d -> d_inner -> d)."""
+
+    def __init__(self, config: MoMConfig, num_modules: int):
+        super().__init__(config, num_modules)
+        self.fc_weight = self._weight(config.n_embd, config.d_inner)
+        self.fc_bias = self._bias(config, config.d_inner)
+        self.proj_weight = self._weight(config.d_inner, config.n_embd)
+        self.proj_bias = self._bias(config, config.n_embd)
+        self.act = get_activation(config.activation_function)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, u: torch.Tensor, pairs: RoutedPairs) -> torch.Tensor:
+        """Eq. 6: sum_k r_k * m^F_k(u) for u (B, T, d); SKIP picks add nothing."""
+        B, T, d = u.shape
+        rows = self.layer_norm(u.reshape(B * T, d), pairs)
+        hidden = self.act(self.linear(rows, self.fc_weight, self.fc_bias, pairs))
+        out_rows = self.linear(hidden, self.proj_weight, self.proj_bias, pairs)
+        out_rows = out_rows * pairs.weight.to(out_rows.dtype)
+        return self.dropout(self.combine(out_rows, pairs, B * T).view(B, T, d))
+
+
+# ---- per-forward state -----------------------------------------------------------------
+
+
+class AttentionMasks:
+    """Boolean SDPA masks (True = may attend) of one forward pass.
+
+    `base` is causal + padding (None when SDPA's own causal path suffices).
+    `restricted_to_keys` additionally drops keys that were all-SKIP at a step; each query
+    may still attend to itself, so no row is empty (an all-SKIP query's output is never
+    used: it has no W_O module to go through).
+    """
+
+    def __init__(
+        self, attention_mask: torch.Tensor | None, q_len: int, past_len: int, device: torch.device
+    ):
+        self.base = causal_padding_mask(attention_mask, q_len, past_len, device)
+        q_pos = torch.arange(past_len, past_len + q_len, device=device)
+        k_pos = torch.arange(past_len + q_len, device=device)
+        self._q_pos, self._k_pos = q_pos, k_pos
+
+    def restricted_to_keys(self, is_key: torch.Tensor) -> torch.Tensor:
+        """is_key: (B, S) bool over all S = past + current positions -> (B, 1, T, S)."""
+        q, k = self._q_pos[:, None], self._k_pos[None, :]
+        causal = self.base if self.base is not None else (k <= q)[None, None]
+        return (causal & is_key[:, None, None, :]) | (k == q)[None, None]
+
+
+@dataclass
+class ForwardContext:
+    """What every chunk of one forward pass shares."""
+
+    masks: AttentionMasks
+    cache: Cache | None
+    token_weight: torch.Tensor | None  # (n,) 1.0 for real tokens, 0.0 for padding
+    compute_aux: bool
+    balance_loss: bool
+    routing: list[RoutingStep] | None
+    carry: dict = field(default_factory=dict)
+    balance_terms: list[torch.Tensor] = field(default_factory=list)
+    loads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def observe(self, name: str, sel: Selection) -> None:
+        """Module load (fraction of picks per choice) and the Switch balance term of a
+        routed decision; no host syncs."""
+        picks = sel.picks
+        k = picks.shape[-1]
+        picked = torch.zeros_like(sel.probs).scatter_add_(
+            1, picks, torch.ones(picks.shape, dtype=sel.probs.dtype, device=picks.device)
+        )
+        if self.token_weight is None:
+            load, mean_prob = picked.mean(0) / k, sel.probs.mean(0)
+        else:
+            w = self.token_weight[:, None]
+            denom = w.sum().clamp(min=1.0)
+            load = (picked * w).sum(0) / (denom * k)
+            mean_prob = (sel.probs * w).sum(0) / denom
+        self.loads.setdefault(name, []).append(load.detach())
+        if self.balance_loss:
+            self.balance_terms.append(sel.probs.shape[-1] * (load * mean_prob).sum())
+
+
+# ---- chunk -----------------------------------------------------------------------------
+
+
+class MoMChunk(nn.Module):
+    """One chunk: N attention and N FFN modules (or the policy's pool sizes) assembled
+    for H steps. `first_layer` numbers its first step among all assembled layers."""
+
+    def __init__(
+        self,
+        config: MoMConfig,
+        num_modules: int,
+        chunk_index: int,
+        first_layer: int,
+        key_flag_layer: int | None,
+    ):
+        super().__init__()
+        self.chunk_index = chunk_index
+        self.num_modules = num_modules
+        self.steps = config.H
+        self.first_layer = first_layer
+        self.key_flag_layer = key_flag_layer
+        self.policy: AssemblyPolicy = build_policy(config, num_modules, first_layer)
+        # MoM-same: one stored module per type that every router pick uses.
+        self.tied = config.mom_same
+        self.attn = AttentionModulePool(config, 1 if self.tied else self.policy.num_attn_modules)
+        self.ffn = FFNModulePool(config, 1 if self.tied else self.policy.num_ffn_modules)
+
+    def _pairs(self, sel: Selection, num_choices: int, pool: _ModulePool) -> RoutedPairs:
+        index = sel.index
+        if self.tied:  # every module pick -> stored module 0, SKIP -> 1 (= the pool size)
+            index = (index >= num_choices).long()
+        return RoutedPairs.sort(index, sel.weight, pool.num_modules)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, d = x.shape
+        policy = self.policy
+        state = policy.begin(ctx.carry)
+        observe = policy.routed and ctx.compute_aux
+        prefix = f"mom/chunk{self.chunk_index}"
+        for h in range(self.steps):
+            attn_sel = policy.attention(h, x.reshape(B * T, d), state)
+            is_key = None
+            if self.key_flag_layer is not None:
+                is_key = (attn_sel.index < policy.num_attn_modules).any(-1).view(B, T)
+            x = x + self.attn(
+                x,
+                self._pairs(attn_sel, policy.num_attn_modules, self.attn),
+                ctx.masks,
+                ctx.cache,
+                self.first_layer + h,
+                is_key,
+                None if self.key_flag_layer is None else self.key_flag_layer + h,
+            )
+            ffn_sel = policy.ffn(h, x.reshape(B * T, d), state)
+            x = x + self.ffn(x, self._pairs(ffn_sel, policy.num_ffn_modules, self.ffn))
+
+            if observe:
+                if attn_sel.probs is not None:
+                    ctx.observe(f"{prefix}/attn_load", attn_sel)
+                if ffn_sel.probs is not None:
+                    ctx.observe(f"{prefix}/ffn_load", ffn_sel)
+            if ctx.routing is not None:
+                ctx.routing.append(
+                    RoutingStep(
+                        chunk=self.chunk_index,
+                        step=h,
+                        layer=self.first_layer + h,
+                        attn_index=attn_sel.index.view(B, T, -1),
+                        attn_weight=attn_sel.weight.detach().view(B, T, -1),
+                        ffn_index=ffn_sel.index.view(B, T, -1),
+                        ffn_weight=ffn_sel.weight.detach().view(B, T, -1),
+                        num_attn_modules=policy.num_attn_modules,
+                        num_ffn_modules=policy.num_ffn_modules,
+                    )
+                )
+        return x
+
+
+# ---- models ----------------------------------------------------------------------------
+
+
+class MoMPreTrainedModel(PreTrainedModel):
+    config_class = MoMConfig
+    config: MoMConfig
+    base_model_prefix = "transformer"
+    _no_split_modules = ["Block", "MoMChunk"]
+    _supports_sdpa = True
+    _supports_cache_class = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * L), with L the
+        number of layers of the equivalent vanilla model; routers get HF's Linear init.
+
+        HF skips modules without parameters of their own when it initialises custom-code
+        models, so the fixed blocks' residual projections are recognised by a flag that
+        `MoMModel` sets on them rather than through their parent module.
+        """
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        resid_std = std / math.sqrt(2 * self.config.num_vanilla_layers)
+        if isinstance(module, nn.Linear) and getattr(module, "is_residual_projection", False):
+            init.normal_(module.weight, mean=0.0, std=resid_std)
+        elif isinstance(module, _ModulePool):
+            module.reset_parameters(std, resid_std)
+
+
+class MoMModel(MoMPreTrainedModel):
+    def __init__(self, config: MoMConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        layers: list[nn.Module] = []
+        layer, chunk_index = 0, 0
+        key_flag_layer = config.num_attention_layers  # flag layers follow the attention ones
+        for size in config.chunk_sizes:
+            if size == 1:
+                block = Block(config, layer)
+                block.attn.c_proj.is_residual_projection = True
+                block.mlp.c_proj.is_residual_projection = True
+                layers.append(block)
+                layer += 1
+                continue
+            flags = key_flag_layer if config.attention_may_skip_all else None
+            layers.append(MoMChunk(config, size, chunk_index, layer, flags))
+            layer += config.H
+            chunk_index += 1
+            if flags is not None:
+                key_flag_layer += config.H
+        self.h = nn.ModuleList(layers)
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.wte = value
+
+    @property
+    def chunks(self) -> list[MoMChunk]:
+        return [m for m in self.h if isinstance(m, MoMChunk)]
+
+    def set_skip_criterion(self, criterion: SkipCriterion | None) -> None:
+        """Per-token skip rule of the layer_skip / early_exit policies (not saved).
+
+        `criterion(layer, hidden)` gets the assembled layer number and the (n, n_embd)
+        residual stream entering that layer's attention and returns (n,) bool, True =
+        skip (attention and FFN of that step).
+        """
+        if self.config.policy not in ("layer_skip", "early_exit"):
+            raise ValueError(
+                f"a skip criterion needs policy 'layer_skip' or 'early_exit', "
+                f"not {self.config.policy!r}"
+            )
+        for chunk in self.chunks:
+            chunk.policy.criterion = criterion
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        return_routing: bool = False,
+        compute_aux: bool = False,
+        **kwargs,
+    ) -> MoMModelOutput:
+        """`use_cache` defaults to config.use_cache outside training (a training forward
+        needs no cache). `compute_aux` computes the balance loss (when its weight is > 0)
+        and puts module loads into `aux_metrics` (the causal-LM model sets it with labels)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        cache = past_key_values if use_cache else None
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            if past_len + T > self.config.n_positions:
+                raise ValueError(
+                    f"sequence of {past_len + T} tokens exceeds n_positions="
+                    f"{self.config.n_positions}; shorten the input or use a larger n_positions"
+                )
+            position_ids = torch.arange(past_len, past_len + T, device=inputs_embeds.device)[None]
+
+        x = self.drop(inputs_embeds + self.wpe(position_ids))
+        masks = AttentionMasks(attention_mask, T, past_len, x.device)
+        token_weight = None
+        if attention_mask is not None:
+            token_weight = attention_mask[:, -T:].reshape(-1).to(torch.float32)
+        ctx = ForwardContext(
+            masks=masks,
+            cache=cache,
+            token_weight=token_weight,
+            compute_aux=compute_aux,
+            balance_loss=compute_aux and self.config.balance_loss_weight > 0,
+            routing=[] if return_routing else None,
+        )
+        for layer in self.h:
+            if isinstance(layer, MoMChunk):
+                x = layer(x, ctx)
+            else:
+                x = layer(x, masks.base, cache)
+        x = self.ln_f(x)
+
+        aux_loss = None
+        if ctx.balance_terms:
+            aux_loss = self.config.balance_loss_weight * torch.stack(ctx.balance_terms).mean()
+        aux_metrics = {name: torch.stack(v).mean(0) for name, v in ctx.loads.items()} or None
+        if aux_metrics is not None and aux_loss is not None:
+            aux_metrics["mom/balance_loss"] = aux_loss.detach()
+        return MoMModelOutput(
+            last_hidden_state=x,
+            past_key_values=cache,
+            aux_loss=aux_loss,
+            aux_metrics=aux_metrics,
+            routing=tuple(ctx.routing) if return_routing else None,
+        )
+
+
+class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: MoMConfig):
+        super().__init__(config)
+        self.transformer = MoMModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def set_skip_criterion(self, criterion: SkipCriterion | None) -> None:
+        """See `MoMModel.set_skip_criterion`."""
+        self.transformer.set_skip_criterion(criterion)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_routing: bool = False,
+        **kwargs,
+    ) -> MoMCausalLMOutput:
+        """With `labels`: `loss` = lm_loss + balance loss (when balance_loss_weight > 0),
+        and `aux_metrics` holds each chunk's module loads (`mom/chunk{c}/attn_load`,
+        `.../ffn_load`: fraction of picks per choice, SKIP last, averaged over steps)."""
+        out = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_routing=return_routing,
+            compute_aux=labels is not None,
+        )
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = causal_lm_loss(logits, labels)
+            loss = lm_loss if out.aux_loss is None else lm_loss + out.aux_loss
+        return MoMCausalLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=out.aux_loss,
+            aux_metrics=out.aux_metrics,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            routing=out.routing,
+        )

@@ -1,0 +1,263 @@
+"""Assembly policies: who decides which modules a token runs at each step (SPEC §2).
+
+A policy answers two questions per assembly step h of a chunk: which attention modules
+(and weights) each token uses on `x_h`, and which FFN modules on `u_h`. The learned
+policy asks the MoM routers; the fixed policies of the paper's sec. 3.5 (vanilla,
+layer-skip, early exit, parameter sharing, MoE, MoE-share) follow a rule. All of them
+feed the same assembly code in `modeling_mom.py`, which is what makes them special cases
+of MoM.
+
+Choices are indices into the chunk's module pool; the index equal to the pool size is
+SKIP (the identity: the pair is left out of every grouped GEMM).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from modformer.models.mom.configuration_mom import MoMConfig
+from modformer.nn.routers import GRURouter, LinearRouter, MLPRouter, top_k_routing
+
+# criterion(layer, hidden) -> (n,) bool, True = skip: `layer` is the assembled layer
+# number, `hidden` the (n, n_embd) residual stream entering that layer's attention.
+SkipCriterion = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Selection:
+    """The modules one decision picked for each of n tokens.
+
+    index: (n, k) long, pool indices; the value `num_modules` of the pool means SKIP.
+    weight: (n, k) fp32 weights r_k.
+    probs: (n, C) fp32 router distribution, for the balance loss and load metrics
+        (routed policies only).
+    router_index: (n, k) the picks in the router's own choice space, where it differs
+        from `index` (the per-step MoE routers pick among E experts of a larger pool).
+    """
+
+    index: torch.Tensor
+    weight: torch.Tensor
+    probs: torch.Tensor | None = None
+    router_index: torch.Tensor | None = None
+
+    @property
+    def picks(self) -> torch.Tensor:
+        return self.index if self.router_index is None else self.router_index
+
+
+@dataclass
+class PolicyState:
+    """What a policy carries from step to step within one chunk's forward.
+
+    `carry` is shared by all chunks of one forward pass (early exit keeps its per-token
+    "has exited" flags there, so an exit holds for later chunks too).
+    """
+
+    carry: dict = field(default_factory=dict)
+    attn_router_state: torch.Tensor | None = None
+    ffn_router_state: torch.Tensor | None = None
+    step_skipped: torch.Tensor | None = None  # layer-skip decision of the current step
+
+
+def fixed_selection(x: torch.Tensor, module: int) -> Selection:
+    """Every token runs `module` with weight 1 (a module index or the SKIP index)."""
+    n = x.shape[0]
+    return Selection(
+        index=torch.full((n, 1), module, dtype=torch.long, device=x.device),
+        weight=torch.ones(n, 1, dtype=torch.float32, device=x.device),
+    )
+
+
+def module_or_skip(x: torch.Tensor, module: int, skip_index: int, skipped) -> Selection:
+    """Module `module`, or SKIP where `skipped` ((n,) bool tensor, or a Python bool)."""
+    if isinstance(skipped, bool):
+        return fixed_selection(x, skip_index if skipped else module)
+    index = torch.where(skipped, skip_index, module).to(torch.long)[:, None]
+    return Selection(index=index, weight=torch.ones(index.shape, device=x.device))
+
+
+class AssemblyPolicy(nn.Module, ABC):
+    """Base class. `num_attn_modules` / `num_ffn_modules` are the pool sizes the choices
+    index; `routed` says whether choices come from routers (then `Selection.probs` is set).
+    """
+
+    routed = False
+
+    def __init__(self, num_attn_modules: int, num_ffn_modules: int, first_layer: int):
+        super().__init__()
+        self.num_attn_modules = num_attn_modules
+        self.num_ffn_modules = num_ffn_modules
+        self.first_layer = first_layer
+
+    def begin(self, carry: dict) -> PolicyState:
+        return PolicyState(carry=carry)
+
+    @abstractmethod
+    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
+        """Attention modules of step `step` for the (n, n_embd) rows `x` (= x_h)."""
+
+    @abstractmethod
+    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
+        """FFN modules of step `step` for the (n, n_embd) rows `u` (= u_h)."""
+
+
+class LearnedPolicy(AssemblyPolicy):
+    """MoM routing: R^A on x_h, R^F on u_h, top-K over N modules (+ SKIP), per chunk.
+
+    The GRU states start at zero in `begin`, i.e. at every chunk.
+    """
+
+    routed = True
+
+    def __init__(self, config: MoMConfig, num_modules: int, first_layer: int):
+        super().__init__(num_modules, num_modules, first_layer)
+        num_choices = num_modules + 1 if config.skip else num_modules
+        router_cls = GRURouter if config.router == "gru" else MLPRouter
+        self.attn_router = router_cls(config.n_embd, config.router_dim, num_choices)
+        self.ffn_router = router_cls(config.n_embd, config.router_dim, num_choices)
+        self.k = config.K
+        self.renormalize = config.renormalize
+
+    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
+        logits, state.attn_router_state = self.attn_router(x, state.attn_router_state)
+        weight, index, probs = top_k_routing(logits, self.k, self.renormalize)
+        return Selection(index=index, weight=weight, probs=probs)
+
+    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
+        logits, state.ffn_router_state = self.ffn_router(u, state.ffn_router_state)
+        weight, index, probs = top_k_routing(logits, self.k, self.renormalize)
+        return Selection(index=index, weight=weight, probs=probs)
+
+
+class VanillaPolicy(AssemblyPolicy):
+    """Step h uses module h with weight 1: the chunk is the vanilla stack of its layers."""
+
+    def __init__(self, num_modules: int, first_layer: int):
+        super().__init__(num_modules, num_modules, first_layer)
+
+    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
+        return fixed_selection(x, step)
+
+    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
+        return fixed_selection(u, step)
+
+
+class LayerSkipPolicy(AssemblyPolicy):
+    """Eq. 9: step h runs module h, or SKIP for both attention and FFN.
+
+    A step is skipped for all tokens when its layer is in `skip_layers`, and per token
+    where the runtime `criterion` (if set) says so.
+    """
+
+    def __init__(self, num_modules: int, first_layer: int, skip_layers: list[int] | None):
+        super().__init__(num_modules, num_modules, first_layer)
+        self.skip_layers = set(skip_layers or [])
+        self.criterion: SkipCriterion | None = None
+
+    def decide(self, step: int, x: torch.Tensor, state: PolicyState):
+        """This step's skip flags: a Python bool, or an (n,) bool tensor."""
+        layer = self.first_layer + step
+        skipped = layer in self.skip_layers
+        if self.criterion is not None and not skipped:
+            skipped = self.criterion(layer, x).reshape(-1).to(torch.bool)
+        return skipped
+
+    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
+        state.step_skipped = self.decide(step, x, state)
+        return module_or_skip(x, step, self.num_attn_modules, state.step_skipped)
+
+    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
+        return module_or_skip(u, step, self.num_ffn_modules, state.step_skipped)
+
+
+class EarlyExitPolicy(LayerSkipPolicy):
+    """Layer skip where a token that skips once skips every later chunk step.
+
+    With a static `skip_layers` list the exit happens at the first listed layer.
+    """
+
+    def decide(self, step: int, x: torch.Tensor, state: PolicyState):
+        now = super().decide(step, x, state)
+        if self.skip_layers and self.first_layer + step >= min(self.skip_layers):
+            now = True
+        state.carry["exited"] = _logical_or(state.carry.get("exited", False), now)
+        return state.carry["exited"]
+
+
+def _logical_or(a, b):
+    """`a | b` for flags that are Python bools or (n,) bool tensors."""
+    if a is True or b is True:
+        return True
+    if a is False:
+        return b
+    if b is False:
+        return a
+    return a | b
+
+
+class ParameterSharingPolicy(AssemblyPolicy):
+    """Eq. 10: step h uses module share_map[h] (attention and FFN)."""
+
+    def __init__(self, num_modules: int, first_layer: int, share_map: list[int]):
+        super().__init__(num_modules, num_modules, first_layer)
+        self.share_map = list(share_map)
+
+    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
+        return fixed_selection(x, self.share_map[step])
+
+    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
+        return fixed_selection(u, self.share_map[step])
+
+
+class MoEPolicy(AssemblyPolicy):
+    """Eq. 11: attention step h runs module h; the FFN is top-K over E experts.
+
+    `shared=False` (MoE): step h routes among experts h*E .. h*E+E-1 of an H*E pool.
+    `shared=True` (MoE-share): every step routes among the same E experts.
+    Each step has its own linear router (softmax in fp32, top-K, renormalised when
+    `config.renormalize`, as Mixtral does).
+    """
+
+    routed = True
+
+    def __init__(self, config: MoMConfig, num_modules: int, first_layer: int, shared: bool):
+        self.num_experts = config.num_experts if config.num_experts is not None else num_modules
+        pool = self.num_experts if shared else config.H * self.num_experts
+        super().__init__(num_modules, pool, first_layer)
+        self.shared = shared
+        self.k = config.K
+        self.renormalize = config.renormalize
+        self.routers = nn.ModuleList(
+            LinearRouter(config.n_embd, self.num_experts) for _ in range(config.H)
+        )
+
+    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
+        return fixed_selection(x, step)
+
+    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
+        logits, _ = self.routers[step](u)
+        weight, expert, probs = top_k_routing(logits, self.k, self.renormalize)
+        index = expert if self.shared else expert + step * self.num_experts
+        return Selection(index=index, weight=weight, probs=probs, router_index=expert)
+
+
+def build_policy(config: MoMConfig, num_modules: int, first_layer: int) -> AssemblyPolicy:
+    """The policy of one chunk of `num_modules` modules whose first step is `first_layer`."""
+    if config.policy == "learned":
+        return LearnedPolicy(config, num_modules, first_layer)
+    if config.policy == "vanilla":
+        return VanillaPolicy(num_modules, first_layer)
+    if config.policy == "layer_skip":
+        return LayerSkipPolicy(num_modules, first_layer, config.skip_layers)
+    if config.policy == "early_exit":
+        return EarlyExitPolicy(num_modules, first_layer, config.skip_layers)
+    if config.policy == "parameter_sharing":
+        return ParameterSharingPolicy(num_modules, first_layer, config.share_map)
+    if config.policy in ("moe", "moe_share"):
+        return MoEPolicy(config, num_modules, first_layer, shared=config.policy == "moe_share")
+    raise ValueError(f"policy {config.policy!r} is unknown")  # config validation catches it
