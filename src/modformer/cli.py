@@ -172,7 +172,13 @@ def run_generate(args: argparse.Namespace) -> str:
 
 
 def _convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert checkpoints (gpt2 -> modformer, vanilla -> MoM)")
+    p = sub.add_parser(
+        "convert",
+        help="convert checkpoints (gpt2 -> modformer, vanilla -> MoM)",
+        description="Convert checkpoints. `gpt2` imports a local Hugging Face GPT-2 directory; "
+        "`mom` turns a vanilla model into a Mixture-of-Modules model (phase-2 initialisation). "
+        "Run `modformer convert KIND --help` for the options of each.",
+    )
     conv = p.add_subparsers(dest="convert_kind", required=True, metavar="KIND")
     g = conv.add_parser(
         "gpt2",

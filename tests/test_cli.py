@@ -1,0 +1,107 @@
+"""The `modformer` command end to end on tiny data: train, eval, generate, convert."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from modformer.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_run")
+    code = main(
+        [
+            "train",
+            "--data.dir",
+            str(tiny_data_dir),
+            "--data.block_size",
+            "32",
+            "--out_dir",
+            str(out),
+            "--max_steps",
+            "30",
+            "--batch_size",
+            "4",
+            "--eval_batches",
+            "2",
+            "--progress",
+            "false",
+            "--model.overrides",
+            "{n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64}",
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def test_eval_on_split_per_domain_and_text(trained_run, tiny_data_dir, tmp_path, capsys):
+    js = tmp_path / "eval.json"
+    assert (
+        main(
+            [
+                "eval",
+                str(trained_run),
+                "--data",
+                str(tiny_data_dir),
+                "--per-domain",
+                "--block-size",
+                "32",
+                "--json",
+                str(js),
+            ]
+        )
+        == 0
+    )
+    results = json.loads(js.read_text())
+    assert set(results) == {"all", "synthetic"}
+    assert results["all"]["loss"] == pytest.approx(results["synthetic"]["loss"])
+    assert 0 < results["all"]["loss"] < 5.5
+    text = tmp_path / "t.txt"
+    text.write_text("def alpha_beta(x): return x + gamma\n" * 20)
+    assert (
+        main(["eval", str(trained_run / "model"), "--text", str(text), "--block-size", "32"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "text" in out and "ppl" in out
+
+
+def test_generate_prints_continuation(trained_run, capsys):
+    assert (
+        main(
+            ["generate", str(trained_run), "--prompt", "def ", "--max-new-tokens", "10", "--greedy"]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("def ")
+
+
+def test_generate_and_eval_errors_are_clear(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "holds no saved model" in capsys.readouterr().err
+
+
+def test_convert_gpt2_cli(tmp_path, capsys):
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    ).eval()
+    hf.save_pretrained(tmp_path / "gpt2")
+    assert main(["convert", "gpt2", str(tmp_path / "gpt2"), str(tmp_path / "ours")]) == 0
+    assert "parameters" in capsys.readouterr().out
+    assert main(["convert", "gpt2", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["prepare", "train", "eval", "generate", "convert", "demo"])
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert len(capsys.readouterr().out) > 200
