@@ -6,8 +6,12 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from modformer.data.prepare import prepare
+
+# The suite's tensors are small: one thread avoids oversubscription on small CI machines.
+torch.set_num_threads(1)
 
 
 def _synthetic_documents(n: int, seed: int) -> list[str]:

@@ -7,3 +7,13 @@ from modformer.models.gpt import GPTConfig, GPTForCausalLM, GPTModel
 AutoConfig.register(GPTConfig.model_type, GPTConfig, exist_ok=True)
 AutoModel.register(GPTConfig, GPTModel, exist_ok=True)
 AutoModelForCausalLM.register(GPTConfig, GPTForCausalLM, exist_ok=True)
+
+from modformer.models.moduleformer import (  # noqa: E402
+    ModuleFormerConfig,
+    ModuleFormerForCausalLM,
+    ModuleFormerModel,
+)
+
+AutoConfig.register(ModuleFormerConfig.model_type, ModuleFormerConfig, exist_ok=True)
+AutoModel.register(ModuleFormerConfig, ModuleFormerModel, exist_ok=True)
+AutoModelForCausalLM.register(ModuleFormerConfig, ModuleFormerForCausalLM, exist_ok=True)

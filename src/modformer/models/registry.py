@@ -12,9 +12,11 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
+from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 
 ARCHITECTURES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
     "gpt": (GPTConfig, GPTForCausalLM),
+    "moduleformer": (ModuleFormerConfig, ModuleFormerForCausalLM),
 }
 
 

@@ -41,7 +41,9 @@ def make_dispatch(expert_index: torch.Tensor, num_experts: int) -> Dispatch:
     valid = (flat >= 0) & (flat < num_experts)
     key = torch.where(valid, flat, torch.full_like(flat, num_experts))
     slot_index = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    # scatter_add rather than bincount: bincount reads its input's max back to the host on CUDA.
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     return Dispatch(
         token_index=slot_index // k, slot_index=slot_index, offsets=offsets, counts=counts
