@@ -13,25 +13,27 @@ It attends to keys ``j <= t``::
 
 The weights are not normalised: whatever stick is left over after key 0 is dropped.
 
-Log space. With ``log(1 - sigmoid(z)) = logsigmoid(-z)`` and the identity
-``logsigmoid(z) - logsigmoid(-z) = z``::
+Log space. With ``log(1 - sigmoid(z)) = -softplus(z)`` and the identity
+``log sigmoid(z) = z - softplus(z)``::
 
-    log p_{j,t} = logsigmoid(z_{j,t}) + sum_{j < l <= t} logsigmoid(-z_{l,t})
-                = z_{j,t} + R_{j,t},    R_{j,t} = sum_{j <= l <= t} logsigmoid(-z_{l,t})
+    log p_{j,t} = log sigmoid(z_{j,t}) - sum_{j < l <= t} softplus(z_{l,t})
+                = z_{j,t} - S_{j,t},       S_{j,t} = sum_{j <= l <= t} softplus(z_{l,t})
 
-``R`` is an inclusive *reverse* cumulative sum along the key axis: O(T) per row, O(T^2)
-in all, and only one ``logsigmoid`` per score. (The official IBM code computes the same
-sum as a matmul with a T x T triangular matrix, O(T^3).) All of this runs in fp32, also
-for bf16/fp16 inputs; the output is cast back to ``q.dtype``.
+``S`` is an inclusive *reverse* cumulative sum along the key axis (flip, cumsum, flip):
+O(T) per row, O(T^2) in all, and one ``softplus`` per score. (The official IBM code
+computes the same sum as a matmul with a T x T triangular matrix, O(T^3).) All of this
+runs in fp32, also for bf16/fp16 inputs (fp64 inputs stay fp64); the output is cast
+back to ``q.dtype``. Weights below ``exp(-80)`` are flushed to exactly 0 (see
+``_LOG_P_FLOOR``).
 
-Masking. A key that may not be attended (in the future of the row, or padded with
-``key_padding_mask`` False) gets ``z = -inf``: then ``logsigmoid(-z) = 0`` (its
-``1 - beta`` factor is 1, it does not break the stick) and ``log p = -inf`` (``p = 0``),
-with no special cases further down. A row with no visible key returns 0.
+Masking. A key a row may not see (in its future, or padded: ``key_padding_mask`` False)
+gets ``softplus = 0`` (its ``1 - beta`` factor is 1: it does not break the stick),
+``p = 0`` and, for the backward, ``beta = 0``. A row with no visible key returns 0.
 
 Padded query rows are computed like any other row: they see the real keys at or before
-their position. Their outputs are finite and meaningless; the caller ignores them (and
-passes them no gradient, or a gradient it does not care about).
+their position, so their outputs are finite (0 if no real key precedes them) and
+meaningless; the caller ignores them. A gradient sent into them flows on to those keys
+like any other row's.
 
 Backward (derived by hand, checked with ``torch.autograd.gradcheck`` in the tests)
 ------------------------------------------------------------------------------
@@ -41,23 +43,23 @@ Fix a row ``t`` and drop it from the indices. Given ``dO = dL/do``::
     u_j  = dL/dlog p_j  = p_j * g_j
     dv_j = sum_t p_{j,t} dO_t
 
-``log p_j = z_j + sum_{l >= j} logsigmoid(-z_l)`` depends on ``z_m`` through its own
-``z_j`` term (``m = j``, derivative 1) and through every ``l = m >= j`` term, with
-``d logsigmoid(-z)/dz = -sigmoid(z) = -beta``::
+``log p_j = z_j - sum_{l >= j} softplus(z_l)`` depends on ``z_m`` through its own
+``z_j`` term (only for ``j = m``, derivative 1) and through the ``l = m`` term of every
+``j <= m``, with ``d softplus(z)/dz = sigmoid(z) = beta``::
 
     dL/dz_m = u_m - beta_m * sum_{j <= m} u_j = u_m - beta_m * U_m
 
-``U`` is an inclusive *forward* cumulative sum of ``u`` along keys. Masked keys have
-``p = 0`` and ``beta = sigmoid(-inf) = 0``, so their ``dL/dz`` is 0. Finally
-``dq_t = sum_j dz_{j,t} k_j / sqrt(D)`` and ``dk_j = sum_t dz_{j,t} q_t / sqrt(D)``.
+``U`` is an inclusive *forward* cumulative sum of ``u`` along keys. Invisible keys have
+``p = 0`` (so ``u = 0``) and ``beta = 0``, so their ``dL/dz`` is 0. Finally
+``dq_t = sum_j dL/dz_{j,t} k_j / sqrt(D)`` and ``dk_j = sum_t dL/dz_{j,t} q_t / sqrt(D)``.
 
 Memory
 ------
 Query rows are processed ``block_size`` at a time, and a block of rows ``[r0, r1)`` only
 looks at the keys it can see (``j < P + r1``), which also skips the upper triangle.
-Only one block's ``block_size x Tk`` score matrices are alive at once. The autograd
-Function saves only ``q, k, v`` (and the mask); the backward recomputes each block's
-scores instead of storing ``T x T`` per head.
+Only one block's score-sized buffers (``B x H x block_size x Tk``, at most three at a
+time) are alive at once. The autograd Function saves only ``q, k, v`` (and the mask);
+the backward recomputes each block's weights instead of storing ``T x T`` per head.
 """
 
 from __future__ import annotations
@@ -121,34 +123,88 @@ def _check_inputs(
         raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
 
 
-def _block_log_weights(
+# Weights below exp(-80) ~ 1.8e-35 are flushed to exactly 0. exp() of inputs below about
+# -87 underflows to subnormals/zero, which takes a 30-100x slower path on x86 CPUs, and
+# most weights of a long row are that small. exp(-80) itself is a normal float.
+_LOG_P_FLOOR = -80.0
+_P_FLUSH = 2.0 * math.exp(_LOG_P_FLOOR)
+
+
+def _fill_invisible(x: Tensor, future: Tensor, padded: Tensor | None, value: float) -> Tensor:
+    """In place: ``x[..., j] = value`` for every key a row may not see (see `_block_weights`)."""
+    n = x.shape[-2]
+    # The block's rows sit at the last n key positions: only there can a key be in the
+    # future of a row (an n x n upper triangle).
+    x[..., -n:].masked_fill_(future[:n, :n], value)
+    if padded is not None:
+        x.masked_fill_(padded[..., : x.shape[-1]], value)
+    return x
+
+
+def _invisible_masks(
+    key_padding_mask: Tensor | None, block_size: int, Tq: int, device: torch.device
+) -> tuple[Tensor, Tensor | None]:
+    """Masks built once per call: the causal triangle of a block and the padded keys."""
+    n = min(block_size, Tq)
+    future = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+    padded = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    return future, padded
+
+
+def _block_weights(
     q_blk: Tensor,
     k_vis: Tensor,
-    key_padding_mask: Tensor | None,
-    first_pos: int,
-    scale: float,
-) -> tuple[Tensor, Tensor]:
-    """Scores ``z`` and log weights ``log p`` (fp32) of one block of query rows.
+    future: Tensor,
+    padded: Tensor | None,
+    with_beta: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Stick-breaking weights ``p`` (and ``beta`` for the backward) of one block of rows.
 
-    ``q_blk`` (B, H, n, D) holds rows at absolute positions ``first_pos .. first_pos+n-1``;
-    ``k_vis`` (B, H, first_pos + n, D) are the keys those rows can see at most. Both are
-    already in the compute dtype (fp32, or fp64 for fp64 inputs).
-    Masked entries have ``z = log p = -inf``.
+    ``q_blk`` (B, H, n, D) holds (already scaled by 1/sqrt(D)) queries at the last ``n``
+    positions covered by ``k_vis`` (B, H, n_keys, D), the keys those rows can see at most;
+    ``future`` and ``padded`` come from `_invisible_masks`. Everything is in
+    the compute dtype (fp32, or fp64 for fp64 inputs). Invisible keys get ``p = 0`` and
+    ``beta = 0`` (so their ``1 - beta`` factor is 1 and their ``dL/dz`` is 0).
     """
-    n = q_blk.shape[2]
-    n_keys = k_vis.shape[2]
-    z = torch.matmul(q_blk, k_vis.transpose(-1, -2)).mul_(scale)
-    # Causal mask: only the last n columns (keys first_pos..) can be in a row's future.
-    future = torch.ones(n, n, dtype=torch.bool, device=z.device).triu_(1)
-    z[..., first_pos:].masked_fill_(future, float("-inf"))
-    if key_padding_mask is not None:
-        padded = ~key_padding_mask[:, None, None, :n_keys]
-        z.masked_fill_(padded, float("-inf"))
-    log_one_minus_beta = F.logsigmoid(-z)
-    # Inclusive reverse cumsum along keys: R_j = sum_{l >= j} logsigmoid(-z_l).
-    reverse_sum = log_one_minus_beta.flip(-1).cumsum(-1).flip(-1)
-    log_p = reverse_sum.add_(z)
-    return z, log_p
+    z = torch.matmul(q_blk, k_vis.transpose(-1, -2))
+    # softplus(z) = -logsigmoid(-z) = -log(1 - beta); 0 for invisible keys.
+    softplus_z = _fill_invisible(F.softplus(z), future, padded, 0.0)
+    # -R_j = sum_{l >= j} softplus(z_l), an inclusive reverse cumsum: flip, cumsum, flip.
+    # (`del` frees each score-sized buffer as soon as possible: at most 3 are alive.)
+    flipped = softplus_z.flip(-1)
+    del softplus_z
+    neg_reverse_sum = flipped.cumsum_(-1).flip(-1)
+    beta = None
+    if with_beta:  # reuse the flipped buffer
+        beta = _fill_invisible(torch.sigmoid(z, out=flipped), future, padded, 0.0)
+    del flipped
+    log_p = _fill_invisible(z.sub_(neg_reverse_sum), future, padded, _LOG_P_FLOOR)
+    del neg_reverse_sum
+    p = F.threshold_(log_p.clamp_(min=_LOG_P_FLOOR).exp_(), _P_FLUSH, 0.0)
+    return p, beta
+
+
+def _block_backward(
+    q_blk: Tensor,
+    k_vis: Tensor,
+    v_vis: Tensor,
+    grad_out_blk: Tensor,
+    future: Tensor,
+    padded: Tensor | None,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one block of rows: (dq of the block, dk and dv of the visible keys)."""
+    p, beta = _block_weights(q_blk, k_vis, future, padded, with_beta=True)
+    dv_vis = torch.matmul(p.transpose(-1, -2), grad_out_blk)
+    # u = dL/dlog p = p * (dO . v);  dL/dz = u - beta * cumsum(u)
+    u = torch.matmul(grad_out_blk, v_vis.transpose(-1, -2)).mul_(p)
+    del p
+    dz = u.sub_(beta.mul_(u.cumsum(-1)))
+    del beta
+    # z = q_scaled . k: dq = scale * dz @ k, dk = dz^T @ q_scaled.
+    dq_blk = torch.matmul(dz, k_vis).mul_(scale)
+    dk_vis = torch.matmul(dz.transpose(-1, -2), q_blk)
+    return dq_blk, dk_vis, dv_vis
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -163,48 +219,53 @@ class _StickBreakingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, key_padding_mask, block_size):  # type: ignore[override]
         B, H, Tq, D = q.shape
         prefix = k.shape[2] - Tq
-        scale = 1.0 / math.sqrt(D)
         dtype = _compute_dtype(q)
+        # Fold 1/sqrt(D) into q once instead of scaling every score block.
+        q_scaled = q.to(dtype) * (1.0 / math.sqrt(D))
+        k32, v32 = k.to(dtype), v.to(dtype)
+        future, padded = _invisible_masks(key_padding_mask, block_size, Tq, q.device)
         out = torch.empty(B, H, Tq, v.shape[3], dtype=dtype, device=q.device)
-        q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
         for r0 in range(0, Tq, block_size):
             r1 = min(r0 + block_size, Tq)
-            n_keys = prefix + r1
-            _, log_p = _block_log_weights(
-                q32[:, :, r0:r1], k32[:, :, :n_keys], key_padding_mask, prefix + r0, scale
-            )
-            out[:, :, r0:r1] = torch.matmul(log_p.exp_(), v32[:, :, :n_keys])
+            n_keys = prefix + r1  # rows r0..r1-1 see at most keys 0..n_keys-1
+            q_blk, k_vis = q_scaled[:, :, r0:r1], k32[:, :, :n_keys]
+            p, _ = _block_weights(q_blk, k_vis, future, padded, with_beta=False)
+            out[:, :, r0:r1] = torch.matmul(p, v32[:, :, :n_keys])
+            del p  # free it before the next block's scores are allocated
         ctx.save_for_backward(q, k, v, key_padding_mask)
         ctx.block_size = block_size
         return out.to(q.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # in-place ops: no double backward
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, key_padding_mask = ctx.saved_tensors
         block_size = ctx.block_size
-        B, H, Tq, D = q.shape
+        Tq, D = q.shape[2], q.shape[3]
         prefix = k.shape[2] - Tq
-        scale = 1.0 / math.sqrt(D)
         dtype = _compute_dtype(q)
-        q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
+        scale = 1.0 / math.sqrt(D)
+        q_scaled = q.to(dtype) * scale
+        k32, v32 = k.to(dtype), v.to(dtype)
         grad_out = grad_out.to(dtype)
-        dq = torch.zeros_like(q32)
+        future, padded = _invisible_masks(key_padding_mask, block_size, Tq, q.device)
+        dq = torch.empty_like(q_scaled)
         dk = torch.zeros_like(k32)
         dv = torch.zeros_like(v32)
         for r0 in range(0, Tq, block_size):
             r1 = min(r0 + block_size, Tq)
             n_keys = prefix + r1
-            q_blk, k_vis, v_vis = q32[:, :, r0:r1], k32[:, :, :n_keys], v32[:, :, :n_keys]
-            do_blk = grad_out[:, :, r0:r1]
-            z, log_p = _block_log_weights(q_blk, k_vis, key_padding_mask, prefix + r0, scale)
-            p = log_p.exp_()
-            dv[:, :, :n_keys] += torch.matmul(p.transpose(-1, -2), do_blk)
-            # u = dL/dlog p = p * (dO . v);  dz = u - beta * cumsum(u)
-            u = torch.matmul(do_blk, v_vis.transpose(-1, -2)).mul_(p)
-            dz = u.sub_(torch.sigmoid_(z).mul_(u.cumsum(-1)))
-            dz.mul_(scale)
-            dq[:, :, r0:r1] = torch.matmul(dz, k_vis)
-            dk[:, :, :n_keys] += torch.matmul(dz.transpose(-1, -2), q_blk)
+            dq[:, :, r0:r1], dk_vis, dv_vis = _block_backward(
+                q_scaled[:, :, r0:r1],
+                k32[:, :, :n_keys],
+                v32[:, :, :n_keys],
+                grad_out[:, :, r0:r1],
+                future,
+                padded,
+                scale,
+            )
+            dk[:, :, :n_keys] += dk_vis
+            dv[:, :, :n_keys] += dv_vis
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
