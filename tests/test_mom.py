@@ -65,6 +65,11 @@ def ln(pool, m, v):
     return F.layer_norm(v, (v.shape[-1],), pool.ln_weight[m], bias, pool.eps)
 
 
+def _b(bias, m):
+    """Module m's bias, or 0 in a model without biases."""
+    return 0.0 if bias is None else bias[m]
+
+
 def reference_attention(pool, x, index, weight, num_modules, weighted_qkv, tied):
     """Eq. 5 token by token: q/k/v summed over picked modules, all-SKIP tokens are
     neither queries nor keys, output sum_k r_k a W^O_k."""
@@ -80,7 +85,7 @@ def reference_attention(pool, x, index, weight, num_modules, weighted_qkv, tied)
                     continue
                 is_key[b, t] = True
                 m = 0 if tied else m
-                row = ln(pool, m, x[b, t]) @ pool.qkv_weight[m] + pool.qkv_bias[m]
+                row = ln(pool, m, x[b, t]) @ pool.qkv_weight[m] + _b(pool.qkv_bias, m)
                 qkv[b, t] += row * weight[b, t, slot] if weighted_qkv else row
     q, k, v = qkv.split(d, dim=-1)
     out = torch.zeros(B, T, d)
@@ -100,7 +105,7 @@ def reference_attention(pool, x, index, weight, num_modules, weighted_qkv, tied)
                 if m == num_modules:
                     continue
                 m = 0 if tied else m
-                out[b, t] += weight[b, t, slot] * (a @ pool.proj_weight[m] + pool.proj_bias[m])
+                out[b, t] += weight[b, t, slot] * (a @ pool.proj_weight[m] + _b(pool.proj_bias, m))
     return out
 
 
@@ -114,8 +119,10 @@ def reference_ffn(pool, u, index, weight, num_modules, tied):
                 if m == num_modules:
                     continue
                 m = 0 if tied else m
-                hidden = pool.act(ln(pool, m, u[b, t]) @ pool.fc_weight[m] + pool.fc_bias[m])
-                out[b, t] += weight[b, t, slot] * (hidden @ pool.proj_weight[m] + pool.proj_bias[m])
+                hidden = pool.act(ln(pool, m, u[b, t]) @ pool.fc_weight[m] + _b(pool.fc_bias, m))
+                out[b, t] += weight[b, t, slot] * (
+                    hidden @ pool.proj_weight[m] + _b(pool.proj_bias, m)
+                )
     return out
 
 
@@ -261,7 +268,7 @@ def test_mlp_router_is_stateless_and_top_k_renormalises():
         dict(K=2, H=3, skip=True),
         dict(K=1, H=3, skip=True, weighted_qkv=True),  # all-SKIP tokens leave the keys
         dict(K=3, H=2, skip=True, weighted_qkv=True, renormalize=False),
-        dict(K=2, H=2, skip=False, router="mlp"),
+        dict(K=2, H=2, skip=False, router="mlp", bias=False),
         dict(K=2, H=3, skip=True, mom_same=True),
     ],
 )

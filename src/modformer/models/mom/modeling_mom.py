@@ -92,25 +92,34 @@ class MoMCausalLMOutput(ModformerCausalLMOutput):
 
 @dataclass
 class RoutedPairs:
-    """One decision's (token, pick) pairs, sorted by module.
+    """One decision's picks, and its (token, pick) pairs sorted by module.
 
-    module: (P,) module of each sorted pair (the pool size for SKIP pairs);
-    weight: (P, 1) its routing weight.
+    index, weight: (n, k) pool indices (the pool size = SKIP) and routing weights;
+    module: (P,) module of each sorted pair; pair_weight: (P, 1) its routing weight.
     """
 
+    index: torch.Tensor
+    weight: torch.Tensor
     dispatch: Dispatch
     module: torch.Tensor
-    weight: torch.Tensor
+    pair_weight: torch.Tensor
 
     @classmethod
     def sort(cls, index: torch.Tensor, weight: torch.Tensor, num_modules: int) -> RoutedPairs:
         dispatch = make_dispatch(index, num_modules)
         module = index.reshape(-1)[dispatch.slot_index]
-        return cls(dispatch, module, weight.reshape(-1)[dispatch.slot_index][:, None])
+        pair_weight = weight.reshape(-1)[dispatch.slot_index][:, None]
+        return cls(index, weight, dispatch, module, pair_weight)
 
     @property
     def token_index(self) -> torch.Tensor:
         return self.dispatch.token_index
+
+    def module_weights(self, num_modules: int) -> torch.Tensor:
+        """(n, num_modules) fp32: each token's total routing weight per module."""
+        n = self.index.shape[0]
+        dense = self.weight.new_zeros(n, num_modules + 1).scatter_add_(1, self.index, self.weight)
+        return dense[:, :num_modules]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -120,13 +129,23 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _per_pair(param: torch.Tensor, pairs: RoutedPairs) -> torch.Tensor:
-    """(num_modules, f) per-module vectors -> (P, f) per pair, zeros for SKIP pairs."""
-    return F.pad(param, (0, 0, 0, 1))[pairs.module]
+# Columns appended to the normalised input rows: a 1 that carries the folded bias, then
+# zeros so rows stay 16-byte aligned for grouped_mm.
+BIAS_COLUMNS = 8
 
 
 class _ModulePool(nn.Module):
-    """Shared by both pools: per-pair LayerNorm and per-module linear maps."""
+    """Shared by both pools: the per-module pre-LN + input projection and the output
+    projection, each as one grouped GEMM over all (token, module) pairs.
+
+    Input side: `LN_k(x) W_k + b_k = x_hat (g_k * W_k) + (beta_k W_k + b_k)` with
+    `x_hat` the normalisation (the same for every module) and g_k, beta_k module k's LN
+    affine. We fold each module's affine and bias into its weight once per forward
+    (`folded_input_weight`), so a pair costs one gathered row of `[x_hat, 1, 0...]` and
+    one GEMM row, with no per-pair elementwise work.
+    Output side: `sum_k r_k (h_k W_k + b_k)`: the GEMM rows are scaled by r_k and summed
+    per token, and the biases come from one small (n, N) x (N, d) matmul of routing weights.
+    """
 
     def __init__(self, config: MoMConfig, num_modules: int):
         super().__init__()
@@ -158,36 +177,53 @@ class _ModulePool(nn.Module):
             else:
                 init.normal_(param, mean=0.0, std=resid_std if name == "proj_weight" else std)
 
-    def layer_norm(self, x: torch.Tensor, pairs: RoutedPairs) -> torch.Tensor:
-        """LN_k(x_t) for every pair (t, k): (n, d) rows -> (P, d).
-
-        The normalisation is the same for every module, so it runs once per token; only
-        each module's affine is applied per pair.
-        """
-        x_hat = F.layer_norm(x, (self.n_embd,), eps=self.eps)[pairs.token_index]
-        out = x_hat * _per_pair(self.ln_weight, pairs)
+    def folded_input_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """(N, d, f) weight and (N, f) bias -> (N, d + BIAS_COLUMNS, f) with the LN affine
+        folded in: rows `[g * W; beta W + b; 0...]`. Computed once per forward, shared by
+        all assembly steps."""
+        folded_bias = torch.zeros_like(weight[:, 0]) if bias is None else bias
         if self.ln_bias is not None:
-            out = out + _per_pair(self.ln_bias, pairs)
-        return out
+            folded_bias = folded_bias + torch.bmm(self.ln_bias[:, None, :], weight)[:, 0]
+        padding = weight.new_zeros(weight.shape[0], BIAS_COLUMNS - 1, weight.shape[2])
+        return torch.cat([self.ln_weight[:, :, None] * weight, folded_bias[:, None], padding], 1)
+
+    def normalized_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, d) -> (n, d + BIAS_COLUMNS) rows `[x_hat, 1, 0...]`."""
+        x_hat = F.layer_norm(x, (self.n_embd,), eps=self.eps)
+        ones = x_hat.new_ones(x_hat.shape[0], 1)
+        return torch.cat([x_hat, ones, x_hat.new_zeros(x_hat.shape[0], BIAS_COLUMNS - 1)], 1)
 
     @staticmethod
-    def linear(
-        rows: torch.Tensor,
+    def grouped(rows: torch.Tensor, weight: torch.Tensor, pairs: RoutedPairs) -> torch.Tensor:
+        """rows[j] @ weight[module of pair j] as one grouped GEMM; SKIP rows come out 0."""
+        dtype = _compute_dtype(rows)
+        return grouped_linear(rows.to(dtype), weight.to(dtype), pairs.dispatch.offsets)
+
+    def project_in(
+        self, x: torch.Tensor, folded_weight: torch.Tensor, pairs: RoutedPairs
+    ) -> torch.Tensor:
+        """LN_k(x_t) W_k + b_k for every pair (t, k): (n, d) -> (P, f)."""
+        return self.grouped(self.normalized_rows(x)[pairs.token_index], folded_weight, pairs)
+
+    def project_out(
+        self,
+        hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         pairs: RoutedPairs,
     ) -> torch.Tensor:
-        """rows[j] @ weight[module of j] + bias[...] as one grouped GEMM; SKIP rows -> 0."""
-        dtype = _compute_dtype(rows)
-        out = grouped_linear(rows.to(dtype), weight.to(dtype), pairs.dispatch.offsets)
+        """sum over a token's pairs of r_k (h_j W_k + b_k): (P, f) pair rows -> (n, d)."""
+        out_rows = self.grouped(hidden, weight, pairs)
+        out_rows = out_rows * pairs.pair_weight.to(out_rows.dtype)
+        out = self.combine(out_rows, pairs)
         if bias is not None:
-            out = out + _per_pair(bias, pairs).to(dtype)
+            out = out + pairs.module_weights(self.num_modules).to(out.dtype) @ bias.to(out.dtype)
         return out
 
     @staticmethod
-    def combine(rows: torch.Tensor, pairs: RoutedPairs, n_tokens: int) -> torch.Tensor:
+    def combine(rows: torch.Tensor, pairs: RoutedPairs) -> torch.Tensor:
         """Sum each token's pair rows: (P, f) -> (n, f)."""
-        out = rows.new_zeros(n_tokens, rows.shape[-1])
+        out = rows.new_zeros(pairs.index.shape[0], rows.shape[-1])
         return out.index_add_(0, pairs.token_index, rows)
 
 
@@ -207,10 +243,14 @@ class AttentionModulePool(_ModulePool):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    def folded_qkv_weight(self) -> torch.Tensor:
+        return self.folded_input_weight(self.qkv_weight, self.qkv_bias)
+
     def forward(
         self,
         x: torch.Tensor,
         pairs: RoutedPairs,
+        folded_qkv_weight: torch.Tensor,
         mask: AttentionMasks,
         cache: Cache | None,
         layer_idx: int,
@@ -223,11 +263,10 @@ class AttentionModulePool(_ModulePool):
         token can be; with a cache their flags are kept in layer `key_flag_layer`.
         """
         B, T, d = x.shape
-        rows = self.layer_norm(x.reshape(B * T, d), pairs)
-        qkv_rows = self.linear(rows, self.qkv_weight, self.qkv_bias, pairs)
+        qkv_rows = self.project_in(x.reshape(B * T, d), folded_qkv_weight, pairs)
         if self.weighted_qkv:
-            qkv_rows = qkv_rows * pairs.weight.to(qkv_rows.dtype)
-        qkv = self.combine(qkv_rows, pairs, B * T)
+            qkv_rows = qkv_rows * pairs.pair_weight.to(qkv_rows.dtype)
+        qkv = self.combine(qkv_rows, pairs)
         q, k, v = (
             t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in qkv.split(d, 1)
         )
@@ -248,9 +287,8 @@ class AttentionModulePool(_ModulePool):
             is_causal=attn_mask is None and T > 1,
         )
         a = y.transpose(1, 2).reshape(B * T, d)
-        out_rows = self.linear(a[pairs.token_index], self.proj_weight, self.proj_bias, pairs)
-        out_rows = out_rows * pairs.weight.to(out_rows.dtype)
-        return self.resid_dropout(self.combine(out_rows, pairs, B * T).view(B, T, d))
+        out = self.project_out(a[pairs.token_index], self.proj_weight, self.proj_bias, pairs)
+        return self.resid_dropout(out.view(B, T, d))
 
 
 class FFNModulePool(_ModulePool):
@@ -265,14 +303,17 @@ class FFNModulePool(_ModulePool):
         self.act = get_activation(config.activation_function)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, u: torch.Tensor, pairs: RoutedPairs) -> torch.Tensor:
+    def folded_fc_weight(self) -> torch.Tensor:
+        return self.folded_input_weight(self.fc_weight, self.fc_bias)
+
+    def forward(
+        self, u: torch.Tensor, pairs: RoutedPairs, folded_fc_weight: torch.Tensor
+    ) -> torch.Tensor:
         """Eq. 6: sum_k r_k * m^F_k(u) for u (B, T, d); SKIP picks add nothing."""
         B, T, d = u.shape
-        rows = self.layer_norm(u.reshape(B * T, d), pairs)
-        hidden = self.act(self.linear(rows, self.fc_weight, self.fc_bias, pairs))
-        out_rows = self.linear(hidden, self.proj_weight, self.proj_bias, pairs)
-        out_rows = out_rows * pairs.weight.to(out_rows.dtype)
-        return self.dropout(self.combine(out_rows, pairs, B * T).view(B, T, d))
+        hidden = self.act(self.project_in(u.reshape(B * T, d), folded_fc_weight, pairs))
+        out = self.project_out(hidden, self.proj_weight, self.proj_bias, pairs)
+        return self.dropout(out.view(B, T, d))
 
 
 # ---- per-forward state -----------------------------------------------------------------
@@ -375,6 +416,7 @@ class MoMChunk(nn.Module):
         state = policy.begin(ctx.carry)
         observe = policy.routed and ctx.compute_aux
         prefix = f"mom/chunk{self.chunk_index}"
+        qkv_weight, fc_weight = self.attn.folded_qkv_weight(), self.ffn.folded_fc_weight()
         for h in range(self.steps):
             attn_sel = policy.attention(h, x.reshape(B * T, d), state)
             is_key = None
@@ -383,6 +425,7 @@ class MoMChunk(nn.Module):
             x = x + self.attn(
                 x,
                 self._pairs(attn_sel, policy.num_attn_modules, self.attn),
+                qkv_weight,
                 ctx.masks,
                 ctx.cache,
                 self.first_layer + h,
@@ -390,7 +433,7 @@ class MoMChunk(nn.Module):
                 None if self.key_flag_layer is None else self.key_flag_layer + h,
             )
             ffn_sel = policy.ffn(h, x.reshape(B * T, d), state)
-            x = x + self.ffn(x, self._pairs(ffn_sel, policy.num_ffn_modules, self.ffn))
+            x = x + self.ffn(x, self._pairs(ffn_sel, policy.num_ffn_modules, self.ffn), fc_weight)
 
             if observe:
                 if attn_sel.probs is not None:

@@ -1,0 +1,155 @@
+"""Phase-2 initialisation of MoM from a vanilla GPT (two-phase training, SPEC §2)."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from modformer.models.gpt import GPTConfig, GPTForCausalLM
+from modformer.models.mom import MoMForCausalLM
+from modformer.models.mom.convert import mom_from_vanilla
+
+VOCAB = 61
+
+
+@torch.no_grad()
+def vanilla(n_layer: int = 4, seed: int = 0, spread: bool = True) -> GPTForCausalLM:
+    """A tiny GPT; with `spread`, non-trivial LNs and biases so a mis-copied tensor shows."""
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=n_layer, n_head=4)
+    model = GPTForCausalLM(config).eval()
+    for name, p in model.named_parameters():
+        if spread and ("ln" in name or "bias" in name):
+            p.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize(
+    "chunks, mom_name", [("[1-2-1]", "K1H2"), ("[4]", "K1H4"), ("[2-2]", "K2H2S")]
+)
+def test_vanilla_policy_reproduces_the_source_logits(chunks, mom_name):
+    gpt = vanilla()
+    mom = mom_from_vanilla(gpt, chunks, mom_name, policy="vanilla", router_dim=8).eval()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(mom(ids).logits, gpt(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_moe_upcycling_starts_as_the_source_model():
+    # Every expert of step h is layer h's FFN and the top-K weights sum to 1.
+    gpt = vanilla()
+    mom = mom_from_vanilla(gpt, "[1-2-1]", "K2H2", policy="moe", num_experts=3).eval()
+    assert mom.transformer.chunks[0].ffn.num_modules == 6
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(mom(ids).logits, gpt(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_layers_land_in_the_chunk_modules():
+    gpt = vanilla(n_layer=6)
+    mom = mom_from_vanilla(gpt, "[1-3-2]", "K2H3S", router_dim=8)
+    source = gpt.transformer.h
+    first, second = mom.transformer.chunks
+    assert torch.equal(mom.transformer.h[0].attn.c_attn.weight, source[0].attn.c_attn.weight)
+    for i in range(3):
+        assert torch.equal(first.attn.qkv_weight[i], source[1 + i].attn.c_attn.weight.T)
+        assert torch.equal(first.attn.ln_bias[i], source[1 + i].ln_1.bias)
+        assert torch.equal(first.ffn.proj_weight[i], source[1 + i].mlp.c_proj.weight.T)
+    for i in range(2):
+        assert torch.equal(second.ffn.fc_bias[i], source[4 + i].mlp.c_fc.bias)
+        assert torch.equal(second.ffn.ln_weight[i], source[4 + i].ln_2.weight)
+    assert torch.equal(mom.transformer.wpe.weight, gpt.transformer.wpe.weight)
+    assert torch.equal(mom.lm_head.weight, gpt.transformer.wte.weight)
+
+
+def test_mom_same_ties_the_chunk_to_its_first_layer():
+    gpt = vanilla()
+    mom = mom_from_vanilla(gpt, "[1-2-1]", "K2H2S", mom_same=True, router_dim=8)
+    chunk = mom.transformer.chunks[0]
+    assert chunk.attn.qkv_weight.shape[0] == chunk.ffn.fc_weight.shape[0] == 1
+    assert torch.equal(chunk.attn.qkv_weight[0], gpt.transformer.h[1].attn.c_attn.weight.T)
+    assert torch.equal(chunk.ffn.fc_weight[0], gpt.transformer.h[1].mlp.c_fc.weight.T)
+
+
+def test_sources_on_disk(tmp_path):
+    gpt = vanilla()
+    gpt.save_pretrained(tmp_path / "gpt")
+    ids = torch.randint(0, VOCAB, (2, 10))
+    mom = mom_from_vanilla(tmp_path / "gpt", "[1-2-1]", "K1H2", policy="vanilla").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mom(ids).logits, gpt(ids).logits, atol=1e-5, rtol=0)
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=4, n_head=4)
+    ).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    mom = mom_from_vanilla(str(tmp_path / "hf"), "[4]", "K1H4", policy="vanilla").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mom(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_bad_sources_and_chunks_are_clear_errors(tmp_path):
+    gpt = vanilla()
+    with pytest.raises(ValueError, match="covers 5 layers but the source model has n_layer=4"):
+        mom_from_vanilla(gpt, "[1-3-1]", "K2H3S")
+    with pytest.raises(ValueError, match=r"\['n_embd'\] come from the source model"):
+        mom_from_vanilla(gpt, "[1-2-1]", "K2H2S", n_embd=64)
+    with pytest.raises(ValueError, match="holds no config.json"):
+        mom_from_vanilla(tmp_path, "[1-2-1]", "K2H2S")
+    mom = mom_from_vanilla(gpt, "[1-2-1]", "K2H2S")
+    with pytest.raises(ValueError, match="needs a vanilla GPTForCausalLM, got MoMForCausalLM"):
+        mom_from_vanilla(mom, "[1-2-1]", "K2H2S")
+
+
+def test_vanilla_policy_gradients_equal_the_source_gradients():
+    gpt = vanilla().train()
+    mom = mom_from_vanilla(gpt, "[1-2-1]", "K1H2", policy="vanilla").train()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    gpt(ids, labels=ids).loss.backward()
+    mom(ids, labels=ids).loss.backward()
+    chunk, source = mom.transformer.chunks[0], gpt.transformer.h
+    for i in range(2):
+        layer = source[1 + i]
+        expected = {
+            "attn.ln_weight": layer.ln_1.weight.grad,
+            "attn.qkv_weight": layer.attn.c_attn.weight.grad.T,
+            "attn.proj_bias": layer.attn.c_proj.bias.grad,
+            "ffn.ln_bias": layer.ln_2.bias.grad,
+            "ffn.fc_weight": layer.mlp.c_fc.weight.grad.T,
+            "ffn.proj_weight": layer.mlp.c_proj.weight.grad.T,
+        }
+        for name, grad in expected.items():
+            ours = chunk.get_parameter(name).grad[i]
+            torch.testing.assert_close(ours, grad, atol=1e-6, rtol=1e-4, msg=name)
+    torch.testing.assert_close(
+        mom.transformer.wte.weight.grad, gpt.transformer.wte.weight.grad, atol=1e-6, rtol=1e-4
+    )
+
+
+def test_learned_routers_train_and_gradients_reach_every_picked_module():
+    gpt = vanilla(spread=False)
+    torch.manual_seed(0)
+    mom: MoMForCausalLM = mom_from_vanilla(gpt, "[1-2-1]", "K2H3S", router_dim=16).train()
+    # Counting sequences: the next token is predictable, so a few steps must learn it.
+    ids = (torch.randint(0, VOCAB, (4, 1)) + torch.arange(24)) % VOCAB
+    out = mom(ids, labels=ids, return_routing=True)
+    out.loss.backward()
+    chunk = mom.transformer.chunks[0]
+    picked_attn = torch.cat([r.attn_index.flatten() for r in out.routing])
+    picked_ffn = torch.cat([r.ffn_index.flatten() for r in out.routing])
+    for m in range(2):  # a module has gradient exactly when some token picked it
+        assert (chunk.attn.qkv_weight.grad[m].abs().sum() > 0) == (picked_attn == m).any()
+        assert (chunk.ffn.fc_weight.grad[m].abs().sum() > 0) == (picked_ffn == m).any()
+    assert (picked_attn < 2).any() and (picked_ffn < 2).any()
+    for name, p in chunk.policy.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+    optimizer = torch.optim.AdamW(mom.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = mom(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0, losses
