@@ -2,6 +2,9 @@
 
 Stage `vanilla`: prepare the default corpus, train the tiny GPT, report validation
 loss/perplexity beside a unigram model of the same corpus, and generate a sample.
+Stage `moduleformer`: train a tiny ModuleFormer and a dense GPT of equal active compute for
+the same steps on the same batches; report validation loss, tokens/s and active/total
+parameters.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 from modformer.config import ConfigError
 from modformer.utils import atomic_write_text
 
-STAGES = ("vanilla",)
+STAGES = ("vanilla", "moduleformer")
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +34,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--steps", type=int, default=400, help="training steps of the vanilla model (default: 400)"
+    )
+    p.add_argument(
+        "--moduleformer-steps",
+        type=int,
+        default=300,
+        help="training steps of the ModuleFormer comparison (default: 300)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
     p.add_argument("--block-size", type=int, default=128, help="tokens per sequence (default: 128)")
@@ -125,6 +134,59 @@ def stage_vanilla(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[
     }
 
 
+def count_parameters(model) -> tuple[int, int]:
+    """(active, total): parameters one token touches, and all of them."""
+    total = sum(p.numel() for p in model.parameters())
+    active = model.active_parameters() if hasattr(model, "active_parameters") else total
+    return active, total
+
+
+def _train_and_measure(
+    args, data_dir: Path, out_dir: Path, steps: int, **model: Any
+) -> dict[str, Any]:
+    from modformer.models.loading import load_model
+    from modformer.train.trainer import train
+
+    _fresh_run(out_dir)
+    t0 = time.perf_counter()
+    final = train(_train_cfg(args, data_dir, out_dir, steps, **model))
+    seconds = time.perf_counter() - t0
+    active, total = count_parameters(load_model(out_dir))
+    return {
+        "val_loss": final["val_loss"],
+        "val_ppl": final["val_ppl"],
+        "tokens_per_s": final["tokens_trained"] / seconds,
+        "active_params": active,
+        "total_params": total,
+        "steps": steps,
+    }
+
+
+def stage_moduleformer(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
+    steps = args.moduleformer_steps
+    print(f"== ModuleFormer (tiny) vs dense GPT of equal active compute, {steps} steps each")
+    return {
+        "moduleformer": _train_and_measure(
+            args, data_dir, work / "moduleformer", steps, arch="moduleformer", preset="tiny"
+        ),
+        "dense": _train_and_measure(
+            args, data_dir, work / "dense", steps, arch="gpt", preset="tiny"
+        ),
+    }
+
+
+def print_table(
+    title: str, rows: dict[str, dict[str, Any]], columns: list[tuple[str, str, str]]
+) -> None:
+    """A plain aligned table: columns are (key, header, format)."""
+    print(f"\n== {title}")
+    widths = [max(len(h), 12) for _, h, _ in columns]
+    print(f"   {'model':<14}" + "".join(f"{h:>{w + 2}}" for (_, h, _), w in zip(columns, widths)))
+    for name, r in rows.items():
+        cells = "".join(f"{format(r[k], f):>{w + 2}}" for (k, _, f), w in zip(columns, widths))
+        print(f"   {name:<14}{cells}")
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -152,6 +214,18 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(f"   training time       {r['train_seconds']:.0f} s")
         print(f"   sample: {r['sample_prompt']}{r['sample']!r}")
+    if "moduleformer" in stages:
+        rows = results["moduleformer"] = stage_moduleformer(args, data_dir, work)
+        print_table(
+            "ModuleFormer vs dense (same steps, same batches)",
+            rows,
+            [
+                ("val_loss", "val loss", ".3f"),
+                ("tokens_per_s", "tokens/s", ",.0f"),
+                ("active_params", "active params", ","),
+                ("total_params", "total params", ","),
+            ],
+        )
     atomic_write_text(work / "results.json", json.dumps(results, indent=2))
     print(f"\nresults written to {work / 'results.json'}")
     return results
