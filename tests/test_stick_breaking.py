@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from modformer.nn.stick_breaking import (
     stick_breaking_attention,
@@ -230,3 +234,36 @@ def test_bad_mask_dtype_and_mixed_dtypes_raise_value_error():
         stick_breaking_attention(q, k, v, torch.ones(1, 4))
     with pytest.raises(ValueError, match="share a dtype"):
         stick_breaking_attention(q, k.double(), v)
+
+
+def _load_bench():
+    """bench/stick_breaking.py (a script, not a package) as a module."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "stick_breaking.py"
+    spec = importlib.util.spec_from_file_location("bench_stick_breaking", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_official_formulation_matches_reference():
+    """The O(T^3) baseline in bench/stick_breaking.py computes the same function."""
+    bench = _load_bench()
+    q, k, v = make_qkv(2, 3, 21, 30, 8)
+    out = bench.official_stick_breaking(q, k, v)
+    torch.testing.assert_close(out.double(), oracle(q, k, v), atol=1e-5, rtol=0)
+
+
+def test_matmul_flops_grow_quadratically():
+    """No T x T matmul for the cumulative sum: doubling T at most ~4x the FLOPs (fwd+bwd)."""
+
+    def flops(fn, T: int) -> int:
+        q, k, v = (t.requires_grad_(True) for t in make_qkv(1, 2, T, T, 4))
+        with FlopCounterMode(display=False) as counter:
+            fn(q, k, v).sum().backward()
+        return counter.get_total_flops()
+
+    ours = lambda q, k, v: stick_breaking_attention(q, k, v, block_size=32)  # noqa: E731
+    assert flops(ours, 256) / flops(ours, 128) < 4.2
+    # Control: the counter does see the O(T^3) triangular matmul of the official form.
+    official = _load_bench().official_stick_breaking
+    assert flops(official, 256) / flops(official, 128) > 6
