@@ -15,11 +15,11 @@ from modformer.nn.routers import GRURouter, MLPRouter, top_k_routing
 
 VOCAB = 61
 
-if "modformer_mom" not in AutoConfig.for_model.__globals__["CONFIG_MAPPING"]:
-    # The package registers MoM in modformer/models/__init__.py; until then, do it here.
-    AutoConfig.register(MoMConfig.model_type, MoMConfig, exist_ok=True)
-    AutoModel.register(MoMConfig, MoMModel, exist_ok=True)
-    AutoModelForCausalLM.register(MoMConfig, MoMForCausalLM, exist_ok=True)
+# Same lines as in modformer/models/__init__.py (idempotent), so this file does not
+# depend on the package registration being in place.
+AutoConfig.register(MoMConfig.model_type, MoMConfig, exist_ok=True)
+AutoModel.register(MoMConfig, MoMModel, exist_ok=True)
+AutoModelForCausalLM.register(MoMConfig, MoMForCausalLM, exist_ok=True)
 
 
 def small_config(**kw) -> MoMConfig:
@@ -477,6 +477,14 @@ def test_cached_and_uncached_greedy_decoding_agree(kwargs):
             trace = model(cached.sequences, return_routing=True).routing
         all_skip = torch.stack([(r.attn_index == r.num_attn_modules).all(-1) for r in trace])
         assert all_skip[..., :6].any() and all_skip[..., 6:].any() and not all_skip.all()
+
+
+def test_beam_search_reorders_the_key_flags_with_the_cache():
+    model = make_model(seed=3, skip_bias=0.5, K=1, H=3)
+    prompt = torch.randint(0, VOCAB, (2, 6))
+    gen = dict(max_new_tokens=8, do_sample=False, num_beams=3, pad_token_id=0)
+    cached = model.generate(prompt, use_cache=True, **gen)
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **gen))
 
 
 def test_too_long_input_is_a_clear_error():
