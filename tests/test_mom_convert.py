@@ -5,8 +5,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
-from modformer.models.mom import MoMForCausalLM
-from modformer.models.mom.convert import mom_from_vanilla
+from modformer.models.mom import MoMConfig, MoMForCausalLM
+from modformer.models.mom.convert import mom_config_from_gpt, mom_from_vanilla
 
 VOCAB = 61
 
@@ -61,6 +61,13 @@ def test_layers_land_in_the_chunk_modules():
     assert torch.equal(mom.lm_head.weight, gpt.transformer.wte.weight)
 
 
+def test_default_chunks_follow_the_presets():
+    mom = mom_from_vanilla(vanilla(), mom_name="K2H2S", router_dim=8)
+    assert mom.config.chunks == MoMConfig.from_preset("tiny").chunks == "[1-2-1]"
+    small = GPTConfig.from_preset("small")
+    assert mom_config_from_gpt(small, None, "K2H6S").chunks == "[1-1-4-1-4-1]"
+
+
 def test_mom_same_ties_the_chunk_to_its_first_layer():
     gpt = vanilla()
     mom = mom_from_vanilla(gpt, "[1-2-1]", "K2H2S", mom_same=True, router_dim=8)
@@ -94,6 +101,8 @@ def test_bad_sources_and_chunks_are_clear_errors(tmp_path):
         mom_from_vanilla(gpt, "[1-3-1]", "K2H3S")
     with pytest.raises(ValueError, match=r"\['n_embd'\] come from the source model"):
         mom_from_vanilla(gpt, "[1-2-1]", "K2H2S", n_embd=64)
+    with pytest.raises(ValueError, match="no preset chunk string covers 5 layers"):
+        mom_from_vanilla(vanilla(n_layer=5), None, "K2H3S")
     with pytest.raises(ValueError, match="holds no config.json"):
         mom_from_vanilla(tmp_path, "[1-2-1]", "K2H2S")
     mom = mom_from_vanilla(gpt, "[1-2-1]", "K2H2S")

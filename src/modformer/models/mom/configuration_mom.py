@@ -82,6 +82,18 @@ MOM_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def default_chunks(n_layer: int) -> str:
+    """The preset chunk string for a vanilla model of `n_layer` layers (paper appendix A
+    for 12/24/36 layers; our tiny and d512 presets for 4/8)."""
+    for preset in MOM_PRESETS.values():
+        if sum(parse_chunks(preset["chunks"])) == n_layer:
+            return preset["chunks"]
+    raise ValueError(
+        f"no preset chunk string covers {n_layer} layers; pass chunks explicitly, "
+        "e.g. '[1-4-1]' for 6 layers"
+    )
+
+
 def parse_chunks(chunks: str) -> list[int]:
     """'[1-1-4-1-1]' -> [1, 1, 4, 1, 1]; bad syntax raises a ValueError naming the field."""
     if not isinstance(chunks, str) or not _CHUNKS_SYNTAX.match(chunks):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from modformer.models.gpt import Block, GPTConfig, GPTForCausalLM
-from modformer.models.mom.configuration_mom import MoMConfig
+from modformer.models.mom.configuration_mom import MoMConfig, default_chunks
 from modformer.models.mom.modeling_mom import AttentionModulePool, FFNModulePool, MoMForCausalLM
 
 # Fields that fix the weights' shapes or meaning: they come from the source model.
@@ -79,15 +79,18 @@ def load_vanilla(src: GPTForCausalLM | str | Path) -> GPTForCausalLM:
 
 
 def mom_config_from_gpt(
-    gpt_config: GPTConfig, chunks: str, mom_name: str | None = None, **overrides: Any
+    gpt_config: GPTConfig, chunks: str | None, mom_name: str | None = None, **overrides: Any
 ) -> MoMConfig:
-    """A MoMConfig with the source model's shape; checks the chunks cover its layers."""
+    """A MoMConfig with the source model's shape; checks the chunks cover its layers
+    (None = the preset chunking for the source's depth, e.g. [1-1-4-1-4-1] for 12)."""
     fixed = sorted(set(overrides) & set(SHAPE_FIELDS))
     if fixed:
         raise ValueError(
             f"{fixed} come from the source model and cannot be overridden in phase-2 initialisation"
         )
     fields = {name: getattr(gpt_config, name) for name in SHAPE_FIELDS + INHERITED_FIELDS}
+    if chunks is None:
+        chunks = default_chunks(gpt_config.n_layer)
     config = MoMConfig(**{**fields, **overrides}, chunks=chunks, mom=mom_name)
     if config.num_vanilla_layers != gpt_config.n_layer:
         raise ValueError(
@@ -136,13 +139,14 @@ def source_layers(config: MoMConfig, num_modules: int) -> tuple[list[int], list[
 @torch.no_grad()
 def mom_from_vanilla(
     src: GPTForCausalLM | str | Path,
-    chunks: str,
+    chunks: str | None = None,
     mom_name: str | None = None,
     **config_overrides: Any,
 ) -> MoMForCausalLM:
     """Phase 2 of two-phase training: a MoM whose modules are the vanilla model's layers.
 
-    `chunks` (e.g. "[1-1-4-1-1]") must cover the source's n_layer layers; `mom_name`
+    `chunks` (e.g. "[1-1-4-1-1]") must cover the source's n_layer layers (None: the
+    preset chunking for that depth, e.g. the paper's [1-1-4-1-4-1] for 12); `mom_name`
     (e.g. "K2H4S") sets K, H and SKIP; other MoMConfig fields (policy, router, ...) go in
     `config_overrides`. With policy="vanilla" the result computes the source's logits.
     """
