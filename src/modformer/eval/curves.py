@@ -159,6 +159,7 @@ def plot_training_curves(
                 run.train_steps * scale,
                 ema(run.train_loss, smoothing),
                 color=color,
+                marker="o" if run.train_steps.size == 1 else None,  # a lone point is no line
                 label=run.name,
             )
         if run.val_steps.size:

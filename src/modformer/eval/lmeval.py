@@ -1,0 +1,301 @@
+"""lm-evaluation-harness (``lm-eval`` 0.4) on saved modformer models, offline.
+
+lm-eval's ``hf`` backend builds the model with ``AutoModelForCausalLM.from_pretrained``,
+which knows modformer's architectures only once ``modformer`` is imported (importing it
+registers them with the Auto classes). Three ways to run it, all on a model directory
+that holds its tokenizer files (as ``modformer train`` saves it):
+
+1. ``modformer lm-eval MODEL --tasks T1,T2 --include-path DIR`` (`run_lmeval`): imports
+   modformer, then calls ``lm_eval.simple_evaluate`` with the ``hf`` backend on MODEL,
+   ``trust_remote_code=False``.
+2. ``python -m modformer.eval.lmeval [lm_eval arguments]``: lm-eval's own command line,
+   unchanged, in a process that has imported modformer first, e.g.
+   ``python -m modformer.eval.lmeval --model hf --model_args pretrained=DIR --tasks T``.
+3. The plain ``lm_eval`` command with ``trust_remote_code=True``, after
+   `write_remote_code` (``modformer lm-eval MODEL --write-remote-code``) has put a
+   two-line entry file into MODEL and an ``auto_map`` into its ``config.json``. The entry
+   file only imports the classes from the installed modformer package, so no model code
+   is copied and the directory stays in step with the library.
+
+A local task lives in ``docs/lm_eval_task/`` (YAML + JSONL + README with the commands).
+Nothing is downloaded: the model and tokenizer come from the directory (given to lm-eval
+as an absolute path, so it is never mistaken for a hub id) and the local task reads its
+JSONL directly; set ``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1`` to make that a guarantee.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from transformers import PreTrainedConfig, PreTrainedModel
+
+log = logging.getLogger("modformer.lmeval")
+
+REMOTE_CODE_MODULE = "modformer_remote_code"
+_INSTALL_HINT = "pip install 'lm-eval[hf]>=0.4.13' (or pip install 'modformer[eval]')"
+
+
+def import_lm_eval() -> ModuleType:
+    """``lm_eval``, with the packages its ``hf`` backend needs, or a clear error."""
+    try:
+        import lm_eval
+        import lm_eval.tasks  # noqa: F401  (TaskManager)
+    except ImportError as error:
+        raise ValueError(f"lm-eval is not installed ({error}); {_INSTALL_HINT}") from None
+    try:
+        import accelerate  # noqa: F401  (imported by lm-eval's hf backend)
+    except ImportError:
+        raise ValueError(
+            f"lm-eval's hf backend needs the accelerate package; {_INSTALL_HINT}"
+        ) from None
+    return lm_eval
+
+
+def _model_dir_with_tokenizer(model: str | Path) -> Path:
+    from modformer.models.loading import resolve_model_dir
+
+    model_dir = resolve_model_dir(model).resolve()
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ValueError(
+            f"{str(model_dir)!r} has no tokenizer.json beside config.json; lm-eval needs the "
+            "tokenizer in the model directory (models saved by `modformer train` have it; "
+            "copy the tokenizer/ files of the prepared data directory otherwise)"
+        )
+    return model_dir
+
+
+def make_task_manager(
+    include_paths: Sequence[str | Path] = (), include_default_tasks: bool = True
+) -> Any:
+    """An ``lm_eval.tasks.TaskManager`` over lm-eval's own tasks (unless
+    ``include_default_tasks`` is False; indexing them takes a few seconds) and the task
+    YAMLs under ``include_paths``."""
+    lm_eval = import_lm_eval()
+    paths = [Path(p).resolve() for p in include_paths]
+    for path in paths:
+        if not path.is_dir():
+            raise ValueError(
+                f"task directory {str(path)!r} does not exist; pass a directory of lm-eval task "
+                "YAML files (e.g. docs/lm_eval_task)"
+            )
+    if not paths and not include_default_tasks:
+        raise ValueError("no tasks to choose from: give an include path or keep the default tasks")
+    return lm_eval.tasks.TaskManager(
+        include_path=[str(p) for p in paths] or None, include_defaults=include_default_tasks
+    )
+
+
+def evaluate_lm_eval(
+    model: str | Path,
+    tasks: Sequence[str],
+    include_paths: Sequence[str | Path] = (),
+    include_default_tasks: bool = True,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str = "float32",
+    limit: int | float | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run lm-eval's ``hf`` backend on a saved modformer model; returns what
+    ``lm_eval.simple_evaluate`` returns (``results``, ``versions``, ``n-shot``, ...)."""
+    import modformer.models  # noqa: F401  (registers modformer's configs and models)
+
+    if not tasks:
+        raise ValueError(
+            "no tasks given; pass task names, e.g. --tasks modformer_python_completion"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model_dir = _model_dir_with_tokenizer(model)
+    lm_eval = import_lm_eval()
+    task_manager = make_task_manager(include_paths, include_default_tasks)
+    unknown = [name for name in tasks if not task_manager.match_tasks([name])]
+    if unknown:
+        where = ", ".join(str(p) for p in include_paths) or "lm-eval's built-in tasks"
+        raise ValueError(
+            f"unknown lm-eval task(s) {unknown} (searched {where}); pass the directory of the "
+            "task YAML with --include-path, or list the tasks with `lm-eval ls tasks`"
+        )
+    return lm_eval.simple_evaluate(
+        model="hf",
+        model_args={
+            "pretrained": str(model_dir),
+            "backend": "causal",
+            "dtype": dtype,
+            "trust_remote_code": False,
+        },
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        device=device,
+        limit=limit,
+        task_manager=task_manager,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+
+
+def results_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-safe part of a ``simple_evaluate`` result worth keeping: per-task metrics,
+    task versions, shots and the run's configuration."""
+    keep = ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples", "config")
+    summary = {key: results[key] for key in keep if key in results}
+    # config holds dtypes and other objects: round-trip through str to make it JSON.
+    return json.loads(json.dumps(summary, default=str))
+
+
+def write_remote_code(model: str | Path) -> Path:
+    """Make MODEL loadable by any Hugging Face tool with ``trust_remote_code=True``
+    without importing modformer first (e.g. the plain ``lm_eval`` command).
+
+    Writes ``modformer_remote_code.py`` (which imports the config and model classes from
+    the installed modformer package) into the model directory and points
+    ``config.json``'s ``auto_map`` at it. Returns the model directory.
+    """
+    import modformer.models  # noqa: F401  (the Auto mappings must know modformer's types)
+    from modformer.models.loading import resolve_model_dir
+    from modformer.utils import atomic_write_text
+
+    model_dir = resolve_model_dir(model)
+    config_path = model_dir / "config.json"
+    config_dict = json.loads(config_path.read_text(encoding="utf-8"))
+    config_class, model_class = _modformer_classes(config_dict.get("model_type"), config_path)
+    lines = [
+        '"""Hugging Face remote-code entry point written by `modformer lm-eval '
+        "--write-remote-code`:",
+        'the classes come from the installed modformer package."""',
+        "",
+    ]
+    for cls in (config_class, model_class):
+        lines.append(f"from {cls.__module__} import {cls.__name__}  # noqa: F401")
+    atomic_write_text(model_dir / f"{REMOTE_CODE_MODULE}.py", "\n".join(lines) + "\n")
+    config_dict["auto_map"] = {
+        "AutoConfig": f"{REMOTE_CODE_MODULE}.{config_class.__name__}",
+        "AutoModelForCausalLM": f"{REMOTE_CODE_MODULE}.{model_class.__name__}",
+    }
+    atomic_write_text(config_path, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    return model_dir
+
+
+def _modformer_classes(
+    model_type: str | None, config_path: Path
+) -> tuple[type[PreTrainedConfig], type[PreTrainedModel]]:
+    from modformer.models.registry import ARCHITECTURES
+
+    for config_class, model_class in ARCHITECTURES.values():
+        if config_class.model_type == model_type:
+            return config_class, model_class
+    known = sorted(config_class.model_type for config_class, _ in ARCHITECTURES.values())
+    raise ValueError(
+        f"{str(config_path)!r} has model_type {model_type!r}, which is not a modformer "
+        f"architecture ({', '.join(known)}); remote code is only needed for those"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: `modformer lm-eval`
+# ---------------------------------------------------------------------------------------
+
+
+def add_lmeval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model directory (with its tokenizer) or training out_dir")
+    parser.add_argument(
+        "--tasks", help="comma-separated lm-eval task names (e.g. modformer_python_completion)"
+    )
+    parser.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory of extra task YAMLs, e.g. docs/lm_eval_task (repeatable)",
+    )
+    parser.add_argument(
+        "--no-default-tasks",
+        action="store_true",
+        help="index only the --include-path tasks (faster start-up)",
+    )
+    parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="(default: 8)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    parser.add_argument(
+        "--dtype", default="float32", help="float32, bfloat16, float16 or auto (default: float32)"
+    )
+    parser.add_argument(
+        "--limit", type=float, help="examples per task (a fraction if < 1; for quick checks)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    parser.add_argument("--output", help="write the results to this JSON file")
+    parser.add_argument(
+        "--write-remote-code",
+        action="store_true",
+        help="instead of evaluating: add an auto_map entry point to MODEL so that the plain "
+        "`lm_eval --model hf --model_args pretrained=MODEL,trust_remote_code=True` works",
+    )
+
+
+def run_lmeval(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`modformer lm-eval`: evaluate MODEL on --tasks (or, with --write-remote-code, only
+    prepare MODEL for the plain lm_eval command)."""
+    if args.write_remote_code:
+        model_dir = write_remote_code(args.model)
+        print(
+            f"wrote {REMOTE_CODE_MODULE}.py and auto_map into {model_dir}; now run\n"
+            f"  lm_eval --model hf --model_args pretrained={model_dir.resolve()},"
+            "trust_remote_code=True --tasks ..."
+        )
+        return None
+    if not args.tasks:
+        raise ValueError("--tasks is required (or pass --write-remote-code)")
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    results = evaluate_lm_eval(
+        args.model,
+        [name.strip() for name in args.tasks.split(",") if name.strip()],
+        include_paths=args.include_path,
+        include_default_tasks=not args.no_default_tasks,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        limit=limit,
+        seed=args.seed,
+    )
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    summary = results_summary(results)
+    if args.output:
+        from modformer.utils import atomic_write_text
+
+        atomic_write_text(args.output, json.dumps(summary, indent=2))
+    return summary
+
+
+def main() -> None:
+    """lm-eval's own command line in a process that has registered modformer's models."""
+    import modformer.models  # noqa: F401
+
+    try:
+        import_lm_eval()
+    except ValueError as error:
+        sys.exit(f"python -m modformer.eval.lmeval: error: {error}")
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv[0] = "lm_eval"
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
