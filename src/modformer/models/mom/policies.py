@@ -61,7 +61,7 @@ class PolicyState:
     carry: dict = field(default_factory=dict)
     attn_router_state: torch.Tensor | None = None
     ffn_router_state: torch.Tensor | None = None
-    step_skipped: torch.Tensor | None = None  # layer-skip decision of the current step
+    step_skipped: torch.Tensor | bool = False  # layer-skip decision of the current step
 
 
 def fixed_selection(x: torch.Tensor, module: int) -> Selection:
@@ -73,7 +73,9 @@ def fixed_selection(x: torch.Tensor, module: int) -> Selection:
     )
 
 
-def module_or_skip(x: torch.Tensor, module: int, skip_index: int, skipped) -> Selection:
+def module_or_skip(
+    x: torch.Tensor, module: int, skip_index: int, skipped: torch.Tensor | bool
+) -> Selection:
     """Module `module`, or SKIP where `skipped` ((n,) bool tensor, or a Python bool)."""
     if isinstance(skipped, bool):
         return fixed_selection(x, skip_index if skipped else module)
@@ -159,7 +161,7 @@ class LayerSkipPolicy(AssemblyPolicy):
         self.skip_layers = set(skip_layers or [])
         self.criterion: SkipCriterion | None = None
 
-    def decide(self, step: int, x: torch.Tensor, state: PolicyState):
+    def decide(self, step: int, x: torch.Tensor, state: PolicyState) -> torch.Tensor | bool:
         """This step's skip flags: a Python bool, or an (n,) bool tensor."""
         layer = self.first_layer + step
         skipped = layer in self.skip_layers
@@ -181,7 +183,7 @@ class EarlyExitPolicy(LayerSkipPolicy):
     With a static `skip_layers` list the exit happens at the first listed layer.
     """
 
-    def decide(self, step: int, x: torch.Tensor, state: PolicyState):
+    def decide(self, step: int, x: torch.Tensor, state: PolicyState) -> torch.Tensor | bool:
         now = super().decide(step, x, state)
         if self.skip_layers and self.first_layer + step >= min(self.skip_layers):
             now = True
@@ -189,7 +191,7 @@ class EarlyExitPolicy(LayerSkipPolicy):
         return state.carry["exited"]
 
 
-def _logical_or(a, b):
+def _logical_or(a: torch.Tensor | bool, b: torch.Tensor | bool) -> torch.Tensor | bool:
     """`a | b` for flags that are Python bools or (n,) bool tensors."""
     if a is True or b is True:
         return True
