@@ -10,7 +10,7 @@ Three implementations, measured in the same run on the same inputs:
   autograd keeps every T x T intermediate for the backward.
 - ``sdpa``: causal softmax attention, `F.scaled_dot_product_attention(is_causal=True)`.
 
-Timing: median wall time over ``--repeats`` runs after ``--warmup`` runs.
+Timing: median over ``--repeats`` interleaved runs after ``--warmup`` runs of each.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` minus the memory allocated before
 the call. On CPU the PyTorch allocator keeps no statistics, so each implementation runs in
@@ -102,19 +102,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_times(fn, inputs, args, device) -> tuple[float, float]:
-    """Median (wall seconds, CPU seconds) of one step over `args.repeats` runs."""
+def median_times(impls: dict[str, Callable], inputs, args, device) -> dict[str, tuple]:
+    """Median (wall seconds, CPU seconds) of one step of each implementation.
+
+    The repeats are interleaved (ours, official, sdpa, ours, ...) so that a change in
+    the load of a shared machine hits every implementation alike.
+    """
     for _ in range(args.warmup):
-        run_once(fn, *inputs, args.mode)
+        for fn in impls.values():
+            run_once(fn, *inputs, args.mode)
     sync(device)
-    wall, cpu = [], []
+    wall: dict[str, list[float]] = {name: [] for name in impls}
+    cpu: dict[str, list[float]] = {name: [] for name in impls}
     for _ in range(args.repeats):
-        start_wall, start_cpu = time.perf_counter(), time.process_time()
-        run_once(fn, *inputs, args.mode)
-        sync(device)
-        wall.append(time.perf_counter() - start_wall)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+        for name, fn in impls.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            run_once(fn, *inputs, args.mode)
+            sync(device)
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in impls}
 
 
 def _read_kib(field: str) -> int:
@@ -205,8 +212,7 @@ def main() -> None:
         max_diff = (impls["ours"](*inputs[:3]) - impls["official"](*inputs[:3])).abs().max()
 
     results: dict[str, dict[str, float]] = {}
-    for name, fn in impls.items():
-        wall, cpu = median_times(fn, inputs, args, device)
+    for name, (wall, cpu) in median_times(impls, inputs, args, device).items():
         results[name] = {"median_ms": 1e3 * wall, "median_cpu_ms": 1e3 * cpu}
         if not args.no_memory:
             results[name]["peak_mib"] = peak_memory_bytes(name, args, device) / 2**20
@@ -214,7 +220,9 @@ def main() -> None:
     ours, official, sdpa = results["ours"], results["official"], results["sdpa"]
     summary = {
         "speedup_ours_over_official": official["median_ms"] / ours["median_ms"],
+        "speedup_ours_over_official_cpu_time": official["median_cpu_ms"] / ours["median_cpu_ms"],
         "time_ours_over_sdpa": ours["median_ms"] / sdpa["median_ms"],
+        "time_ours_over_sdpa_cpu_time": ours["median_cpu_ms"] / sdpa["median_cpu_ms"],
         "max_abs_diff_ours_vs_official": float(max_diff),
     }
     if not args.no_memory:
