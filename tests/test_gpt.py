@@ -135,3 +135,14 @@ def test_gpt2_import_bad_inputs(tmp_path):
     st.write_bytes(st.read_bytes()[:1000])
     with pytest.raises(ConversionError, match="unreadable or truncated"):
         load_gpt2_directory(tmp_path / "trunc")
+
+
+def test_gpt2_init_scales_residual_projections():
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("tiny", vocab_size=500, n_layer=8)
+    model = GPTForCausalLM(cfg)
+    residual = torch.cat([b.attn.c_proj.weight.flatten() for b in model.transformer.h])
+    other = torch.cat([b.attn.c_attn.weight.flatten() for b in model.transformer.h])
+    assert abs(residual.std().item() - 0.02 / 4) < 0.0005  # 0.02 / sqrt(2 * 8)
+    assert abs(other.std().item() - 0.02) < 0.001
+    assert torch.all(model.transformer.h[0].attn.c_attn.bias == 0)

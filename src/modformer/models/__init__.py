@@ -17,3 +17,9 @@ from modformer.models.moduleformer import (  # noqa: E402
 AutoConfig.register(ModuleFormerConfig.model_type, ModuleFormerConfig, exist_ok=True)
 AutoModel.register(ModuleFormerConfig, ModuleFormerModel, exist_ok=True)
 AutoModelForCausalLM.register(ModuleFormerConfig, ModuleFormerForCausalLM, exist_ok=True)
+
+from modformer.models.mom import MoMConfig, MoMForCausalLM, MoMModel  # noqa: E402
+
+AutoConfig.register(MoMConfig.model_type, MoMConfig, exist_ok=True)
+AutoModel.register(MoMConfig, MoMModel, exist_ok=True)
+AutoModelForCausalLM.register(MoMConfig, MoMForCausalLM, exist_ok=True)

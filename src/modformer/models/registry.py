@@ -13,9 +13,11 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
+from modformer.models.mom import MoMConfig, MoMForCausalLM
 
 ARCHITECTURES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
     "gpt": (GPTConfig, GPTForCausalLM),
+    "mom": (MoMConfig, MoMForCausalLM),
     "moduleformer": (ModuleFormerConfig, ModuleFormerForCausalLM),
 }
 

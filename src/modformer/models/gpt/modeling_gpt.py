@@ -60,9 +60,10 @@ class GPTPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
         super()._init_weights(module)
-        if isinstance(module, (CausalSelfAttention, MLP)):
+        # HF calls this per module that owns parameters, so the flag sits on the Linear.
+        if isinstance(module, nn.Linear) and getattr(module, "is_residual_projection", False):
             std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
-            init.normal_(module.c_proj.weight, mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=std)
 
 
 class GPTModel(GPTPreTrainedModel):
@@ -72,6 +73,9 @@ class GPTModel(GPTPreTrainedModel):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        for block in self.h:
+            block.attn.c_proj.is_residual_projection = True
+            block.mlp.c_proj.is_residual_projection = True
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.post_init()
 
