@@ -224,14 +224,15 @@ def _read_delimited(text: str, path: Path, kind: str) -> list[dict[str, Any]]:
     # GLUE's TSV files contain unbalanced quote characters inside sentences: read them
     # without quoting, as GLUE's own readers do.
     options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if kind == "tsv" else {}
-    reader = csv.DictReader(text.splitlines(), **options)
+    # keepends: a quoted CSV field may span lines
+    reader = csv.DictReader(text.splitlines(keepends=True), **options)
     records = []
     for row in reader:
         if None in row or None in row.values():
             raise ValueError(
-                f"{str(path)!r} line {reader.line_num}: {len(row) - (None in row)} columns "
-                f"where the header has {len(reader.fieldnames or [])}; fix the row "
-                "(a TSV file must be tab-separated, a CSV field with commas must be quoted)"
+                f"{str(path)!r} line {reader.line_num}: the number of fields differs from "
+                f"the header's {len(reader.fieldnames or [])}; fix the row (a TSV file must "
+                "be tab-separated, a CSV field holding commas must be quoted)"
             )
         records.append(row)
     return records
@@ -814,6 +815,42 @@ def summarization_prompts(
 
 
 @torch.no_grad()
+def greedy_continuations(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """The greedy continuation of each prompt, up to (not including) the first eos, at
+    most ``max_new_tokens`` tokens.
+
+    Batches are left-padded; ``generate()`` derives position ids from the attention mask,
+    so each prompt is continued exactly as it would be alone.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    continuations = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = pad_batch(prompts[start : start + batch_size], pad_token_id, left=True)
+        out = model.generate(
+            ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        for row in out[:, ids.shape[1] :].cpu().tolist():
+            continuations.append(row[: row.index(eos_token_id)] if eos_token_id in row else row)
+    model.train(was_training)
+    return continuations
+
+
 def generate_summaries(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -821,33 +858,10 @@ def generate_summaries(
     max_new_tokens: int,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` up to the first eos (or ``max_new_tokens``).
-
-    Batches are left-padded; ``generate()`` derives position ids from the attention mask,
-    so each prompt is continued exactly as it would be alone.
-    """
+    """Greedy summaries (decoded text) of ``document + separator`` prompts."""
     eos, pad = _special_ids(tokenizer)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    summaries = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = pad_batch(prompts[start : start + batch_size], pad, left=True)
-        out = model.generate(
-            ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        )
-        new_tokens = out[:, ids.shape[1] :].cpu()
-        for row in new_tokens.tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            summaries.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    model.train(was_training)
-    return summaries
+    continuations = greedy_continuations(model, prompts, max_new_tokens, eos, pad, batch_size)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in continuations]
 
 
 def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
