@@ -161,7 +161,9 @@ def write_remote_code(model: str | Path) -> Path:
 
     Writes ``modformer_remote_code.py`` (which imports the config and model classes from
     the installed modformer package) into the model directory and points
-    ``config.json``'s ``auto_map`` at it. Returns the model directory.
+    ``config.json``'s ``auto_map`` at it. Returns the model directory. ``save_pretrained``
+    keeps the ``auto_map`` but not the file: run it again on a re-saved model. (Where
+    modformer is imported, its registered classes are used and both are ignored.)
     """
     import modformer.models  # noqa: F401  (the Auto mappings must know modformer's types)
     from modformer.models.loading import resolve_model_dir
