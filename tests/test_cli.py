@@ -105,3 +105,77 @@ def test_every_subcommand_has_help(cmd, capsys):
         main([cmd, "--help"])
     assert e.value.code == 0
     assert len(capsys.readouterr().out) > 200
+
+
+def test_convert_mom_cli(tiny_data_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from modformer.models.gpt import GPTConfig, GPTForCausalLM
+    from modformer.models.mom import MoMForCausalLM
+    from modformer.train.checkpoint import save_model_files
+
+    src = tmp_path / "gpt"
+    gpt = GPTForCausalLM(GPTConfig(vocab_size=257, n_positions=64, n_embd=32, n_head=2, n_layer=2))
+    save_model_files(gpt, src, tiny_data_dir / "tokenizer")
+    assert (
+        main(
+            [
+                "convert",
+                "mom",
+                "--from",
+                str(src),
+                "--chunks",
+                "[3]",
+                "--config",
+                "K2H3S",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "layers" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "convert",
+                "mom",
+                "--from",
+                str(tmp_path / "none"),
+                "--config",
+                "K2H3S",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "convert",
+                "mom",
+                "--from",
+                str(src),
+                "--chunks",
+                "[2]",
+                "--config",
+                "K9H3S",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "K=9" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+    dst = tmp_path / "mom"
+    assert (
+        main(
+            ["convert", "mom", "--from", str(src), "--chunks", "[2]", "--config", "K2H3S", str(dst)]
+        )
+        == 0
+    )
+    assert "K2H3S" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(dst)
+    assert isinstance(model, MoMForCausalLM) and model.config.H == 3
+    assert (dst / "tokenizer.json").is_file()

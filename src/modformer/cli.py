@@ -11,6 +11,9 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+from huggingface_hub.errors import StrictDataclassError
 
 from modformer.config import ConfigError
 from modformer.train.checkpoint import CheckpointError
@@ -189,6 +192,37 @@ def _convert(sub: argparse._SubParsersAction) -> None:
     g.add_argument("src", help="local Hugging Face GPT-2 directory")
     g.add_argument("dst", help="output model directory")
     g.set_defaults(func=run_convert_gpt2)
+    m = conv.add_parser(
+        "mom",
+        help="phase-2 initialisation: a vanilla model's layers become a MoM module pool",
+        description="Turn a vanilla model (a modformer GPT directory, a training out_dir or a "
+        "local HF GPT-2 directory) into a Mixture-of-Modules model: layer l becomes module l of "
+        "the chunk covering l, routers start fresh. Then train it with `modformer train "
+        "--model.init_from DST`.",
+    )
+    m.add_argument("--from", dest="src", required=True, help="vanilla model directory")
+    m.add_argument(
+        "--chunks",
+        help="chunk string such as '[1-1-4-1-1]' covering every layer (default: the preset chunking for that depth)",
+    )
+    m.add_argument(
+        "--config", dest="mom_name", required=True, help="K, H and SKIP as a name such as K2H6S"
+    )
+    m.add_argument(
+        "--router", choices=["gru", "mlp"], default="gru", help="router type (default: gru)"
+    )
+    m.add_argument(
+        "--policy",
+        default="learned",
+        help="assembly policy: learned (default), vanilla, layer_skip, early_exit, parameter_sharing, moe, moe_share",
+    )
+    m.add_argument(
+        "--mom-same",
+        action="store_true",
+        help="MoM-same ablation: all modules of a chunk identical",
+    )
+    m.add_argument("dst", help="output model directory")
+    m.set_defaults(func=run_convert_mom)
 
 
 def run_convert_gpt2(args: argparse.Namespace) -> None:
@@ -197,6 +231,27 @@ def run_convert_gpt2(args: argparse.Namespace) -> None:
     model = convert_gpt2(args.src, args.dst)
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {args.src} -> {args.dst} ({n:,} parameters)")
+
+
+def run_convert_mom(args: argparse.Namespace) -> None:
+    from modformer.models.loading import resolve_model_dir
+    from modformer.models.mom.convert import mom_from_vanilla
+    from modformer.train.checkpoint import atomic_save_model
+
+    src = resolve_model_dir(args.src)  # a model dir, a training out_dir or a HF GPT-2 dir
+    model = mom_from_vanilla(
+        src,
+        chunks=args.chunks,
+        mom_name=args.mom_name,
+        router=args.router,
+        policy=args.policy,
+        mom_same=args.mom_same,
+    )
+    atomic_save_model(model, args.dst, tokenizer_dir=Path(src))
+    n = sum(p.numel() for p in model.parameters())
+    print(
+        f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"
+    )
 
 
 def _demo(sub: argparse._SubParsersAction) -> None:
@@ -243,11 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError, StrictDataclassError) as e:
         # Our errors carry the problem and the fix; a traceback would bury them.
         if args.verbose:
             raise
-        print(f"modformer {args.command}: error: {e}", file=sys.stderr)
+        # `@strict` configs wrap the validator's ValueError: show the validator's message.
+        message = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ else e
+        print(f"modformer {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

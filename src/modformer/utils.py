@@ -6,6 +6,19 @@ import os
 import tempfile
 from pathlib import Path
 
+# Files that make up a Hugging Face tokenizer; copied beside a saved model so that
+# `AutoTokenizer.from_pretrained(model_dir)` works (generation, lm-eval).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` via a temp file in the same directory and a rename."""

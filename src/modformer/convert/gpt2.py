@@ -9,7 +9,6 @@ HF GPT-2 stores `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` as Conv1D
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,14 +23,6 @@ CONV1D_SUFFIXES = (
     "mlp.c_proj.weight",
 )
 BUFFER_SUFFIXES = ("attn.bias", "attn.masked_bias")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-)
 
 
 class ConversionError(ValueError):
@@ -137,19 +128,9 @@ def load_gpt2_directory(src: str | Path) -> GPTForCausalLM:
 
 
 def convert_gpt2(src: str | Path, dst: str | Path) -> GPTForCausalLM:
-    """`modformer convert gpt2 SRC DST`: import and save (with the tokenizer files, if any)."""
+    """`modformer convert gpt2 SRC DST`: import and save, with SRC's tokenizer files."""
     from modformer.train.checkpoint import atomic_save_model
 
     model = load_gpt2_directory(src)
-    tmp_tok = Path(dst).parent / f".{Path(dst).name}.tokenizer-src"
-    src = Path(src)
-    tokenizer_files = [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
-    if tokenizer_files:
-        tmp_tok.mkdir(parents=True, exist_ok=True)
-        for f in tokenizer_files:
-            shutil.copy2(f, tmp_tok / f.name)
-    try:
-        atomic_save_model(model, dst, tokenizer_dir=tmp_tok if tokenizer_files else None)
-    finally:
-        shutil.rmtree(tmp_tok, ignore_errors=True)
+    atomic_save_model(model, dst, tokenizer_dir=Path(src))
     return model

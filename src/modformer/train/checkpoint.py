@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from modformer.utils import TOKENIZER_FILES
+
 CKPT_RE = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "trainer_state.pt"
 
@@ -33,9 +35,9 @@ def save_model_files(model: PreTrainedModel, dest: Path, tokenizer_dir: Path | N
     works for both the model and `AutoTokenizer` (generation, lm-eval)."""
     model.save_pretrained(dest, safe_serialization=True)
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        for item in tokenizer_dir.iterdir():
-            if item.is_file():
-                shutil.copy2(item, dest / item.name)
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file() and not (dest / name).exists():
+                shutil.copy2(tokenizer_dir / name, dest / name)
 
 
 def atomic_save_model(
