@@ -1,4 +1,4 @@
-"""The `modformer` command: prepare | train | eval | generate | convert | demo.
+"""The `modformer` command: data, training, evaluation, conversion, surgery and analysis.
 
 Each subcommand is a thin layer over the library; `modformer CMD --help` explains every
 option.
@@ -267,12 +267,57 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_demo)
 
 
+def _finetune(sub: argparse._SubParsersAction) -> None:
+    from modformer.eval.downstream import add_finetune_arguments, run_finetune
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune and score a model on local classification or summarisation data",
+        description="Fine-tune a saved model on a local GLUE-style file (CSV/TSV/JSONL; single "
+        "sentences or pairs; class labels or --regression) or on document/summary pairs, score "
+        "it on --eval (accuracy, F1, MCC; Pearson/Spearman; ROUGE-1/2/L) and write "
+        "OUT/metrics.json.",
+    )
+    add_finetune_arguments(p)
+    p.set_defaults(func=run_finetune)
+
+
+def _lm_eval(sub: argparse._SubParsersAction) -> None:
+    from modformer.eval.lmeval import add_lmeval_arguments, run_lmeval
+
+    p = sub.add_parser(
+        "lm-eval",
+        help="run lm-evaluation-harness tasks on a saved model, offline",
+        description="Evaluate a saved model with lm-evaluation-harness (hf backend) on built-in "
+        "or local tasks (e.g. --include-path docs/lm_eval_task); or, with --write-remote-code, "
+        "make the model directory loadable by the plain lm_eval command.",
+    )
+    add_lmeval_arguments(p)
+    p.set_defaults(func=run_lmeval)
+
+
+def _plot_curves(sub: argparse._SubParsersAction) -> None:
+    from modformer.eval.curves import add_plot_arguments, run_plot
+
+    p = sub.add_parser(
+        "plot-curves",
+        help="plot training and validation loss of runs to a PNG",
+        description="Draw the training and validation loss of one or more training runs "
+        "(their metrics.jsonl) against steps or tokens, one line per run.",
+    )
+    add_plot_arguments(p)
+    p.set_defaults(func=run_plot)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _prepare,
     _train,
     _eval,
     _generate,
     _convert,
+    _finetune,
+    _lm_eval,
+    _plot_curves,
     _demo,
 ]
 
