@@ -244,7 +244,8 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
             f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose another out_dir"
         )
 
-    find_unused = cfg.model.arch != "gpt"
+    # Routed models leave some modules unselected in a step; DDP must not wait for them.
+    find_unused = model.config.model_type != "modformer_gpt"
     ddp_model = DDP(model, find_unused_parameters=find_unused) if info.enabled else model
     autocast_dtype = AUTOCAST_DTYPES[cfg.precision]
     scaler = torch.amp.GradScaler(
