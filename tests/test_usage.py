@@ -331,3 +331,19 @@ def test_cli_writes_json_and_prints_table(two_domain_data, tmp_path, capsys):
         ]
     )
     assert run_usage(args).per_domain is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_counts_on_cuda_match_cpu():
+    for model in (tiny_moduleformer(), tiny_mom("K2H3S")):
+        cpu = collect_usage(model, random_batches(), attention_mask_fn=padding_mask)
+        gpu = collect_usage(
+            model.to("cuda"), random_batches(), attention_mask_fn=padding_mask, device="cuda"
+        )
+        assert gpu.tokens == cpu.tokens
+        for key in cpu.counts:
+            assert gpu.counts[key].device.type == "cpu"
+            # routing may flip on near-ties between devices: compare totals exactly and
+            # the per-module counts loosely
+            assert int(gpu.counts[key].sum()) == int(cpu.counts[key].sum())
+            assert (gpu.counts[key] - cpu.counts[key]).abs().max() <= 2
