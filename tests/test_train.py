@@ -278,3 +278,11 @@ def test_cli_reports_bad_config_without_traceback(tiny_data_dir, tmp_path, capsy
     code = cli_main(["train", "--set", "optim.lr=-1", "--set", f"data.dir={tiny_data_dir}"])
     assert code == 2
     assert "optim.lr must be > 0" in capsys.readouterr().err
+
+
+def test_misspelt_model_override_is_rejected(tiny_data_dir, tmp_path):
+    cfg = load_train_config(
+        None, tiny_args(tiny_data_dir, tmp_path / "r", steps=1) + ["model.overrides={n_embdd: 64}"]
+    )
+    with pytest.raises(ConfigError, match=r"n_embdd \(did you mean n_embd\?\)"):
+        train(cfg)

@@ -309,6 +309,45 @@ def _plot_curves(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_plot)
 
 
+def _usage(sub: argparse._SubParsersAction) -> None:
+    from modformer.analysis.usage import add_usage_arguments, run_usage
+
+    p = sub.add_parser(
+        "usage",
+        help="module/expert usage statistics of a ModuleFormer or MoM model",
+        description="Count how often each expert/module is in a token's top-k on a prepared split "
+        "(per layer / chunk step, SKIP last), print a table and optionally write JSON.",
+    )
+    add_usage_arguments(p)
+    p.set_defaults(func=run_usage)
+
+
+def _routing_report(sub: argparse._SubParsersAction) -> None:
+    from modformer.analysis.routing_report import add_routing_report_arguments, run_routing_report
+
+    p = sub.add_parser(
+        "routing-report",
+        help="routing heatmaps, MoM transitions, per-domain expert KL",
+        description="Usage heatmaps, MoM step-to-step transitions and per-domain expert "
+        "distributions with symmetric KL tables, as PNGs plus report.json.",
+    )
+    add_routing_report_arguments(p)
+    p.set_defaults(func=run_routing_report)
+
+
+def _sweep(sub: argparse._SubParsersAction) -> None:
+    from modformer.analysis.sweep import add_sweep_arguments, run_sweep
+
+    p = sub.add_parser(
+        "sweep",
+        help="train a grid of configurations (e.g. MoM K x H) and plot val loss",
+        description="Train one run per grid point into OUT_DIR/points/<name>; resumable; writes "
+        "results.json/csv and sweep.png.",
+    )
+    add_sweep_arguments(p)
+    p.set_defaults(func=run_sweep)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _prepare,
     _train,
@@ -318,6 +357,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _finetune,
     _lm_eval,
     _plot_curves,
+    _usage,
+    _routing_report,
+    _sweep,
     _demo,
 ]
 

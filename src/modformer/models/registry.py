@@ -6,6 +6,8 @@ provide `from_preset(name, **overrides)`.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from typing import Any
 
 from huggingface_hub.errors import StrictDataclassError
@@ -28,6 +30,14 @@ def build_config(arch: str, preset: str, **overrides: Any) -> PreTrainedConfig:
             f"model.arch: unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}"
         )
     config_cls, _ = ARCHITECTURES[arch]
+    # HF configs keep unknown keyword arguments as attributes: a misspelt override would
+    # silently train the preset, so check the names here.
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        close = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+        hints = ", ".join(f"{u} (did you mean {c[0]}?)" if c else u for u, c in close.items())
+        raise ValueError(f"model.overrides: unknown field(s) of {config_cls.__name__}: {hints}")
     try:
         return config_cls.from_preset(preset, **overrides)
     except StrictDataclassError as e:
