@@ -1,0 +1,931 @@
+"""Inference costs of any modformer model (SPEC §2 "Costs", MoM paper Table 1): parameters
+(total and active), FLOPs per token counting only the modules each token actually runs,
+and measured peak memory; `modformer cost` prints them side by side.
+
+FLOP conventions (`inference_flops`)
+------------------------------------
+- One multiply-add is 2 FLOPs. Only matrix products are counted: linear layers, the
+  attention score and value products, the routers and the LM head. Embedding lookups,
+  LayerNorms, biases, activations, softmax, residual adds, the stick-breaking cumulative
+  sum and the top-k selection are elementwise, O(d) or O(context) per token against the
+  O(d^2) of the matmuls, and are not counted.
+- The count is analytic, taken from the routing decisions of one real forward pass:
+  a MoM token pays for the attention and FFN modules it picked at each chunk step (a
+  SKIP pick costs nothing), a ModuleFormer token for its k attention and k FFN experts.
+  Routers run for every token at every decision. Padding positions (attention_mask 0)
+  are not tokens: they cost nothing and `per_token` divides by the real tokens.
+- Attention scores: a query costs ``2 * 2 * width`` per key it attends to (``q.k`` and
+  ``p * v`` over ``width = n_head * head_dim``; ModuleFormer: ``k * att_hidden``, one
+  set of heads per selected expert). With ``attention="causal"`` (default) a query
+  attends to the real keys at or before its position; in a MoM chunk step a token whose
+  attention picks are all SKIP is neither a query nor a key. With ``attention="dense"``
+  every position of the batch is a query against every key position of the call: what
+  dense attention kernels compute and what `torch.utils.flop_counter.FlopCounterMode`
+  and DeepSpeed's FLOPs profiler (used by the MoM paper) count. Our MoM runs SDPA over
+  all positions with an attention mask and ModuleFormer's blocked stick-breaking kernel
+  computes only the blocks on or below the diagonal, so the kernels' real work lies
+  between the two figures.
+
+Relation to the MoM paper. Its TFLOPs come from DeepSpeed's profiler, which also counts
+elementwise ops (about 1 FLOP per element; well under 1% of the total at GPT-2 sizes) and
+dense attention (HF GPT-2 multiplies the full T x T scores); the batch shape behind its
+totals is not stated. Compare relative figures (+x% against the dense baseline), and use
+``attention="dense"`` for the closest match to its convention.
+
+Memory (`peak_memory`): one no-grad inference forward (no KV cache). On CUDA the
+allocator's ``max_memory_allocated``; elsewhere the peak of the bytes of all tensor
+storages alive during the forward (`peak_tensor_bytes`), which is exact for tensors but
+does not see buffers a kernel allocates outside PyTorch (MKL/oneDNN workspaces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from modformer.models.gpt.modeling_gpt import Block, GPTForCausalLM
+from modformer.models.moduleformer.modeling_moduleformer import ModuleFormerForCausalLM
+from modformer.models.mom.modeling_mom import MoMChunk, MoMForCausalLM, RoutingStep
+from modformer.models.mom.policies import AssemblyPolicy, LearnedPolicy, MoEPolicy
+from modformer.nn.routers import GRURouter, LinearRouter, MLPRouter
+
+ATTENTION_MODES = ("causal", "dense")
+COMPONENTS = ("attention_projections", "attention_scores", "ffn", "router", "lm_head")
+SUPPORTED_MODELS = (GPTForCausalLM, MoMForCausalLM, ModuleFormerForCausalLM)
+
+
+# ---- FLOPs -----------------------------------------------------------------------------
+
+
+@dataclass
+class FlopReport:
+    """FLOPs of one inference forward over a batch, by component.
+
+    total: FLOPs of the whole batch; tokens: real (unpadded) tokens in it;
+    components: FLOPs per entry of `COMPONENTS`; attention: "causal" or "dense";
+    active_parameters: parameters the average token touched on this forward (every
+    shared parameter, plus each routed module or expert a token ran at least once).
+    """
+
+    total: int
+    tokens: int
+    components: dict[str, int]
+    attention: str
+    active_parameters: float
+
+    @property
+    def per_token(self) -> float:
+        return self.total / self.tokens
+
+    def per_token_components(self) -> dict[str, float]:
+        return {name: flops / self.tokens for name, flops in self.components.items()}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "per_token": self.per_token}
+
+
+class _Tally:
+    """FLOPs per component, accumulated as Python ints (exact at any size)."""
+
+    def __init__(self) -> None:
+        self.flops = dict.fromkeys(COMPONENTS, 0)
+
+    def add(self, component: str, count: torch.Tensor | int, flops_each: int) -> None:
+        self.flops[component] += int(count) * flops_each
+
+
+def _linear_flops(layer: nn.Linear) -> int:
+    """FLOPs of one row through `layer`."""
+    return 2 * layer.in_features * layer.out_features
+
+
+def _weight_flops(weight: torch.Tensor) -> int:
+    """FLOPs of one row through one module of a stacked (modules, d_in, d_out) weight."""
+    return 2 * weight.shape[-2] * weight.shape[-1]
+
+
+def _query_key_pairs(takes_part: torch.Tensor, attention: str) -> int:
+    """(query, key) pairs whose scores an attention call costs.
+
+    takes_part: (B, T) bool, the tokens that are queries and keys (real tokens, and in a
+    MoM step those with a module pick). causal: each such query attends to the keys that
+    take part at or before its position. dense: every position against every position.
+    """
+    B, T = takes_part.shape
+    if attention == "dense":
+        return B * T * T
+    keys_so_far = takes_part.long().cumsum(1)
+    return int((keys_so_far * takes_part).sum())
+
+
+def _count_block(tally: _Tally, block: Block, real: torch.Tensor, attention: str) -> None:
+    """A standard GPT-2 block: every real token runs its attention and its MLP."""
+    n = real.sum()
+    attn, mlp = block.attn, block.mlp
+    tally.add("attention_projections", n, _linear_flops(attn.c_attn) + _linear_flops(attn.c_proj))
+    width = attn.n_head * attn.head_dim
+    tally.add("attention_scores", _query_key_pairs(real, attention), 4 * width)
+    tally.add("ffn", n, _linear_flops(mlp.c_fc) + _linear_flops(mlp.c_proj))
+
+
+def _gate_flops(router: nn.Module, step: int) -> int:
+    """FLOPs per token of one routing decision at chunk step `step`."""
+    if isinstance(router, GRURouter):
+        flops = _linear_flops(router.x2h) + _linear_flops(router.out)
+        # The state is zero at a chunk's first step and the GRU skips that matmul.
+        return flops if step == 0 else flops + _linear_flops(router.h2h)
+    if isinstance(router, MLPRouter):
+        return _linear_flops(router.fc) + _linear_flops(router.out)
+    if isinstance(router, LinearRouter):
+        return _linear_flops(router.out)
+    raise ValueError(f"no FLOP formula for router {type(router).__name__}")
+
+
+def _router_flops(policy: AssemblyPolicy, step: int) -> int:
+    """FLOPs per token of a chunk step's routers (fixed policies route by a rule: 0;
+    a layer-skip criterion is user code and is not counted)."""
+    if isinstance(policy, LearnedPolicy):
+        return _gate_flops(policy.attn_router, step) + _gate_flops(policy.ffn_router, step)
+    if isinstance(policy, MoEPolicy):
+        return _gate_flops(policy.routers[step], step)
+    return 0
+
+
+def _distinct_modules(
+    indices: list[torch.Tensor], num_choices: int, num_stored: int, tied: bool
+) -> torch.Tensor:
+    """(B*T,) how many distinct stored modules each token ran over a chunk's steps.
+
+    indices: (B, T, k) picks per step; values >= num_choices are SKIP. With MoM-same
+    (`tied`) every pick runs stored module 0.
+    """
+    n = indices[0].shape[0] * indices[0].shape[1]
+    touched = torch.zeros(n, num_stored + 1, dtype=torch.bool, device=indices[0].device)
+    for index in indices:
+        flat = index.reshape(n, -1)
+        stored = torch.zeros_like(flat) if tied else flat
+        stored = torch.where(flat < num_choices, stored, num_stored)
+        touched.scatter_(1, stored, True)
+    return touched[:, :num_stored].sum(1)
+
+
+def _count_mom_chunk(
+    tally: _Tally,
+    chunk: MoMChunk,
+    steps: list[RoutingStep],
+    real: torch.Tensor,
+    attention: str,
+) -> tuple[int, float]:
+    """Tally one chunk's steps; return (its pool parameters, the sum over real tokens of
+    the pool parameters each token touched)."""
+    n = real.sum()
+    attn, ffn = chunk.attn, chunk.ffn
+    attn_pair_flops = _weight_flops(attn.qkv_weight) + _weight_flops(attn.proj_weight)
+    ffn_pair_flops = _weight_flops(ffn.fc_weight) + _weight_flops(ffn.proj_weight)
+    width = attn.n_head * attn.head_dim
+    for step in steps:
+        attn_picks = (step.attn_index < step.num_attn_modules) & real[..., None]
+        tally.add("attention_projections", attn_picks.sum(), attn_pair_flops)
+        takes_part = attn_picks.any(-1)  # all-SKIP tokens are neither queries nor keys
+        tally.add("attention_scores", _query_key_pairs(takes_part, attention), 4 * width)
+        ffn_picks = (step.ffn_index < step.num_ffn_modules) & real[..., None]
+        tally.add("ffn", ffn_picks.sum(), ffn_pair_flops)
+        tally.add("router", n, _router_flops(chunk.policy, step.step))
+
+    pool_params, touched_params = 0, 0.0
+    real_flat = real.reshape(-1)
+    for pool, indices, num_choices in (
+        (attn, [s.attn_index for s in steps], chunk.policy.num_attn_modules),
+        (ffn, [s.ffn_index for s in steps], chunk.policy.num_ffn_modules),
+    ):
+        params = sum(p.numel() for p in pool.parameters())
+        pool_params += params
+        distinct = _distinct_modules(indices, num_choices, pool.num_modules, chunk.tied)
+        touched_params += int((distinct * real_flat).sum()) * params / pool.num_modules
+    return pool_params, touched_params
+
+
+def _total_parameters(model: nn.Module) -> int:
+    """Every parameter once (a tied LM head counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _gpt_flops(model: GPTForCausalLM, input_ids, attention_mask, real, attention) -> FlopReport:
+    model.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    tally = _Tally()
+    for block in model.transformer.h:
+        _count_block(tally, block, real, attention)
+    return _report(model, tally, real, attention, float(_total_parameters(model)))
+
+
+def _mom_flops(model: MoMForCausalLM, input_ids, attention_mask, real, attention) -> FlopReport:
+    out = model.transformer(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_routing=True
+    )
+    tally = _Tally()
+    routed_params, touched_params = 0, 0.0
+    for layer in model.transformer.h:
+        if isinstance(layer, MoMChunk):
+            steps = [s for s in out.routing if s.chunk == layer.chunk_index]
+            params, touched = _count_mom_chunk(tally, layer, steps, real, attention)
+            routed_params += params
+            touched_params += touched
+        else:
+            _count_block(tally, layer, real, attention)
+    n = int(real.sum())
+    active = _total_parameters(model) - routed_params + touched_params / n
+    return _report(model, tally, real, attention, active)
+
+
+def _moduleformer_flops(
+    model: ModuleFormerForCausalLM, input_ids, attention_mask, real, attention
+) -> FlopReport:
+    out = model.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    tally = _Tally()
+    n = int(real.sum())
+    expert_params, touched_params = 0, 0.0
+    for block, routes in zip(model.transformer.h, out.router_outputs):
+        for module, route in zip((block.attn, block.mlp), routes):
+            router = module.router
+            tally.add(
+                "router",
+                n,
+                _linear_flops(router.input_proj) + _linear_flops(router.expert_embedding),
+            )
+            # top-k picks k distinct experts for every real token (padding picks none).
+            pairs = n * route.top_k_indices.shape[1]
+            params = sum(p.numel() for p in module.expert_parameters())
+            expert_params += params
+            touched_params += pairs * params / module.num_experts
+        moa, smoe = block.attn, block.mlp
+        k_att = routes[0].top_k_indices.shape[1]
+        if moa.kv_proj is not None:  # keys/values are shared by the experts: once per token
+            tally.add("attention_projections", n, _linear_flops(moa.kv_proj))
+        tally.add(
+            "attention_projections", n * k_att, _weight_flops(moa.w_q) + _weight_flops(moa.w_o)
+        )
+        tally.add("attention_scores", _query_key_pairs(real, attention), 4 * k_att * moa.att_hidden)
+        k_ffd = routes[1].top_k_indices.shape[1]
+        tally.add("ffn", n * k_ffd, _weight_flops(smoe.w_in) + _weight_flops(smoe.w_out))
+    active = _total_parameters(model) - expert_params + touched_params / n
+    return _report(model, tally, real, attention, active)
+
+
+def _report(
+    model: PreTrainedModel, tally: _Tally, real: torch.Tensor, attention: str, active: float
+) -> FlopReport:
+    n = int(real.sum())
+    tally.add("lm_head", n, _linear_flops(model.lm_head))
+    return FlopReport(
+        total=sum(tally.flops.values()),
+        tokens=n,
+        components=dict(tally.flops),
+        attention=attention,
+        active_parameters=active,
+    )
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, SUPPORTED_MODELS):
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
+        raise ValueError(f"cost accounting supports {names}; got {type(model).__name__}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def inference_flops(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    attention: str = "causal",
+) -> FlopReport:
+    """Analytic FLOPs of one inference forward of `model` on `input_ids` (B, T).
+
+    Runs the model once (no grad, eval mode, no KV cache) for its routing decisions and
+    counts, per component, the matmul FLOPs of the modules each real token ran; see the
+    module docstring for the conventions (1 multiply-add = 2 FLOPs, matmuls only,
+    padding not counted, `attention` "causal" or "dense"). Reads the counts back to the
+    host: a measurement tool, not something to call inside a training step.
+    """
+    _check_model(model)
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
+        raise ValueError(f"input_ids must be a (batch, seq_len) tensor of token ids, got {shape}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    device = _model_device(model)
+    input_ids = input_ids.to(device)
+    if attention_mask is None:
+        real = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                f"{tuple(input_ids.shape)}; pass one 0/1 entry per token"
+            )
+        attention_mask = attention_mask.to(device)
+        real = attention_mask.bool()
+        if not real.any():
+            raise ValueError("attention_mask marks no real token: nothing to count")
+
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(model, MoMForCausalLM):
+            return _mom_flops(model, input_ids, attention_mask, real, attention)
+        if isinstance(model, ModuleFormerForCausalLM):
+            return _moduleformer_flops(model, input_ids, attention_mask, real, attention)
+        return _gpt_flops(model, input_ids, attention_mask, real, attention)
+    finally:
+        model.train(was_training)
+
+
+def flops_per_token(
+    model: PreTrainedModel,
+    batch: torch.Tensor | Mapping[str, torch.Tensor],
+    attention: str = "causal",
+) -> float:
+    """Inference FLOPs per real token of `batch`: a (B, T) id tensor, or a mapping with
+    ``input_ids`` (and optionally ``attention_mask``)."""
+    if isinstance(batch, Mapping):
+        if "input_ids" not in batch:
+            raise ValueError(f"batch has no 'input_ids' (keys: {sorted(batch)})")
+        return inference_flops(
+            model, batch["input_ids"], batch.get("attention_mask"), attention
+        ).per_token
+    return inference_flops(model, batch, attention=attention).per_token
+
+
+# ---- cross-check with torch's FLOP counter -------------------------------------------
+
+
+def _grouped_mm_flops(a, b, offs=None, bias=None, out_dtype=None, *, out_val=None) -> int:
+    """`aten._grouped_mm`: only the rows inside the groups' offsets are computed."""
+    if a.dim() == 2 and b.dim() == 3:  # (rows, K) x (G, K, N), groups along the rows
+        return 2 * int(offs[-1]) * a.shape[1] * b.shape[2]
+    if a.dim() == 2 and b.dim() == 2:  # (M, K) x (K, N), groups along K (weight gradients)
+        return 2 * a.shape[0] * b.shape[1] * int(offs[-1])
+    if a.dim() == 3 and b.dim() == 2:  # (G, M, K) x (K, N), groups along N
+        return 2 * a.shape[1] * a.shape[2] * int(offs[-1])
+    return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]  # batched (G, M, K) x (G, K, N)
+
+
+_grouped_mm_flops._get_raw = True  # FlopCounterMode passes tensors (for offs), not shapes
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """The CPU flash SDPA kernel: dense, like torch's formula for the CUDA kernels."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# Ops FlopCounterMode has no formula for in torch 2.x (it would count them as 0).
+_EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._grouped_mm: _grouped_mm_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+}
+
+
+@torch.no_grad()
+def count_flops_with_torch(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> dict[str, int]:
+    """FLOPs of one no-grad forward as `torch.utils.flop_counter.FlopCounterMode` counts
+    them, by aten op (``{"aten.mm": ..., "aten._grouped_mm": ...}``), with formulas added
+    for grouped GEMMs and the CPU SDPA kernel. Dense attention, every computed matmul
+    (including implementation overheads): the cross-check for `inference_flops`."""
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    mask = None if attention_mask is None else attention_mask.to(device)
+    try:
+        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+            model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
+    finally:
+        model.train(was_training)
+    return {str(op): int(flops) for op, flops in counter.get_flop_counts()["Global"].items()}
+
+
+# ---- memory ----------------------------------------------------------------------------
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Tracks the bytes of tensor storages created under the mode that are still alive.
+
+    An op's outputs whose storage is not one of its inputs' (views and in-place results
+    share their input's) are new allocations; a weak reference on the storage subtracts
+    its bytes when it is freed. `peak` is the high-water mark.
+    """
+
+    def __init__(self, device_type: str):
+        super().__init__()
+        self.device_type = device_type
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {
+            t.untyped_storage()._cdata
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.device.type == self.device_type
+        }
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in inputs or key in self._sizes:
+                continue
+            self._sizes[key] = storage.nbytes()
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key)
+        return out
+
+
+def peak_tensor_bytes(fn: Callable[[], object], device: str | torch.device = "cpu") -> int:
+    """Peak bytes of the tensors on `device` that `fn()` allocates and holds at once.
+
+    Exact for PyTorch tensors (counted at storage granularity, before any allocator
+    rounding); memory a kernel takes outside PyTorch's tensors is not seen. The result
+    of `fn` is dropped before returning, so it counts towards the peak only.
+    """
+    tracker = _LiveTensorBytes(torch.device(device).type)
+    with tracker:
+        fn()
+    return tracker.peak
+
+
+@dataclass
+class MemoryReport:
+    """Peak memory of one inference forward.
+
+    peak_bytes: total at the peak (parameters, buffers, inputs and activations);
+    parameter_bytes: parameters and buffers; activation_bytes: the peak above what was
+    allocated before the forward; method: "cuda allocator" or "live tensors".
+    """
+
+    peak_bytes: int
+    parameter_bytes: int
+    activation_bytes: int
+    method: str
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (tied weights count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage._cdata] = storage.nbytes()
+    return sum(seen.values())
+
+
+@torch.no_grad()
+def peak_memory(
+    model: PreTrainedModel,
+    batch_size: int,
+    seq_len: int,
+    device: str | torch.device = "cpu",
+    method: str = "auto",
+    seed: int = 0,
+) -> MemoryReport:
+    """Measured peak memory of one no-grad forward (no KV cache) on random token ids.
+
+    The model is moved to `device`. method: "allocator" (CUDA only:
+    ``torch.cuda.max_memory_allocated`` after a warm-up forward and a reset), "tensors"
+    (`peak_tensor_bytes`, any device) or "auto" (the allocator on CUDA, else tensors).
+    """
+    _check_model(model)
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+    device = torch.device(device)
+    if method == "auto":
+        method = "allocator" if device.type == "cuda" else "tensors"
+    if method not in ("allocator", "tensors"):
+        raise ValueError(f"method must be 'auto', 'allocator' or 'tensors', got {method!r}")
+    if method == "allocator" and device.type != "cuda":
+        raise ValueError(f"method 'allocator' needs a CUDA device, got {device}; use 'tensors'")
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(
+        0, model.config.vocab_size, (batch_size, seq_len), generator=generator
+    )
+    input_ids = input_ids.to(device)
+    parameter_bytes = _storage_bytes([*model.parameters(), *model.buffers()])
+
+    def forward() -> None:
+        model(input_ids=input_ids, use_cache=False)
+
+    try:
+        if method == "allocator":
+            forward()  # warm-up: library workspaces are allocated once, not per forward
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            forward()
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+            return MemoryReport(peak, parameter_bytes, peak - before, "cuda allocator")
+        activations = peak_tensor_bytes(forward, device)
+        before = parameter_bytes + _storage_bytes([input_ids])
+        return MemoryReport(before + activations, parameter_bytes, activations, "live tensors")
+    finally:
+        model.train(was_training)
+
+
+# ---- the cost table --------------------------------------------------------------------
+
+
+@dataclass
+class CostRow:
+    """One line of the cost table. flops_vs_first / memory_vs_first: relative change
+    against the table's first row (0.195 = +19.5%). val_loss: None unless data was given
+    and the entry is a trained model."""
+
+    name: str
+    parameters: int
+    active_parameters: int
+    flops_per_token: float
+    peak_memory_bytes: int
+    activation_memory_bytes: int
+    trained: bool
+    flops_components: dict[str, float] = field(default_factory=dict)
+    memory_method: str = ""
+    tokens: int = 0
+    val_loss: float | None = None
+    flops_vs_first: float = 0.0
+    memory_vs_first: float = 0.0
+
+
+def _first_val_batch(data_dir: str | Path, seq_len: int, batch_size: int) -> torch.Tensor:
+    from modformer.data.dataset import TokenDataset
+
+    batch = next(iter(TokenDataset(data_dir, "val").iter_sequential(seq_len, batch_size)), None)
+    if batch is None:
+        raise ValueError(
+            f"the val split of {data_dir} holds no window of {seq_len} tokens; lower --seq-len"
+        )
+    return batch
+
+
+def _build_random_init(config: PreTrainedConfig, seed: int) -> PreTrainedModel:
+    from modformer.models.registry import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(config)
+
+
+def cost_table(
+    configs: Sequence[tuple[str, PreTrainedModel | PreTrainedConfig]],
+    batch_size: int,
+    seq_len: int,
+    data_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    attention: str = "causal",
+    max_val_batches: int | None = None,
+    seed: int = 0,
+) -> list[CostRow]:
+    """Costs of each (name, model or config) at batch_size x seq_len, as Table 1 rows.
+
+    A config gets a random-init model (seeded: every config starts from the same seed);
+    its routers are untrained, so MoM/ModuleFormer FLOPs follow whatever the fresh
+    routers pick, and learned routing will change them. A model is treated as trained:
+    with `data_dir` its val loss (windows of seq_len) is reported. FLOPs are counted on
+    the first val batch of `data_dir` (routing on real text) or, without data, on
+    uniformly random token ids. Each model is on `device` only while it is measured.
+    """
+    if not configs:
+        raise ValueError("cost_table needs at least one (name, model or config) entry")
+    if batch_size < 1 or seq_len < 2:
+        raise ValueError(f"need batch_size >= 1 and seq_len >= 2, got {batch_size}, {seq_len}")
+    data_batch = None if data_dir is None else _first_val_batch(data_dir, seq_len, batch_size)
+    rows: list[CostRow] = []
+    for name, entry in configs:
+        trained = isinstance(entry, PreTrainedModel)
+        if trained:
+            model = entry
+        elif isinstance(entry, PreTrainedConfig):
+            model = _build_random_init(entry, seed)
+        else:
+            raise ValueError(
+                f"entry {name!r} is a {type(entry).__name__}; pass a model or a config"
+            )
+        _check_model(model)
+        home = _model_device(model)
+        try:
+            rows.append(
+                _cost_row(
+                    name, model, trained, data_batch, data_dir, batch_size, seq_len, device,
+                    attention, max_val_batches, seed,
+                )
+            )  # fmt: skip
+        finally:
+            model.to(home)
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+    base = rows[0]
+    for row in rows:
+        row.flops_vs_first = row.flops_per_token / base.flops_per_token - 1.0
+        row.memory_vs_first = row.peak_memory_bytes / base.peak_memory_bytes - 1.0
+    return rows
+
+
+def _cost_row(
+    name: str,
+    model: PreTrainedModel,
+    trained: bool,
+    data_batch: torch.Tensor | None,
+    data_dir: str | Path | None,
+    batch_size: int,
+    seq_len: int,
+    device: str | torch.device,
+    attention: str,
+    max_val_batches: int | None,
+    seed: int,
+) -> CostRow:
+    vocab_size = model.config.vocab_size
+    if data_batch is not None:
+        if int(data_batch.max()) >= vocab_size:
+            raise ValueError(
+                f"{name}: the data holds token ids up to {int(data_batch.max())} but the model's "
+                f"vocab_size is {vocab_size}; build it with a larger vocab_size"
+            )
+        tokens = data_batch
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    model.to(device)
+    flops = inference_flops(model, tokens, attention=attention)
+    memory = peak_memory(model, batch_size, seq_len, device, seed=seed)
+    val_loss = None
+    if trained and data_dir is not None:
+        from modformer.eval.lm import evaluate_split
+
+        results = evaluate_split(
+            model, str(data_dir), "val", seq_len, batch_size, max_val_batches, device=str(device)
+        )
+        val_loss = results["all"]["loss"]
+    return CostRow(
+        name=name,
+        parameters=_total_parameters(model),
+        active_parameters=round(flops.active_parameters),
+        flops_per_token=flops.per_token,
+        peak_memory_bytes=memory.peak_bytes,
+        activation_memory_bytes=memory.activation_bytes,
+        trained=trained,
+        flops_components=flops.per_token_components(),
+        memory_method=memory.method,
+        tokens=flops.tokens,
+        val_loss=val_loss,
+    )
+
+
+def _si(x: float) -> str:
+    """1234567 -> '1.23M', 45600000 -> '45.6M', 124439808 -> '124M'."""
+    scales = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3))
+    unit, scale = next(((u, s) for u, s in scales if abs(x) >= s), ("", 1.0))
+    value = x / scale
+    digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+    return f"{value:.{digits}f}{unit}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _with_change(value: str, change: float, first: bool) -> str:
+    return value if first else f"{value} ({change:+.1%})"
+
+
+def format_cost_table(rows: Sequence[CostRow]) -> str:
+    """The rows as an aligned text table, changes against the first row in brackets."""
+    header = ["name", "params", "active", "FLOPs/token", "peak memory", "activations", "val loss"]
+    lines = [header]
+    for i, row in enumerate(rows):
+        lines.append(
+            [
+                row.name,
+                _si(row.parameters),
+                _si(row.active_parameters),
+                _with_change(_si(row.flops_per_token), row.flops_vs_first, i == 0),
+                _with_change(_mib(row.peak_memory_bytes), row.memory_vs_first, i == 0),
+                _mib(row.activation_memory_bytes),
+                "-" if row.val_loss is None else f"{row.val_loss:.4f}",
+            ]
+        )
+    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
+    out = []
+    for line in lines:
+        cells = [line[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(line[1:], widths[1:])]
+        out.append("  ".join(cells))
+    return "\n".join(out)
+
+
+# ---- config specs and the CLI ----------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    """An override value: int, float, true/false, none, a JSON list, else the string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass  # e.g. a chunk string such as [1-2-1]
+    return text
+
+
+SPEC_SYNTAX = "[LABEL=]ARCH:PRESET[:KaHb][:key=value...]"
+
+
+def parse_config_spec(spec: str) -> tuple[str, PreTrainedConfig]:
+    """``[LABEL=]ARCH:PRESET[:KaHb][:key=value...]`` -> (row name, config).
+
+    Examples: ``gpt:small``, ``mom:small:K2H6S``, ``MoE=mom:small:K2H4:policy=moe``,
+    ``moduleformer:tiny:k_att=1``. KaHb names a MoM's K, H and SKIP; every key=value
+    overrides a config field. The row is named LABEL, or the spec itself.
+    """
+    from modformer.models.registry import ARCHITECTURES, build_config
+
+    def fail(problem: str) -> ValueError:
+        return ValueError(f"bad config spec {spec!r}: {problem}; the syntax is {SPEC_SYNTAX}")
+
+    label, body = None, spec
+    head = spec.split(":", 1)[0]
+    if "=" in head:
+        label, body = spec.split("=", 1)
+        if not label:
+            raise fail("the label before '=' is empty")
+    parts = body.split(":")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise fail("give at least ARCH:PRESET, e.g. gpt:small")
+    arch, preset, rest = parts[0].lower(), parts[1], parts[2:]
+    if arch not in ARCHITECTURES:
+        raise fail(f"unknown architecture {arch!r} (choose from {', '.join(ARCHITECTURES)})")
+    config_cls = ARCHITECTURES[arch][0]
+    # PreTrainedConfig keeps unknown keyword arguments as attributes: check names here.
+    own_fields = {f.name for f in dataclasses.fields(config_cls)} - {
+        f.name for f in dataclasses.fields(PreTrainedConfig)
+    }
+    overrides: dict[str, Any] = {}
+    for part in rest:
+        if "=" in part:
+            key, value = part.split("=", 1)
+            if key not in own_fields and not hasattr(PreTrainedConfig, key):
+                raise fail(
+                    f"{arch} has no config field {key!r} (fields: {', '.join(sorted(own_fields))})"
+                )
+            overrides[key] = _parse_value(value)
+        elif arch == "mom" and "mom" not in overrides:
+            overrides["mom"] = part
+        else:
+            raise fail(
+                f"{part!r} is not key=value"
+                + (" (only mom takes a KaHb name)" if arch != "mom" else "")
+            )
+    try:
+        config = build_config(arch, preset, **overrides)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    return label or spec, config
+
+
+def add_cost_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "models",
+        nargs="*",
+        metavar="MODEL",
+        help="saved model directories or training out_dirs (trained models; listed first)",
+    )
+    parser.add_argument(
+        "--config",
+        dest="configs",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help=f"a random-init model from a preset, {SPEC_SYNTAX}; repeatable, e.g. "
+        "--config gpt:small --config mom:small:K3H1S --config MoE=mom:small:K2H4:policy=moe "
+        "--config moduleformer:tiny. Untrained routers pick at random, so learned routing "
+        "changes MoM/ModuleFormer FLOPs: pass trained model directories for final figures",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences (default: 1)")
+    parser.add_argument(
+        "--seq-len", type=int, default=256, help="tokens per sequence (default: 256)"
+    )
+    parser.add_argument(
+        "--data",
+        help="prepared data directory: FLOPs are counted on its first val batch (routing on "
+        "real text) and trained models get their val loss (windows of --seq-len)",
+    )
+    parser.add_argument(
+        "--max-val-batches", type=int, help="val batches for the loss (default: all)"
+    )
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_MODES,
+        default="causal",
+        help="attention scores: keys each query can see (causal, default) or the full "
+        "T x T of dense kernels (dense, as FlopCounterMode/DeepSpeed count)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="init and token seed (default: 0)")
+    parser.add_argument("--json", help="also write the table to this JSON file")
+
+
+def run_cost(args: argparse.Namespace) -> list[CostRow]:
+    from modformer.models.loading import load_model
+
+    if not args.models and not args.configs:
+        raise ValueError("give at least one MODEL directory or --config SPEC (e.g. gpt:small)")
+    entries: list[tuple[str, PreTrainedModel | PreTrainedConfig]] = [
+        parse_config_spec(spec) for spec in args.configs
+    ]
+    entries = [(path, load_model(path)) for path in args.models] + entries
+    rows = cost_table(
+        entries,
+        args.batch_size,
+        args.seq_len,
+        data_dir=args.data,
+        device=args.device,
+        attention=args.attention,
+        max_val_batches=args.max_val_batches,
+        seed=args.seed,
+    )
+    tokens = "the first val batch of " + args.data if args.data else "random token ids"
+    print(
+        f"inference costs: batch {args.batch_size} x {args.seq_len} tokens on {args.device}, "
+        f"{args.attention} attention, FLOPs on {tokens}"
+    )
+    print(format_cost_table(rows))
+    if any(not row.trained for row in rows):
+        print(
+            "note: --config models are random-init; their routers pick modules at random, "
+            "and learned routing changes MoM/ModuleFormer FLOPs and active parameters"
+        )
+    if args.json:
+        from modformer.utils import atomic_write_text
+
+        payload = {
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "device": str(args.device),
+            "attention": args.attention,
+            "tokens": "data" if args.data else "random",
+            "rows": [asdict(row) for row in rows],
+        }
+        atomic_write_text(args.json, json.dumps(payload, indent=2))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m modformer.eval.costs ...`: the same as `modformer cost ...`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m modformer.eval.costs",
+        description="Inference costs (params, FLOPs/token, peak memory, val loss) per model.",
+    )
+    add_cost_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run_cost(args)
+    except ValueError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
