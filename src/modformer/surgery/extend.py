@@ -1,0 +1,358 @@
+"""Expert insertion for continual learning (ModuleFormer sec. 4.3, SPEC §3), and the
+helpers the other surgery modules share.
+
+`extend_model` adds ``N_new`` freshly initialised experts to every layer (attention and/or
+FFN) and extends each router's expert embedding ``A`` with rows ``A'`` (eq. 9). The new
+experts and ``A'`` are the model's "inserted" parameters: separate tensors
+(``w_in_inserted``, ``router.inserted_expert_embedding``, ...) that the forward pass
+concatenates after the original ones. The original experts, ``A``, ``B``, the shared
+keys/values, the norms and the LM head are frozen; the token embedding (tied to the LM
+head) optionally trains (``train_embeddings``, the paper's joint setting keeps it
+trainable). Training adds the routing regulariser ``routing_reg_weight * ||A'||^2``
+(eq. 10) to the loss.
+
+Why separate tensors. Experts are stacked as (N, d_in, d_out) tensors, and freezing a
+slice of one tensor cannot be left to the optimizer: a gradient mask keeps AdamW's moments
+at zero but its decoupled weight decay still shrinks the frozen rows. With the inserted
+experts in parameters of their own, freezing is ``requires_grad=False`` on whole
+parameters, which `modformer train` leaves out of the optimizer, so the frozen weights stay
+bit-identical however long training runs.
+
+The freezing is recorded in the config as ``trainable_scope`` ("inserted_experts", or
+"inserted_experts+embeddings"), so a saved extended model can be trained further:
+`apply_trainable_scope` (called by the trainer after loading) sets ``requires_grad`` from
+it. `merge_inserted_experts` turns an extended model back into a plain one (the inserted
+experts become ordinary experts, everything trainable).
+
+Initialisation (the paper says only "randomly initialized"; the official code has no
+insertion): new expert weights are drawn as at pretraining (N(0, initializer_range), the
+output projections scaled by 1/sqrt(2 n_layer)); the rows of ``A'`` are N(0, s) with
+``s = router_init_std`` (default initializer_range, the distribution ``A`` started from).
+Zero-mean rows give the new experts logits near 0 at first, neither favoured nor excluded;
+``router_init_std=0`` starts them at exactly 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
+from modformer.models.mom import MoMForCausalLM
+
+SCOPE_INSERTED = "inserted_experts"
+SCOPE_INSERTED_AND_EMBEDDINGS = "inserted_experts+embeddings"
+TRAINABLE_SCOPES = (SCOPE_INSERTED, SCOPE_INSERTED_AND_EMBEDDINGS)
+
+# Parameter names of the inserted experts and their router rows, relative to the module
+# that holds them (SparseMoE / MixtureOfAttentionHeads and their TopKRouter).
+_INSERTED_EXPERT_WEIGHTS = {"mlp": ("w_in", "w_out"), "attn": ("w_q", "w_o")}
+
+
+class SurgeryError(ValueError):
+    """A surgery request that cannot be carried out; the message says why and the fix."""
+
+
+# ---- shared helpers --------------------------------------------------------------------
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters counted once each (a tied LM head counts once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def require_moduleformer(model: nn.Module, what: str) -> ModuleFormerForCausalLM:
+    if isinstance(model, ModuleFormerForCausalLM):
+        return model
+    kind = "a MoM" if isinstance(model, MoMForCausalLM) else f"a {type(model).__name__}"
+    raise SurgeryError(
+        f"{what} needs a ModuleFormer model (arch 'moduleformer'), got {kind} model; "
+        "expert insertion follows ModuleFormer sec. 4.3, whose routers have one expert "
+        "embedding row per expert"
+    )
+
+
+def load_model_dir(path: str | Path) -> PreTrainedModel:
+    """A saved model (directory or training out_dir) on the CPU, for surgery."""
+    from modformer.models.loading import load_model
+
+    return load_model(path, "cpu")
+
+
+def save_model_with_tokenizer(
+    model: PreTrainedModel, out_dir: str | Path, source_dir: str | Path | None
+) -> Path:
+    """Save `model` atomically to `out_dir`, with the tokenizer of `source_dir` (a model
+    directory or training out_dir) beside it when it has one."""
+    from modformer.models.loading import load_tokenizer
+    from modformer.train.checkpoint import atomic_save_model
+
+    tokenizer = load_tokenizer(source_dir) if source_dir is not None else None
+    if tokenizer is None:
+        return atomic_save_model(model, out_dir)
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        tokenizer.save_pretrained(tokenizer_dir)
+        return atomic_save_model(model, out_dir, tokenizer_dir=Path(tokenizer_dir))
+
+
+def rebuild(model: PreTrainedModel, config: Any, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """A model of `model`'s class built from `config`, holding `state` (strictly), on
+    `model`'s device and dtype and in its train/eval mode."""
+    param = next(model.parameters())
+    new_model = type(model)(config)
+    new_model.load_state_dict(state, strict=True)
+    new_model.to(device=param.device, dtype=param.dtype)
+    return new_model.train(model.training)
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    """The config's fields as constructor keyword arguments."""
+    fields = config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "auto_map"):
+        fields.pop(key, None)
+    return fields
+
+
+def new_config(config: Any, **changes: Any) -> Any:
+    """A copy of `config` with `changes`, validated like a freshly built one."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        return type(config)(**{**_config_dict(config), **changes})
+    except StrictDataclassError as error:
+        cause = error.__cause__ or error
+        raise SurgeryError(f"the changed model config is invalid: {cause}") from None
+
+
+# ---- trainable scope -------------------------------------------------------------------
+
+
+def is_inserted_parameter(name: str) -> bool:
+    """Whether parameter `name` (as in `named_parameters`) belongs to an inserted expert
+    or to the rows A' of its router."""
+    parts = name.split(".")
+    return parts[-1].endswith("_inserted") or "inserted_expert_embedding" in parts
+
+
+def apply_trainable_scope(model: nn.Module) -> dict[str, int]:
+    """Set ``requires_grad`` from ``model.config.trainable_scope``; returns the trainable
+    and frozen parameter counts. Models without a scope are left as they are.
+
+    "inserted_experts": only the inserted experts and A' train. "+embeddings": the token
+    embedding too (tied to the LM head, which then trains with it).
+    """
+    config = getattr(model, "config", None)
+    scope = getattr(config, "trainable_scope", None)
+    if scope is not None:
+        if scope not in TRAINABLE_SCOPES:
+            raise SurgeryError(
+                f"trainable_scope {scope!r} is unknown; choose one of {list(TRAINABLE_SCOPES)} "
+                "or None (train everything)"
+            )
+        require_moduleformer(model, f"trainable_scope={scope!r}")
+        embedding = model.get_input_embeddings().weight
+        trainable_embedding = scope == SCOPE_INSERTED_AND_EMBEDDINGS
+        found = False
+        for name, param in model.named_parameters():
+            inserted = is_inserted_parameter(name)
+            found |= inserted
+            param.requires_grad_(inserted or (trainable_embedding and param is embedding))
+        if not found:
+            raise SurgeryError(
+                f"trainable_scope={scope!r} but the model has no inserted experts, so nothing "
+                "would train; insert experts with `modformer extend` or set trainable_scope "
+                "to None"
+            )
+    trainable = count_parameters(model, trainable_only=True)
+    return {"trainable": trainable, "frozen": count_parameters(model) - trainable}
+
+
+# ---- merge -----------------------------------------------------------------------------
+
+
+def _layer_counts(config: ModuleFormerConfig) -> tuple[list[int], list[int]]:
+    layers = range(config.n_layer)
+    return (
+        [config.att_experts_in_layer(i) for i in layers],
+        [config.ffd_experts_in_layer(i) for i in layers],
+    )
+
+
+def _per_layer_or_none(counts: list[int]) -> list[int] | None:
+    """None when every layer has the same count (the config's plain form)."""
+    return None if len(set(counts)) == 1 else counts
+
+
+def merge_inserted_experts(model: PreTrainedModel) -> PreTrainedModel:
+    """A plain ModuleFormer equal to `model` whose inserted experts are ordinary experts
+    (appended after the original ones, A' appended to A); every parameter trainable.
+
+    The logits are unchanged: the forward pass concatenates the same tensors.
+    """
+    model = require_moduleformer(model, "merging inserted experts")
+    config = model.config
+    if config.n_inserted_att_experts == 0 and config.n_inserted_ffd_experts == 0:
+        return model
+    state = dict(model.state_dict())
+    for layer in range(config.n_layer):
+        for kind, weights in _INSERTED_EXPERT_WEIGHTS.items():
+            prefix = f"transformer.h.{layer}.{kind}."
+            if prefix + f"{weights[0]}_inserted" not in state:
+                continue
+            for name in weights:
+                inserted = state.pop(prefix + f"{name}_inserted")
+                state[prefix + name] = torch.cat([state[prefix + name], inserted])
+            rows = state.pop(prefix + "router.inserted_expert_embedding.weight")
+            key = prefix + "router.expert_embedding.weight"
+            state[key] = torch.cat([state[key], rows])
+    merged = new_config(
+        config, n_inserted_att_experts=0, n_inserted_ffd_experts=0, trainable_scope=None
+    )
+    return rebuild(model, merged, state)
+
+
+# ---- extend ----------------------------------------------------------------------------
+
+
+def extend_model(
+    model: PreTrainedModel,
+    new_experts: int,
+    *,
+    attention: bool = True,
+    ffn: bool = True,
+    train_embeddings: bool = False,
+    routing_reg_weight: float | None = None,
+    router_init_std: float | None = None,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """`model` (a ModuleFormer) with `new_experts` new experts per layer, frozen but for
+    the new experts and their router rows A' (see the module docstring).
+
+    attention / ffn: where to insert (both by default). train_embeddings: also train the
+    token embedding (and the tied LM head). routing_reg_weight: the weight of ``||A'||^2``
+    during the following training (None keeps the model's). router_init_std: std of the
+    A' rows (None: config.initializer_range; 0: zero rows). seed: seeds the new weights.
+
+    A model that already has inserted experts is merged first, so the earlier insertion
+    is frozen along with the rest. Logits change only by the new experts' share of the
+    routing probabilities; the original parameters are copied exactly.
+    """
+    model = require_moduleformer(model, "expert insertion")
+    if isinstance(new_experts, bool) or not isinstance(new_experts, int) or new_experts < 1:
+        raise SurgeryError(f"new_experts must be a positive integer, got {new_experts!r}")
+    if not (attention or ffn):
+        raise SurgeryError("nothing to insert: enable attention and/or FFN experts")
+    if routing_reg_weight is not None and not routing_reg_weight >= 0:
+        raise SurgeryError(f"routing_reg_weight must be >= 0, got {routing_reg_weight}")
+    if router_init_std is not None and not router_init_std >= 0:
+        raise SurgeryError(f"router_init_std must be >= 0, got {router_init_std}")
+
+    model = merge_inserted_experts(model)
+    config = model.config
+    att_counts, ffd_counts = _layer_counts(config)
+    n_att, n_ffd = (new_experts if attention else 0), (new_experts if ffn else 0)
+    att_counts = [n + n_att for n in att_counts]
+    ffd_counts = [n + n_ffd for n in ffd_counts]
+    changes: dict[str, Any] = dict(
+        n_att_experts=max(att_counts),
+        n_ffd_experts=max(ffd_counts),
+        att_experts_per_layer=_per_layer_or_none(att_counts),
+        ffd_experts_per_layer=_per_layer_or_none(ffd_counts),
+        n_inserted_att_experts=n_att,
+        n_inserted_ffd_experts=n_ffd,
+        trainable_scope=SCOPE_INSERTED_AND_EMBEDDINGS if train_embeddings else SCOPE_INSERTED,
+    )
+    if routing_reg_weight is not None:
+        changes["routing_reg_weight"] = float(routing_reg_weight)
+    extended_config = new_config(config, **changes)
+
+    param = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        extended = type(model)(extended_config)  # fresh weights everywhere, ...
+    # ... then the original parameters, which keep their names and shapes; only the
+    # inserted parameters are new.
+    missing, unexpected = extended.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or not all(is_inserted_parameter(name) for name in missing):
+        raise RuntimeError(  # a bug, not bad input: the layouts no longer agree
+            f"inserting experts changed the original parameters' layout "
+            f"(missing {missing}, unexpected {unexpected})"
+        )
+    if router_init_std is not None:
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, weight in extended.named_parameters():
+                if name.endswith("inserted_expert_embedding.weight"):
+                    noise = torch.randn(weight.shape, generator=generator, dtype=weight.dtype)
+                    weight.copy_(noise * router_init_std)
+    extended.to(device=param.device, dtype=param.dtype).train(model.training)
+    apply_trainable_scope(extended)
+    return extended
+
+
+# ---- CLI -------------------------------------------------------------------------------
+
+
+def add_extend_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="ModuleFormer model directory or training out_dir")
+    parser.add_argument("out", help="directory for the extended model")
+    parser.add_argument(
+        "--new-experts", type=int, required=True, help="experts to insert in every layer"
+    )
+    parser.add_argument(
+        "--only",
+        choices=["attention", "ffn"],
+        help="insert only attention or only FFN experts (default: both)",
+    )
+    parser.add_argument(
+        "--train-embeddings",
+        action="store_true",
+        help="also train the token embedding (tied to the LM head); default: frozen",
+    )
+    parser.add_argument(
+        "--routing-reg-weight",
+        type=float,
+        help="weight of the routing regulariser ||A'||^2 (eq. 10) in the following training "
+        "(default: keep the model's)",
+    )
+    parser.add_argument(
+        "--router-init-std",
+        type=float,
+        help="std of the new router rows A' (default: the config's initializer_range)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
+
+
+def run_extend(args: argparse.Namespace) -> PreTrainedModel:
+    model = load_model_dir(args.model)
+    before = count_parameters(model)
+    extended = extend_model(
+        model,
+        args.new_experts,
+        attention=args.only != "ffn",
+        ffn=args.only != "attention",
+        train_embeddings=args.train_embeddings,
+        routing_reg_weight=args.routing_reg_weight,
+        router_init_std=args.router_init_std,
+        seed=args.seed,
+    )
+    save_model_with_tokenizer(extended, args.out, args.model)
+    trainable = count_parameters(extended, trainable_only=True)
+    config = extended.config
+    print(
+        f"parameters: {before:,} -> {count_parameters(extended):,} "
+        f"({trainable:,} trainable: {config.n_inserted_att_experts} attention + "
+        f"{config.n_inserted_ffd_experts} FFN experts per layer and their router rows"
+        f"{', token embedding' if args.train_embeddings else ''})"
+    )
+    print(
+        f"wrote {args.out}; train it with `modformer train --set model.init_from={args.out} "
+        "...` (the freezing is re-applied from config.trainable_scope)"
+    )
+    return extended

@@ -1,0 +1,480 @@
+"""Pruning experts and modules by activation frequency (ModuleFormer sec. 4.2, 5.3 and
+appendix D.2; MoM paper sec. 4.2 / Figure 3; SPEC §3).
+
+The activation frequency ``f_m`` of a module is how often it is in a token's top-k on
+some data (`modformer.analysis.usage`), normalised within its layer (ModuleFormer) or
+chunk pool (MoM) by the max (the paper's choice) or the sum. Every module with
+``f_m < tau`` is removed together with its router row:
+
+- ModuleFormer: attention and FFN experts of each layer, their stacked weights and their
+  rows of the expert embedding ``A``; the layers get their own expert counts
+  (``att_experts_per_layer`` / ``ffd_experts_per_layer`` in the config).
+- MoM (learned policy): attention and FFN modules of each chunk's pool (their LN, weights
+  and biases) and their output rows of the chunk's routers; the SKIP row stays. MoM
+  frequencies are pooled over the chunk's steps (a module is the same parameters at every
+  step) and SKIP is not a module. The chunks get their own pool sizes
+  (``attn_modules_per_chunk`` / ``ffn_modules_per_chunk``): the N_A x N_F study of the
+  MoM paper's Figure 3, chosen by usage.
+
+Top-k must stay possible: a layer keeps at least k experts (MoM: K choices counting SKIP,
+and at least one module). When the threshold leaves fewer, the most used ones are kept
+and the report says so (``raised_to_top_k``). A threshold that removes every expert of a
+layer is an error rather than a silent top-k model: the usage data give that layer no
+support at all, so the threshold is probably wrong.
+
+Pruning a module that no token selects changes nothing but rounding: the top-k picks are
+the same and the removed logits carried no probability mass. (The router's matmul has
+fewer output rows afterwards, which changes the summation blocking, so the result is
+equal to ~1e-6, not bit-for-bit.)
+
+The two workflows of sec. 5.3 are `prune_then_finetune` (prune by the pretrained model's
+usage on the target data, then fine-tune the smaller model) and `finetune_then_prune`
+(fine-tune with the load-concentration loss of eq. 8, ``load_concentration_weight``, so
+the task's load gathers on few experts, then prune; one fine-tuning serves every
+threshold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from modformer.analysis.usage import UsageStats, check_same_tokenizer, normalize
+from modformer.models.moduleformer import ModuleFormerForCausalLM
+from modformer.models.mom import MoMForCausalLM
+from modformer.models.mom.modeling_mom import MoMChunk
+from modformer.surgery.extend import (
+    SurgeryError,
+    count_parameters,
+    load_model_dir,
+    merge_inserted_experts,
+    new_config,
+    rebuild,
+    save_model_with_tokenizer,
+)
+
+NORMS = ("max", "sum")
+
+
+@dataclass
+class PoolPlan:
+    """What pruning keeps of one pool of modules (a layer's experts, a chunk's pool)."""
+
+    key: str  # usage key: "layer{l}/att|ffd" or "chunk{c}/attn|ffn"
+    frequencies: list[float]
+    kept: list[int]
+    raised_to_top_k: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "before": len(self.frequencies),
+            "after": len(self.kept),
+            "kept": self.kept,
+            "removed": [i for i in range(len(self.frequencies)) if i not in self.kept],
+            "frequencies": [round(f, 6) for f in self.frequencies],
+            "raised_to_top_k": self.raised_to_top_k,
+        }
+
+
+def _check_threshold(threshold: float) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise SurgeryError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    if math.isnan(threshold) or not 0.0 <= threshold <= 1.0:
+        raise SurgeryError(
+            f"threshold must be in [0, 1] (frequencies are normalised within each layer), "
+            f"got {threshold}"
+        )
+    return float(threshold)
+
+
+def _frequencies(
+    model: PreTrainedModel,
+    usage_or_frequencies: UsageStats | Mapping[str, Any],
+    norm: str,
+) -> dict[str, torch.Tensor]:
+    """Per-pool frequencies normalised by `norm`, whatever form they came in."""
+    if norm not in NORMS:
+        raise SurgeryError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+    arch = "moduleformer" if isinstance(model, ModuleFormerForCausalLM) else "mom"
+    if isinstance(usage_or_frequencies, UsageStats):
+        if usage_or_frequencies.arch != arch:
+            raise SurgeryError(
+                f"the usage statistics were collected on a {usage_or_frequencies.arch} model "
+                f"but this is a {arch} model; collect them on the model you prune"
+            )
+        return usage_or_frequencies.module_frequencies(norm)
+    if not isinstance(usage_or_frequencies, Mapping):
+        raise SurgeryError(
+            "pass a UsageStats (modformer.analysis.usage) or a dict of per-pool counts or "
+            f"frequencies, got {type(usage_or_frequencies).__name__}"
+        )
+    out = {}
+    for key, values in usage_or_frequencies.items():
+        values = torch.as_tensor(values, dtype=torch.float32)
+        if values.dim() != 1 or not torch.isfinite(values).all() or (values < 0).any():
+            raise SurgeryError(
+                f"frequencies[{key!r}] must be a 1-D list of finite non-negative numbers"
+            )
+        out[key] = normalize(values, norm)
+    return out
+
+
+def plan_pool(
+    key: str,
+    frequencies: Mapping[str, torch.Tensor],
+    num_modules: int,
+    threshold: float,
+    min_keep: int,
+) -> PoolPlan:
+    """Which modules of one pool survive `threshold` (at least `min_keep`)."""
+    if key not in frequencies:
+        raise SurgeryError(
+            f"the usage statistics have no entry {key!r}; they were collected on a different "
+            f"model (entries: {sorted(frequencies)[:6]}...). Collect them on this model"
+        )
+    f = frequencies[key]
+    if f.numel() != num_modules:
+        raise SurgeryError(
+            f"usage entry {key!r} counts {f.numel()} modules but the model has {num_modules} "
+            "there; collect the statistics on the model you prune"
+        )
+    if not (f > 0).any():
+        raise SurgeryError(
+            f"no token selected any module of {key} in the usage data (all counts are 0); "
+            "collect usage on more data"
+        )
+    kept = [i for i in range(num_modules) if f[i] >= threshold]
+    if not kept:
+        raise SurgeryError(
+            f"threshold {threshold} would remove every module of {key} (its largest "
+            f"normalised frequency is {float(f.max()):.4g}); lower the threshold"
+        )
+    raised = len(kept) < min_keep
+    if raised:
+        # The most used ones; stable sort keeps the lower index first among ties.
+        order = sorted(range(num_modules), key=lambda i: -float(f[i]))
+        kept = sorted(order[:min_keep])
+    return PoolPlan(key, [float(v) for v in f], kept, raised)
+
+
+# ---- ModuleFormer ----------------------------------------------------------------------
+
+
+def _prune_moduleformer(
+    model: ModuleFormerForCausalLM, frequencies: Mapping[str, torch.Tensor], threshold: float
+) -> tuple[PreTrainedModel, list[PoolPlan]]:
+    config = model.config
+    state = dict(model.state_dict())
+    plans: list[PoolPlan] = []
+    counts: dict[str, list[int]] = {"att": [], "ffd": []}
+    for layer, block in enumerate(model.transformer.h):
+        for kind, module, weights, k in (
+            ("att", block.attn, ("w_q", "w_o"), config.k_att),
+            ("ffd", block.mlp, ("w_in", "w_out"), config.k_ffd),
+        ):
+            plan = plan_pool(
+                f"layer{layer}/{kind}", frequencies, module.num_experts, threshold, min_keep=k
+            )
+            plans.append(plan)
+            counts[kind].append(len(plan.kept))
+            keep = torch.tensor(plan.kept, dtype=torch.long)
+            prefix = f"transformer.h.{layer}.{'attn' if kind == 'att' else 'mlp'}."
+            for name in (*weights, "router.expert_embedding.weight"):
+                state[prefix + name] = state[prefix + name][keep].clone()
+    pruned_config = new_config(
+        config,
+        n_att_experts=max(counts["att"]),
+        n_ffd_experts=max(counts["ffd"]),
+        att_experts_per_layer=counts["att"],
+        ffd_experts_per_layer=counts["ffd"],
+    )
+    return rebuild(model, pruned_config, state), plans
+
+
+# ---- MoM -------------------------------------------------------------------------------
+
+
+def _prune_mom(
+    model: MoMForCausalLM, frequencies: Mapping[str, torch.Tensor], threshold: float
+) -> tuple[PreTrainedModel, list[PoolPlan]]:
+    config = model.config
+    if config.policy != "learned" or config.mom_same:
+        raise SurgeryError(
+            f"pruning needs a MoM with learned routing and separate modules; this one has "
+            f"policy {config.policy!r}, mom_same={config.mom_same} (fixed policies index "
+            "modules by step, and MoM-same modules are one module)"
+        )
+    min_keep = max(1, config.K - (1 if config.skip else 0))
+    state = dict(model.state_dict())
+    plans: list[PoolPlan] = []
+    sizes: dict[str, list[int]] = {"attn": [], "ffn": []}
+    for layer_index, chunk in enumerate(model.transformer.h):
+        if not isinstance(chunk, MoMChunk):
+            continue  # a fixed block: nothing routed
+        c = chunk.chunk_index
+        for kind, pool, router in (
+            ("attn", chunk.attn, chunk.policy.attn_router),
+            ("ffn", chunk.ffn, chunk.policy.ffn_router),
+        ):
+            plan = plan_pool(f"chunk{c}/{kind}", frequencies, pool.num_modules, threshold, min_keep)
+            plans.append(plan)
+            sizes[kind].append(len(plan.kept))
+            keep = torch.tensor(plan.kept, dtype=torch.long)
+            prefix = f"transformer.h.{layer_index}."
+            # Every pool parameter is stacked by module along dim 0.
+            for name, _ in pool.named_parameters(recurse=False):
+                key = f"{prefix}{kind}.{name}"
+                state[key] = state[key][keep].clone()
+            # Router output rows: the kept modules in order, then SKIP (the last row).
+            rows = torch.cat([keep, torch.tensor([pool.num_modules])]) if config.skip else keep
+            for name, _ in router.out.named_parameters():
+                key = f"{prefix}policy.{kind}_router.out.{name}"
+                state[key] = state[key][rows].clone()
+    pruned_config = new_config(
+        config, attn_modules_per_chunk=sizes["attn"], ffn_modules_per_chunk=sizes["ffn"]
+    )
+    return rebuild(model, pruned_config, state), plans
+
+
+# ---- entry points ----------------------------------------------------------------------
+
+
+def prune_model(
+    model: PreTrainedModel,
+    usage_or_frequencies: UsageStats | Mapping[str, Any],
+    threshold: float,
+    norm: str = "max",
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """Remove every module whose normalised activation frequency is below `threshold`.
+
+    `usage_or_frequencies`: a `UsageStats` of this model, or a dict of per-pool counts or
+    frequencies keyed like `UsageStats.module_frequencies` ("layer{l}/att", "layer{l}/ffd"
+    for ModuleFormer, "chunk{c}/attn", "chunk{c}/ffn" for MoM, SKIP excluded); they are
+    normalised within each pool by `norm` ("max" as the paper, or "sum").
+
+    Returns the pruned model (a new model; `model` is untouched) and a JSON-able report:
+    parameters before/after and, per pool, the kept module indices and the frequencies.
+    A ModuleFormer with inserted experts is merged first (they become ordinary experts).
+    """
+    threshold = _check_threshold(threshold)
+    if not isinstance(model, (ModuleFormerForCausalLM, MoMForCausalLM)):
+        raise SurgeryError(
+            f"{type(model).__name__} has no modules to prune; pruning needs a ModuleFormer "
+            "or MoM model (arch 'moduleformer' or 'mom')"
+        )
+    frequencies = _frequencies(model, usage_or_frequencies, norm)
+    merged = False
+    if isinstance(model, ModuleFormerForCausalLM):
+        merged = model.config.n_inserted_att_experts + model.config.n_inserted_ffd_experts > 0
+        pruned, plans = _prune_moduleformer(merge_inserted_experts(model), frequencies, threshold)
+    else:
+        pruned, plans = _prune_mom(model, frequencies, threshold)
+    before, after = count_parameters(model), count_parameters(pruned)
+    report = {
+        "arch": "moduleformer" if isinstance(model, ModuleFormerForCausalLM) else "mom",
+        "threshold": threshold,
+        "norm": norm,
+        "params_before": before,
+        "params_after": after,
+        "params_ratio": after / before,
+        "merged_inserted_experts": merged,
+        "pools": [plan.to_json() for plan in plans],
+    }
+    return pruned, report
+
+
+def format_prune_report(report: Mapping[str, Any]) -> str:
+    """One line per pool: kept/before, removed indices, plus the parameter totals."""
+    lines = [
+        f"pruned {report['arch']} at threshold {report['threshold']} ({report['norm']}-normalised)"
+    ]
+    for pool in report["pools"]:
+        note = "  (kept the top-k most used)" if pool["raised_to_top_k"] else ""
+        lines.append(
+            f"  {pool['key']:<14} {pool['after']:>3}/{pool['before']:<3} kept, "
+            f"removed {pool['removed']}{note}"
+        )
+    lines.append(
+        f"parameters: {report['params_before']:,} -> {report['params_after']:,} "
+        f"({100 * report['params_ratio']:.1f}%)"
+    )
+    return "\n".join(lines)
+
+
+# ---- workflows (sec. 5.3) --------------------------------------------------------------
+
+
+def _train(init_from: Path, data_dir: str | Path, out_dir: Path, settings: Sequence[str]):
+    from modformer.train.config import load_train_config
+    from modformer.train.trainer import train
+
+    overrides = [f"model.init_from={init_from}", f"data.dir={data_dir}", f"out_dir={out_dir}"]
+    cfg = load_train_config(overrides=[*overrides, *settings])
+    return train(cfg)
+
+
+def _usage(
+    model: PreTrainedModel | str | Path,
+    data_dir: str | Path,
+    split: str,
+    block_size: int,
+    max_batches: int | None,
+) -> UsageStats:
+    from modformer.analysis.usage import collect_usage_on_data
+
+    return collect_usage_on_data(
+        model, data_dir, split=split, block_size=block_size, max_batches=max_batches
+    )
+
+
+def prune_then_finetune(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    threshold: float,
+    out_dir: str | Path,
+    train_settings: Sequence[str] = (),
+    norm: str = "max",
+    split: str = "val",
+    block_size: int = 128,
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    """Workflow 1 (sec. 5.3, "p-f"): prune by the model's usage on the target data, then
+    fine-tune the pruned model there. `train_settings` are `modformer train --set` strings
+    (e.g. "max_steps=200"). Writes out_dir/pruned (the pruned model, prune_report.json)
+    and out_dir/finetuned (the training run). Returns {"prune": report, "train": final}.
+
+    The commands are the same two steps::
+
+        modformer prune MODEL --data DATA --threshold TAU OUT/pruned
+        modformer train --set model.init_from=OUT/pruned --set data.dir=DATA \\
+            --set out_dir=OUT/finetuned ...
+    """
+    out_dir = Path(out_dir)
+    check_same_tokenizer(model_dir, data_dir)
+    model = load_model_dir(model_dir)
+    usage = _usage(model, data_dir, split, block_size, max_batches)
+    pruned, report = prune_model(model, usage, threshold, norm)
+    save_pruned(pruned, report, out_dir / "pruned", model_dir)
+    final = _train(out_dir / "pruned", data_dir, out_dir / "finetuned", train_settings)
+    return {"prune": report, "train": final}
+
+
+def finetune_then_prune(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    thresholds: Sequence[float],
+    out_dir: str | Path,
+    load_concentration_weight: float = 0.001,
+    train_settings: Sequence[str] = (),
+    norm: str = "max",
+    split: str = "val",
+    block_size: int = 128,
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    """Workflow 2 (sec. 5.3, "f-p"): fine-tune with the load-concentration loss (eq. 8;
+    the paper's weight is 0.001), then prune the fine-tuned model at every threshold.
+    Writes out_dir/finetuned (the run) and out_dir/pruned_tau{TAU}. Returns {"train":
+    final metrics, "prune": {tau: report}}.
+
+    As commands: write the weight into the model's config (the trainer keeps a saved
+    model's config), fine-tune, then prune::
+
+        modformer train --set model.init_from=START --set data.dir=DATA \\
+            --set out_dir=OUT/finetuned ...      # START: config has load_concentration_weight
+        modformer prune OUT/finetuned --data DATA --threshold TAU OUT/pruned_tauTAU
+    """
+    if not load_concentration_weight >= 0:
+        raise SurgeryError(
+            f"load_concentration_weight must be >= 0, got {load_concentration_weight}"
+        )
+    thresholds = [_check_threshold(t) for t in thresholds]
+    out_dir = Path(out_dir)
+    check_same_tokenizer(model_dir, data_dir)
+    model = load_model_dir(model_dir)
+    if not isinstance(model, ModuleFormerForCausalLM):
+        raise SurgeryError(
+            "the load-concentration loss (eq. 8) is a ModuleFormer loss; pass a ModuleFormer"
+        )
+    model.config.load_concentration_weight = float(load_concentration_weight)
+    save_model_with_tokenizer(model, out_dir / "start", model_dir)
+    final = _train(out_dir / "start", data_dir, out_dir / "finetuned", train_settings)
+    finetuned = out_dir / "finetuned" / "model"
+    model = load_model_dir(finetuned)
+    usage = _usage(model, data_dir, split, block_size, max_batches)
+    reports = {}
+    for tau in thresholds:
+        pruned, report = prune_model(model, usage, tau, norm)
+        save_pruned(pruned, report, out_dir / f"pruned_tau{tau:g}", finetuned)
+        reports[tau] = report
+    return {"train": final, "prune": reports}
+
+
+def save_pruned(
+    model: PreTrainedModel, report: Mapping[str, Any], out_dir: str | Path, source_dir
+) -> Path:
+    """The pruned model (with the source's tokenizer) and its prune_report.json."""
+    from modformer.utils import atomic_write_text
+
+    out = save_model_with_tokenizer(model, out_dir, source_dir)
+    atomic_write_text(Path(out) / "prune_report.json", json.dumps(report, indent=1))
+    return out
+
+
+# ---- CLI -------------------------------------------------------------------------------
+
+
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="ModuleFormer or MoM model directory or training out_dir")
+    parser.add_argument("out", help="directory for the pruned model (and prune_report.json)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="prepared data directory to count module usage on")
+    source.add_argument("--usage", help="usage statistics JSON written by `modformer usage`")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        required=True,
+        help="remove modules whose normalised activation frequency is below this (0..1)",
+    )
+    parser.add_argument(
+        "--norm",
+        choices=list(NORMS),
+        default="max",
+        help="normalise each layer's frequencies by their max (default, as the paper) or sum",
+    )
+    parser.add_argument(
+        "--split", default="val", choices=["train", "val"], help="split of --data (default: val)"
+    )
+    parser.add_argument("--block-size", type=int, default=128, help="tokens per window")
+    parser.add_argument(
+        "--max-batches", type=int, help="batches per domain to count on (default: all)"
+    )
+    parser.add_argument("--report", help="also write the report JSON here")
+
+
+def run_prune(args: argparse.Namespace) -> dict[str, Any]:
+    _check_threshold(args.threshold)  # fail before loading anything
+    if args.data:
+        check_same_tokenizer(args.model, args.data)
+    model = load_model_dir(args.model)
+    if args.usage:
+        usage = UsageStats.load(args.usage)
+    else:
+        usage = _usage(model, args.data, args.split, args.block_size, args.max_batches)
+    pruned, report = prune_model(model, usage, args.threshold, args.norm)
+    save_pruned(pruned, report, args.out, args.model)
+    if args.report:
+        from modformer.utils import atomic_write_text
+
+        atomic_write_text(args.report, json.dumps(report, indent=1))
+    print(format_prune_report(report))
+    print(f"wrote {args.out}")
+    return report
