@@ -28,6 +28,11 @@ Times are wall-clock medians; the CPU-time median (``time.process_time``, all th
 is printed next to it because on a shared machine wall time also counts waiting for a
 core.
 
+On a shared, oversubscribed CPU, libgomp's default spin-waiting makes every parallel
+op wait for a descheduled worker; code with many medium-sized ops (ours: ~30 per block)
+suffers far more than a few huge GEMMs (official). ``--threads 1`` or
+``OMP_WAIT_POLICY=PASSIVE`` (set in the environment, before torch starts) avoid it.
+
 Example::
 
     python bench/stick_breaking.py                       # B=2 H=8 T=1024 D=64 fp32 fwd+bwd
@@ -232,6 +237,9 @@ def main() -> None:
     config = {k: v for k, v in vars(args).items() if k not in ("json", "memory_probe")}
     config["torch"] = torch.__version__
     config["threads"] = torch.get_num_threads()
+    config["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
+    config["load_avg_1min_after"] = os.getloadavg()[0]
+    config["cpu_count"] = os.cpu_count()
     print(
         f"stick-breaking attention, B={args.batch} H={args.heads} T={args.seq} "
         f"D={args.head_dim} {args.dtype} {args.mode} on {device} "
@@ -243,6 +251,13 @@ def main() -> None:
         print(f"{name:<10}{r['median_ms']:12.2f}{r['median_cpu_ms']:12.2f}{peak}")
     for key, value in summary.items():
         print(f"{key}: {value:.3g}")
+    if device.type == "cpu" and config["load_avg_1min_after"] > config["cpu_count"]:
+        print(
+            f"note: busy machine (load {config['load_avg_1min_after']:.1f} on "
+            f"{config['cpu_count']} cores). With several threads, OpenMP workers spin-wait "
+            "for descheduled peers at every op, which penalises many-op code like ours; "
+            "compare with --threads 1 or OMP_WAIT_POLICY=PASSIVE."
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": config, "results": results, "summary": summary}, f, indent=2)
