@@ -251,7 +251,8 @@ def main() -> None:
         print(f"{name:<10}{r['median_ms']:12.2f}{r['median_cpu_ms']:12.2f}{peak}")
     for key, value in summary.items():
         print(f"{key}: {value:.3g}")
-    if device.type == "cpu" and config["load_avg_1min_after"] > config["cpu_count"]:
+    busy = config["load_avg_1min_after"] > config["cpu_count"]
+    if device.type == "cpu" and busy and config["threads"] > 1:
         print(
             f"note: busy machine (load {config['load_avg_1min_after']:.1f} on "
             f"{config['cpu_count']} cores). With several threads, OpenMP workers spin-wait "
