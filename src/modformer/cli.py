@@ -348,6 +348,20 @@ def _sweep(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_sweep)
 
 
+def _cost(sub: argparse._SubParsersAction) -> None:
+    from modformer.eval.costs import add_cost_arguments, run_cost
+
+    p = sub.add_parser(
+        "cost",
+        help="params, FLOPs/token, peak memory (and val loss) per model: MoM Table 1",
+        description="Inference costs of saved models and/or random-init preset configs: total "
+        "and active parameters, analytic FLOPs per token counting only the modules each token "
+        "runs, measured peak memory, and val loss of trained models with --data. See docs/costs.md.",
+    )
+    add_cost_arguments(p)
+    p.set_defaults(func=run_cost)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _prepare,
     _train,
@@ -357,6 +371,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _finetune,
     _lm_eval,
     _plot_curves,
+    _cost,
     _usage,
     _routing_report,
     _sweep,
