@@ -2,6 +2,8 @@
 
 Stage `vanilla`: prepare the default corpus, train the tiny GPT, report validation
 loss/perplexity beside a unigram model of the same corpus, and generate a sample.
+Stage `mom`: phase 2 of two-phase training: the vanilla model's layers become MoM module
+pools, trained for `--mom-steps`; beside it the vanilla model trained the same extra steps.
 Stage `moduleformer`: train a tiny ModuleFormer and a dense GPT of equal active compute for
 the same steps on the same batches; report validation loss, tokens/s and active/total
 parameters.
@@ -18,7 +20,7 @@ from typing import Any
 from modformer.config import ConfigError
 from modformer.utils import atomic_write_text
 
-STAGES = ("vanilla", "moduleformer")
+STAGES = ("vanilla", "mom", "moduleformer")
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +36,20 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--steps", type=int, default=400, help="training steps of the vanilla model (default: 400)"
+    )
+    p.add_argument(
+        "--mom-steps",
+        type=int,
+        default=200,
+        help="phase-2 steps of MoM and of the continued vanilla model (default: 200)",
+    )
+    p.add_argument(
+        "--mom-config", default="K2H3S", help="MoM K/H/SKIP name for phase 2 (default: K2H3S)"
+    )
+    p.add_argument(
+        "--mom-chunks",
+        default="[1-2-1]",
+        help="chunk string over the tiny model's 4 layers (default: [1-2-1])",
     )
     p.add_argument(
         "--moduleformer-steps",
@@ -141,6 +157,16 @@ def count_parameters(model) -> tuple[int, int]:
     return active, total
 
 
+def _flops_per_token(model, data_dir: Path, block_size: int) -> float:
+    """Inference FLOPs per token on a few validation windows, counting only the modules
+    each token actually ran (routing-dependent for MoM and ModuleFormer)."""
+    from modformer.data.dataset import TokenDataset
+    from modformer.eval.costs import flops_per_token
+
+    batch = next(TokenDataset(data_dir, "val").iter_sequential(block_size, 4))
+    return flops_per_token(model, batch)
+
+
 def _train_and_measure(
     args, data_dir: Path, out_dir: Path, steps: int, **model: Any
 ) -> dict[str, Any]:
@@ -151,14 +177,42 @@ def _train_and_measure(
     t0 = time.perf_counter()
     final = train(_train_cfg(args, data_dir, out_dir, steps, **model))
     seconds = time.perf_counter() - t0
-    active, total = count_parameters(load_model(out_dir))
+    model = load_model(out_dir)
+    active, total = count_parameters(model)
     return {
+        "flops_per_token": _flops_per_token(model, data_dir, args.block_size),
         "val_loss": final["val_loss"],
         "val_ppl": final["val_ppl"],
         "tokens_per_s": final["tokens_trained"] / seconds,
         "active_params": active,
         "total_params": total,
         "steps": steps,
+    }
+
+
+def stage_mom(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
+    from modformer.models.mom.convert import mom_from_vanilla
+    from modformer.train.checkpoint import atomic_save_model
+
+    vanilla = work / "vanilla" / "model"
+    if not (vanilla / "config.json").is_file():
+        raise ConfigError(
+            f"the mom stage starts from the vanilla stage's model, but {vanilla} does not exist; run --stages vanilla,mom"
+        )
+    steps = args.mom_steps
+    init = work / "mom_init"
+    model = mom_from_vanilla(vanilla, chunks=args.mom_chunks, mom_name=args.mom_config)
+    atomic_save_model(model, init, tokenizer_dir=vanilla)
+    print(
+        f"== phase 2: MoM {args.mom_config} {args.mom_chunks} from the vanilla model, {steps} steps; vanilla continued for the same steps"
+    )
+    return {
+        f"MoM {args.mom_config}": _train_and_measure(
+            args, data_dir, work / "mom", steps, init_from=str(init)
+        ),
+        "vanilla (cont.)": _train_and_measure(
+            args, data_dir, work / "vanilla_cont", steps, init_from=str(vanilla)
+        ),
     }
 
 
@@ -214,6 +268,18 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(f"   training time       {r['train_seconds']:.0f} s")
         print(f"   sample: {r['sample_prompt']}{r['sample']!r}")
+    if "mom" in stages:
+        rows = results["mom"] = stage_mom(args, data_dir, work)
+        print_table(
+            "phase 2: MoM vs vanilla trained the same extra steps",
+            rows,
+            [
+                ("val_loss", "val loss", ".3f"),
+                ("total_params", "params", ","),
+                ("flops_per_token", "FLOPs/token", ",.0f"),
+                ("tokens_per_s", "tokens/s", ",.0f"),
+            ],
+        )
     if "moduleformer" in stages:
         rows = results["moduleformer"] = stage_moduleformer(args, data_dir, work)
         print_table(
@@ -222,6 +288,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             [
                 ("val_loss", "val loss", ".3f"),
                 ("tokens_per_s", "tokens/s", ",.0f"),
+                ("flops_per_token", "FLOPs/token", ",.0f"),
                 ("active_params", "active params", ","),
                 ("total_params", "total params", ","),
             ],
