@@ -7,6 +7,8 @@ pools, trained for `--mom-steps`; beside it the vanilla model trained the same e
 Stage `moduleformer`: train a tiny ModuleFormer and a dense GPT of equal active compute for
 the same steps on the same batches; report validation loss, tokens/s and active/total
 parameters.
+Stage `report`: training curves of every run, and routing reports (module usage, MoM
+step transitions, per-domain expert distributions and their KL) as PNG + JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 from modformer.config import ConfigError
 from modformer.utils import atomic_write_text
 
-STAGES = ("vanilla", "mom", "moduleformer")
+STAGES = ("vanilla", "mom", "moduleformer", "report")
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,7 +101,7 @@ def _train_cfg(args: argparse.Namespace, data_dir: Path, out_dir: Path, steps: i
             "seed": args.seed,
             "max_steps": steps,
             "batch_size": args.batch_size,
-            "eval_interval": 0,
+            "eval_interval": max(steps // 5, 1),
             "eval_batches": 16,
             "log_interval": 20,
             "ckpt_interval": 0,
@@ -229,6 +231,34 @@ def stage_moduleformer(args: argparse.Namespace, data_dir: Path, work: Path) -> 
     }
 
 
+def stage_report(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
+    from modformer.analysis.routing_report import write_routing_report
+    from modformer.analysis.usage import collect_usage_on_data
+    from modformer.eval.curves import plot_training_curves
+    from modformer.models.loading import load_model
+
+    out = work / "report"
+    runs = [work / name for name in RUN_NAMES if (work / name / "metrics.jsonl").is_file()]
+    if not runs:
+        raise ConfigError(f"no training runs in {work} to report on; run the other stages first")
+    figures = [
+        str(plot_training_curves(runs, out / "training_curves.png", x_axis="tokens", smoothing=0.6))
+    ]
+    for name in ("mom", "moduleformer"):
+        if (work / name / "model" / "config.json").is_file():
+            model = load_model(work / name)
+            stats = collect_usage_on_data(
+                model, data_dir, block_size=args.block_size, max_batches=8, per_domain=True
+            )
+            report = write_routing_report(stats, out / name)
+            figures += [str(out / name / f) for f in report["figures"]]
+    return {"figures": figures}
+
+
+# Runs the demo trains, in the order the curves legend lists them.
+RUN_NAMES = ("vanilla", "vanilla_cont", "mom", "dense", "moduleformer")
+
+
 def print_table(
     title: str, rows: dict[str, dict[str, Any]], columns: list[tuple[str, str, str]]
 ) -> None:
@@ -293,6 +323,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 ("total_params", "total params", ","),
             ],
         )
+    if "report" in stages:
+        rep = results["report"] = stage_report(args, data_dir, work)
+        print("\n== figures")
+        for f in rep["figures"]:
+            print(f"   {f}")
     atomic_write_text(work / "results.json", json.dumps(results, indent=2))
     print(f"\nresults written to {work / 'results.json'}")
     return results
