@@ -5,6 +5,11 @@ We compute only the selected (token, module) pairs: sort the pairs by module, ru
 grouped GEMM over the contiguous per-module segments (`torch.nn.functional.grouped_mm`,
 whose group offsets live on the device, so no `.tolist()` is needed), and scatter the
 results back. This is the ScatterMoE/MegaBlocks idea in plain PyTorch.
+
+Putting results back (`combine_pairs`) un-sorts the pair rows with the inverse
+permutation and sums each token's k rows with one batched (1 x k) @ (k x f) product.
+Both directions of that are gathers; `index_add_` would scatter-add instead, which is
+slower on CPU and needs atomics on GPU.
 """
 
 from __future__ import annotations
@@ -20,14 +25,17 @@ class Dispatch:
     """Where each selected (token, slot) pair goes once pairs are sorted by module.
 
     `token_index[j]` is the token of the j-th sorted pair, `slot_index[j]` its position in
-    the flattened (tokens x k) selection, `offsets` the cumulative pair count per module
-    (int32, as grouped_mm wants), `counts` the pairs per module.
+    the flattened (tokens x k) selection and `pair_of_slot` the inverse permutation
+    (`pair_of_slot[slot_index[j]] == j`), `offsets` the cumulative pair count per module
+    (int32, as grouped_mm wants), `counts` the pairs per module, `k` the picks per token.
     """
 
     token_index: torch.Tensor
     slot_index: torch.Tensor
+    pair_of_slot: torch.Tensor
     offsets: torch.Tensor
     counts: torch.Tensor
+    k: int
 
 
 def make_dispatch(expert_index: torch.Tensor, num_experts: int) -> Dispatch:
@@ -45,8 +53,16 @@ def make_dispatch(expert_index: torch.Tensor, num_experts: int) -> Dispatch:
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
     counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]
     offsets = torch.cumsum(counts, 0).to(torch.int32)
+    pair_of_slot = torch.empty_like(slot_index).scatter_(
+        0, slot_index, torch.arange(slot_index.numel(), device=flat.device)
+    )
     return Dispatch(
-        token_index=slot_index // k, slot_index=slot_index, offsets=offsets, counts=counts
+        token_index=slot_index // k,
+        slot_index=slot_index,
+        pair_of_slot=pair_of_slot,
+        offsets=offsets,
+        counts=counts,
+        k=k,
     )
 
 
@@ -76,13 +92,21 @@ class _GroupedMM(torch.autograd.Function):
     """`F.grouped_mm` whose rows past the last group are exact zeros, forward and backward.
 
     grouped_mm leaves those rows uninitialised; left-out pairs (e.g. SKIP) live there.
+    The fills are in place: the products are fresh tensors of our own, and an
+    out-of-place fill would copy each of them once more. With `zero_left_out=False`
+    (the caller knows every row is in a group) they are skipped.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor):
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, zero_left_out: bool
+    ):
         ctx.save_for_backward(x, weight, offsets)
+        ctx.zero_left_out = zero_left_out
         y = F.grouped_mm(x, weight, offs=offsets)
-        return y.masked_fill(~_rows_in_groups(x.shape[0], offsets), 0.0)
+        if zero_left_out:
+            y.masked_fill_(~_rows_in_groups(x.shape[0], offsets), 0.0)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
@@ -91,10 +115,11 @@ class _GroupedMM(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = F.grouped_mm(grad_y, weight.transpose(1, 2), offs=offsets)
-            grad_x = grad_x.masked_fill(~_rows_in_groups(x.shape[0], offsets), 0.0)
+            if ctx.zero_left_out:
+                grad_x.masked_fill_(~_rows_in_groups(x.shape[0], offsets), 0.0)
         if ctx.needs_input_grad[1]:
             grad_w = F.grouped_mm(x.t(), grad_y, offs=offsets)
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
 def _looped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -112,11 +137,14 @@ def grouped_linear(
     weight: torch.Tensor,
     offsets: torch.Tensor,
     bias: torch.Tensor | None = None,
+    zero_left_out: bool = True,
 ) -> torch.Tensor:
     """`y[j] = x[j] @ weight[g] (+ bias[g])` for rows j in group g's segment.
 
     x: (N, d_in) rows sorted by group; weight: (G, d_in, d_out); offsets: (G,) int32 end
-    of each group's segment. Rows past offsets[-1] (left-out pairs) come back as zeros.
+    of each group's segment. Rows past offsets[-1] (left-out pairs) come back as zeros,
+    and so do their input gradients. `zero_left_out=False` says there are no such rows
+    (offsets[-1] == N): it saves a pass over the output, and leaves garbage otherwise.
     """
     if x.dim() != 2 or weight.dim() != 3 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -124,7 +152,7 @@ def grouped_linear(
             f"{tuple(x.shape)} and {tuple(weight.shape)}"
         )
     if grouped_mm_supported(x, weight):
-        y = _GroupedMM.apply(x, weight, offsets)
+        y = _GroupedMM.apply(x, weight, offsets, zero_left_out)
     else:
         y = _looped_mm(x, weight, offsets)
     if bias is not None:
@@ -134,3 +162,77 @@ def grouped_linear(
         # Rows past the last group index the zero row appended to the bias.
         y = y + F.pad(bias, (0, 0, 0, 1))[group_of_row]
     return y
+
+
+class _PermuteRows(torch.autograd.Function):
+    """`x[perm]` for a permutation `perm` with inverse `inverse`; the backward is the
+    gather `grad[inverse]` (autograd's own backward of indexing is a scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor):
+        ctx.save_for_backward(perm, inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        perm, inverse = ctx.saved_tensors
+        return _PermuteRows.apply(grad, inverse, perm), None, None
+
+
+def slot_order(rows: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    """(n * k, f) rows in sorted pair order -> the same rows in (token, slot) order."""
+    return _PermuteRows.apply(rows, dispatch.pair_of_slot, dispatch.slot_index)
+
+
+def pair_order(rows: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    """(n * k, f) rows in (token, slot) order -> the same rows in sorted pair order."""
+    return _PermuteRows.apply(rows, dispatch.slot_index, dispatch.pair_of_slot)
+
+
+class _CombinePairs(torch.autograd.Function):
+    """`combine_pairs`. Forward: un-sort the pair rows to (token, slot) order and take
+    each token's weighted sum, one batched (1 x k) @ (k x f) product. Backward: a pair
+    row's gradient is its token's output gradient times its weight (a gather by token,
+    scaled in place); a weight's gradient is its row's dot product with that gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, token_index, pair_of_slot, slot_index):
+        n, k = weight.shape
+        by_slot = rows.index_select(0, pair_of_slot).view(n, k, rows.shape[-1])
+        ctx.save_for_backward(
+            by_slot if ctx.needs_input_grad[1] else None, weight, token_index, slot_index
+        )
+        return torch.bmm(weight.view(n, 1, k), by_slot).view(n, -1)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        by_slot, weight, token_index, slot_index = ctx.saved_tensors
+        grad_rows = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = grad_y.index_select(0, token_index)
+            grad_rows.mul_(weight.reshape(-1)[slot_index, None])
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.bmm(by_slot, grad_y.unsqueeze(2)).view(weight.shape)
+        return grad_rows, grad_weight, None, None, None
+
+
+def combine_pairs(
+    rows: torch.Tensor, dispatch: Dispatch, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each token's sum over its k pair rows: `y[t] = sum_s weight[t, s] * row(t, s)`.
+
+    rows: (n * k, f) in sorted pair order (as `grouped_linear` returns them);
+    weight: (n, k) per-pick weights, or None for a plain sum. Returns (n, f).
+    Left-out pairs contribute their rows, which `grouped_linear` leaves at zero.
+    """
+    n = rows.shape[0] // dispatch.k
+    if weight is None:
+        weight = rows.new_ones(n, dispatch.k)
+    return _CombinePairs.apply(
+        rows,
+        weight.to(rows.dtype),
+        dispatch.token_index,
+        dispatch.pair_of_slot,
+        dispatch.slot_index,
+    )

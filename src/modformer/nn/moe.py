@@ -8,8 +8,9 @@
 
 Only the selected (token, expert) pairs are computed: pairs are grouped by expert with
 ``make_dispatch`` and each expert's weights are applied to its pairs by one grouped GEMM
-(``grouped_linear``); expert weights are stacked as (experts, d_in, d_out). Padding
-tokens (``token_mask`` False) select no expert at all: their outputs are 0.
+(``grouped_linear``); expert weights are stacked as (experts, d_in, d_out), and
+``combine_pairs`` sums each token's gated expert outputs. Padding tokens
+(``token_mask`` False) select no expert at all: their outputs are 0.
 Nothing here reads a value back to the host.
 """
 
@@ -21,7 +22,13 @@ import torch
 from torch import nn
 
 from modformer.nn.activations import get_activation
-from modformer.nn.grouped import Dispatch, grouped_linear, make_dispatch
+from modformer.nn.grouped import (
+    combine_pairs,
+    grouped_linear,
+    make_dispatch,
+    pair_order,
+    slot_order,
+)
 from modformer.nn.stick_breaking import stick_breaking_attention
 
 
@@ -93,15 +100,6 @@ def _expert_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _combine(
-    pair_outputs: torch.Tensor, gates: torch.Tensor, dispatch: Dispatch, n_tokens: int
-) -> torch.Tensor:
-    """``y[t] = sum_slots gate[t, slot] * out[t, slot]`` from outputs sorted by expert."""
-    sorted_gates = gates.reshape(-1)[dispatch.slot_index].to(pair_outputs.dtype)
-    y = pair_outputs.new_zeros(n_tokens, pair_outputs.shape[-1])
-    return y.index_add(0, dispatch.token_index, pair_outputs * sorted_gates[:, None])
-
-
 class SparseMoE(nn.Module):
     """Sparse mixture of FFN experts: ``y = sum_m g(m|x) f_m(x)``, only top-k computed.
 
@@ -138,11 +136,18 @@ class SparseMoE(nn.Module):
         route = self.router(flat)
         dispatch = _dispatch(route, self.num_experts, token_mask)
         dtype = _expert_dtype(flat)
+        # Without padding every pair is in some expert's group: no rows to zero.
+        complete = token_mask is None
         hidden = grouped_linear(
-            flat[dispatch.token_index].to(dtype), self.w_in.to(dtype), dispatch.offsets
+            flat[dispatch.token_index].to(dtype),
+            self.w_in.to(dtype),
+            dispatch.offsets,
+            zero_left_out=not complete,
         )
-        out = grouped_linear(self.act(hidden), self.w_out.to(dtype), dispatch.offsets)
-        y = _combine(out, route.top_k_gates, dispatch, flat.shape[0])
+        out = grouped_linear(
+            self.act(hidden), self.w_out.to(dtype), dispatch.offsets, zero_left_out=not complete
+        )
+        y = combine_pairs(out, dispatch, route.top_k_gates)
         return y.view(*x.shape[:-1], -1), route
 
 
@@ -232,9 +237,7 @@ class MixtureOfAttentionHeads(nn.Module):
         q_pairs = grouped_linear(
             flat[dispatch.token_index].to(dtype), self.w_q.to(dtype), dispatch.offsets
         )
-        q = q_pairs.new_zeros(B * T * k, self.att_hidden).index_copy(
-            0, dispatch.slot_index, q_pairs
-        )
+        q = slot_order(q_pairs, dispatch)
         q = q.view(B, T, k * self.n_head, self.head_dim).transpose(1, 2)
         # Every slot attends to the same shared keys/values: repeat them per slot.
         keys = keys.to(dtype).repeat(1, k, 1, 1)
@@ -242,6 +245,6 @@ class MixtureOfAttentionHeads(nn.Module):
         attended = stick_breaking_attention(q, keys, values, key_padding_mask, self.block_size)
 
         attended = attended.transpose(1, 2).reshape(B * T * k, self.att_hidden)
-        out = grouped_linear(attended[dispatch.slot_index], self.w_o.to(dtype), dispatch.offsets)
-        y = _combine(out, route.top_k_gates, dispatch, B * T)
+        out = grouped_linear(pair_order(attended, dispatch), self.w_o.to(dtype), dispatch.offsets)
+        y = combine_pairs(out, dispatch, route.top_k_gates)
         return y.view(B, T, -1), route

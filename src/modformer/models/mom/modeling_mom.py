@@ -6,8 +6,8 @@ Read top to bottom:
   pre-LN, stored stacked as (num_modules, d_in, d_out) tensors. A decision's (token, pick)
   pairs are sorted by module (`make_dispatch`), each pair gets its module's LN affine, and
   every projection is one grouped GEMM over all modules (`grouped_linear`); results go
-  back to their tokens with `index_add_`. SKIP pairs sort to the end, where the grouped
-  GEMM and the zero-padded per-module biases leave them exactly zero.
+  back to their tokens, weighted, with `combine_pairs`. SKIP pairs sort to the end, where
+  the grouped GEMM and the zero-padded per-module biases leave them exactly zero.
 - `MoMChunk`: H assembly steps, `u_h = F^A_h(x_h) + x_h`, `x_{h+1} = F^F_h(u_h) + u_h`,
   with the modules each token runs chosen by the chunk's policy (`policies.py`).
 - `MoMModel`: embeddings, then fixed GPT-2 `Block`s and chunks in chunk-string order,
@@ -47,7 +47,7 @@ from modformer.models.mom.configuration_mom import MoMConfig
 from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
 from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss
 from modformer.nn.activations import get_activation
-from modformer.nn.grouped import Dispatch, grouped_linear, make_dispatch
+from modformer.nn.grouped import Dispatch, combine_pairs, grouped_linear, make_dispatch
 from modformer.nn.masking import causal_padding_mask
 
 # ---- outputs ---------------------------------------------------------------------------
@@ -94,22 +94,16 @@ class MoMCausalLMOutput(ModformerCausalLMOutput):
 class RoutedPairs:
     """One decision's picks, and its (token, pick) pairs sorted by module.
 
-    index, weight: (n, k) pool indices (the pool size = SKIP) and routing weights;
-    module: (P,) module of each sorted pair; pair_weight: (P, 1) its routing weight.
+    index, weight: (n, k) pool indices (the pool size = SKIP) and routing weights.
     """
 
     index: torch.Tensor
     weight: torch.Tensor
     dispatch: Dispatch
-    module: torch.Tensor
-    pair_weight: torch.Tensor
 
     @classmethod
     def sort(cls, index: torch.Tensor, weight: torch.Tensor, num_modules: int) -> RoutedPairs:
-        dispatch = make_dispatch(index, num_modules)
-        module = index.reshape(-1)[dispatch.slot_index]
-        pair_weight = weight.reshape(-1)[dispatch.slot_index][:, None]
-        return cls(index, weight, dispatch, module, pair_weight)
+        return cls(index, weight, make_dispatch(index, num_modules))
 
     @property
     def token_index(self) -> torch.Tensor:
@@ -213,18 +207,10 @@ class _ModulePool(nn.Module):
         pairs: RoutedPairs,
     ) -> torch.Tensor:
         """sum over a token's pairs of r_k (h_j W_k + b_k): (P, f) pair rows -> (n, d)."""
-        out_rows = self.grouped(hidden, weight, pairs)
-        out_rows = out_rows * pairs.pair_weight.to(out_rows.dtype)
-        out = self.combine(out_rows, pairs)
+        out = combine_pairs(self.grouped(hidden, weight, pairs), pairs.dispatch, pairs.weight)
         if bias is not None:
             out = out + pairs.module_weights(self.num_modules).to(out.dtype) @ bias.to(out.dtype)
         return out
-
-    @staticmethod
-    def combine(rows: torch.Tensor, pairs: RoutedPairs) -> torch.Tensor:
-        """Sum each token's pair rows: (P, f) -> (n, f)."""
-        out = rows.new_zeros(pairs.index.shape[0], rows.shape[-1])
-        return out.index_add_(0, pairs.token_index, rows)
 
 
 class AttentionModulePool(_ModulePool):
@@ -264,9 +250,7 @@ class AttentionModulePool(_ModulePool):
         """
         B, T, d = x.shape
         qkv_rows = self.project_in(x.reshape(B * T, d), folded_qkv_weight, pairs)
-        if self.weighted_qkv:
-            qkv_rows = qkv_rows * pairs.pair_weight.to(qkv_rows.dtype)
-        qkv = self.combine(qkv_rows, pairs)
+        qkv = combine_pairs(qkv_rows, pairs.dispatch, pairs.weight if self.weighted_qkv else None)
         q, k, v = (
             t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in qkv.split(d, 1)
         )
