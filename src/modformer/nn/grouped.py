@@ -6,10 +6,12 @@ grouped GEMM over the contiguous per-module segments (`torch.nn.functional.group
 whose group offsets live on the device, so no `.tolist()` is needed), and scatter the
 results back. This is the ScatterMoE/MegaBlocks idea in plain PyTorch.
 
-Putting results back (`combine_pairs`) un-sorts the pair rows with the inverse
-permutation and sums each token's k rows with one batched (1 x k) @ (k x f) product.
-Both directions of that are gathers; `index_add_` would scatter-add instead, which is
-slower on CPU and needs atomics on GPU.
+Moving rows between tokens and pairs is done with gathers in both directions:
+`gather_pairs` copies each token's row to its pairs (backward: un-sort, sum over the k
+picks), `combine_pairs` un-sorts the pair rows with the inverse permutation and sums
+each token's k rows with one batched (1 x k) @ (k x f) product (backward: a gather by
+token). Indexing and `index_add_` would scatter-add instead, which is slow on CPU with
+several threads and needs atomics on GPU.
 """
 
 from __future__ import annotations
@@ -177,6 +179,30 @@ class _PermuteRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         perm, inverse = ctx.saved_tensors
         return _PermuteRows.apply(grad, inverse, perm), None, None
+
+
+class _GatherPairs(torch.autograd.Function):
+    """`gather_pairs`. The backward un-sorts the row gradients to (token, slot) order
+    and sums each token's k rows: a gather and a reduction, where autograd's backward
+    of indexing is a scatter-add (slow on CPU with several threads, atomics on GPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token_index: torch.Tensor, pair_of_slot: torch.Tensor):
+        ctx.save_for_backward(pair_of_slot)
+        ctx.num_tokens = x.shape[0]
+        return x.index_select(0, token_index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (pair_of_slot,) = ctx.saved_tensors
+        by_slot = grad.index_select(0, pair_of_slot)
+        return by_slot.view(ctx.num_tokens, -1, grad.shape[-1]).sum(1), None, None
+
+
+def gather_pairs(x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    """(n, d) token rows -> (n * k, d): the row of each pair's token, in sorted pair order
+    (the input of `grouped_linear`)."""
+    return _GatherPairs.apply(x, dispatch.token_index, dispatch.pair_of_slot)
 
 
 def slot_order(rows: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torch import nn
 from modformer.nn.activations import get_activation
 from modformer.nn.grouped import (
     combine_pairs,
+    gather_pairs,
     grouped_linear,
     make_dispatch,
     pair_order,
@@ -139,7 +140,7 @@ class SparseMoE(nn.Module):
         # Without padding every pair is in some expert's group: no rows to zero.
         complete = token_mask is None
         hidden = grouped_linear(
-            flat[dispatch.token_index].to(dtype),
+            gather_pairs(flat.to(dtype), dispatch),
             self.w_in.to(dtype),
             dispatch.offsets,
             zero_left_out=not complete,
@@ -235,7 +236,7 @@ class MixtureOfAttentionHeads(nn.Module):
         # Queries of the selected pairs, put back at their (token, slot) place; slot s of
         # a token becomes heads s * n_head .. (s + 1) * n_head - 1.
         q_pairs = grouped_linear(
-            flat[dispatch.token_index].to(dtype), self.w_q.to(dtype), dispatch.offsets
+            gather_pairs(flat.to(dtype), dispatch), self.w_q.to(dtype), dispatch.offsets
         )
         q = slot_order(q_pairs, dispatch)
         q = q.view(B, T, k * self.n_head, self.head_dim).transpose(1, 2)

@@ -47,7 +47,13 @@ from modformer.models.mom.configuration_mom import MoMConfig
 from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
 from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss
 from modformer.nn.activations import get_activation
-from modformer.nn.grouped import Dispatch, combine_pairs, grouped_linear, make_dispatch
+from modformer.nn.grouped import (
+    Dispatch,
+    combine_pairs,
+    gather_pairs,
+    grouped_linear,
+    make_dispatch,
+)
 from modformer.nn.masking import causal_padding_mask
 
 # ---- outputs ---------------------------------------------------------------------------
@@ -104,10 +110,6 @@ class RoutedPairs:
     @classmethod
     def sort(cls, index: torch.Tensor, weight: torch.Tensor, num_modules: int) -> RoutedPairs:
         return cls(index, weight, make_dispatch(index, num_modules))
-
-    @property
-    def token_index(self) -> torch.Tensor:
-        return self.dispatch.token_index
 
     def module_weights(self, num_modules: int) -> torch.Tensor:
         """(n, num_modules) fp32: each token's total routing weight per module."""
@@ -197,7 +199,9 @@ class _ModulePool(nn.Module):
         self, x: torch.Tensor, folded_weight: torch.Tensor, pairs: RoutedPairs
     ) -> torch.Tensor:
         """LN_k(x_t) W_k + b_k for every pair (t, k): (n, d) -> (P, f)."""
-        return self.grouped(self.normalized_rows(x)[pairs.token_index], folded_weight, pairs)
+        return self.grouped(
+            gather_pairs(self.normalized_rows(x), pairs.dispatch), folded_weight, pairs
+        )
 
     def project_out(
         self,
@@ -271,7 +275,9 @@ class AttentionModulePool(_ModulePool):
             is_causal=attn_mask is None and T > 1,
         )
         a = y.transpose(1, 2).reshape(B * T, d)
-        out = self.project_out(a[pairs.token_index], self.proj_weight, self.proj_bias, pairs)
+        out = self.project_out(
+            gather_pairs(a, pairs.dispatch), self.proj_weight, self.proj_bias, pairs
+        )
         return self.resid_dropout(out.view(B, T, d))
 
 
