@@ -170,17 +170,17 @@ def _block_weights(
     z = torch.matmul(q_blk, k_vis.transpose(-1, -2))
     # softplus(z) = -logsigmoid(-z) = -log(1 - beta); 0 for invisible keys.
     softplus_z = _fill_invisible(F.softplus(z), future, padded, 0.0)
-    # -R_j = sum_{l >= j} softplus(z_l), an inclusive reverse cumsum: flip, cumsum, flip.
+    # S_j = sum_{l >= j} softplus(z_l), an inclusive reverse cumsum: flip, cumsum, flip.
     # (`del` frees each score-sized buffer as soon as possible: at most 3 are alive.)
     flipped = softplus_z.flip(-1)
     del softplus_z
-    neg_reverse_sum = flipped.cumsum_(-1).flip(-1)
+    reverse_sum = flipped.cumsum_(-1).flip(-1)
     beta = None
     if with_beta:  # reuse the flipped buffer
         beta = _fill_invisible(torch.sigmoid(z, out=flipped), future, padded, 0.0)
     del flipped
-    log_p = z.sub_(neg_reverse_sum)
-    del neg_reverse_sum
+    log_p = z.sub_(reverse_sum)  # log p = z - S
+    del reverse_sum
     p = _fill_invisible(log_p.clamp_(min=_LOG_P_FLOOR).exp_(), future, padded, 0.0)
     return p, beta
 
