@@ -1,0 +1,218 @@
+"""Benchmark: the SMoE layer (`SparseMoE`) vs a dense FFN of the same active FLOPs.
+
+Three layers, built once and stepped (forward + backward, input gradient included) on
+the same tokens in the same run, repeats interleaved (ours, dense, loop, ours, ...):
+
+- ``ours``: `modformer.nn.moe.SparseMoE` (router ``TopK(softmax(A relu(B x)))``, pairs
+  sorted by expert, two grouped GEMMs, gated sum back to the tokens).
+- ``dense``: a dense MLP ``d -> k * D_ffd -> d`` (no biases, same activation): exactly
+  the expert FLOPs a token does (k experts of ``d -> D_ffd -> d``). The router's FLOPs
+  (``d -> D_rtr -> N``) are printed next to them; the dense FFN has no router, so its
+  cost is part of what the ratio charges to the SMoE.
+- ``loop``: the Hugging Face Mixtral eager layout, for context: a Python loop over
+  experts, ``torch.where`` on a one-hot mask to find each expert's tokens, one
+  ``nn.Linear`` pair per expert, ``index_add_`` to scatter back (same weights as ours;
+  the outputs are compared).
+
+FLOPs: 2 per multiply-add, matmuls only; a training step is 3x the forward.
+
+    python bench/smoe_layer.py                          # 4096 tokens, d=512, 16 experts, k=2
+    python bench/smoe_layer.py --device cuda --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import median_time, sync
+from modformer.nn.activations import get_activation
+from modformer.nn.mlp import MLP
+from modformer.nn.moe import SparseMoE
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class LoopMoE(nn.Module):
+    """Mixtral eager style (`MixtralSparseMoeBlock.forward`): loop over experts."""
+
+    def __init__(self, moe: SparseMoE, activation: str):
+        super().__init__()
+        self.router, self.top_k = moe.router, moe.top_k
+        num_experts, d, hidden = moe.w_in.shape
+        self.experts = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(d, hidden, bias=False),
+                get_activation(activation),
+                nn.Linear(hidden, d, bias=False),
+            )
+            for _ in range(num_experts)
+        )
+        with torch.no_grad():
+            for e, expert in enumerate(self.experts):
+                expert[0].weight.copy_(moe.w_in[e].t())
+                expert[2].weight.copy_(moe.w_out[e].t())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        route = self.router(hidden_states)
+        routing_weights = route.top_k_gates.to(hidden_states.dtype)
+        final = torch.zeros_like(hidden_states)
+        expert_mask = F.one_hot(route.top_k_indices, len(self.experts)).permute(2, 1, 0)
+        for expert_idx, expert in enumerate(self.experts):
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
+            current_hidden = expert(current_state) * routing_weights[top_x, idx, None]
+            final.index_add_(0, top_x, current_hidden)
+        return final
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, dict[str, list[float]]]:
+    """Wall and CPU seconds of `repeats` runs of each fn, run in turn (A B C A B C ...)
+    so that a change of load on a shared machine hits every fn alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: {"wall": [], "cpu": []} for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            cpu_start = time.process_time()
+            times[name]["wall"].append(median_time(fn, device, warmup=0, repeats=1))
+            times[name]["cpu"].append(time.process_time() - cpu_start)
+    return times
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a / b within the same round."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def training_step(module: nn.Module, forward: Callable[[], torch.Tensor], x, grad):
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        forward().backward(grad)
+
+    return step
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--expert-hidden", type=int, default=1024, help="D_ffd")
+    p.add_argument("--router-hidden", type=int, default=256, help="D_rtr")
+    p.add_argument("--activation", default="gelu_new")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--no-loop", action="store_true", help="skip the loop-over-experts layer")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+    d, k, hidden = args.d_model, args.top_k, args.expert_hidden
+    moe = SparseMoE(d, args.experts, k, hidden, args.activation, args.router_hidden)
+    dense = MLP(d, k * hidden, args.activation, bias=False)
+    loop = LoopMoE(moe, args.activation)
+    moe, dense, loop = (m.to(device, dtype).train() for m in (moe, dense, loop))
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(args.tokens, d, generator=gen).to(device, dtype)
+    grad = torch.randn(args.tokens, d, generator=gen).to(device, dtype)
+    with torch.no_grad():
+        y, route = moe(x)
+        max_diff = (y - loop(x)).abs().max().item()
+        load = torch.bincount(route.top_k_indices.flatten(), minlength=args.experts)
+    x.requires_grad_(True)
+
+    fns = {
+        "ours": training_step(moe, lambda: moe(x)[0], x, grad),
+        "dense": training_step(dense, lambda: dense(x), x, grad),
+    }
+    if not args.no_loop:
+        fns["loop"] = training_step(loop, lambda: loop(x), x, grad)
+    times = interleaved_times(fns, device, args.warmup, args.repeats)
+
+    expert_flops = 2 * k * 2 * d * hidden  # forward, per token
+    router_flops = 2 * (d * args.router_hidden + args.router_hidden * args.experts)
+    flops = {"ours": expert_flops + router_flops, "dense": expert_flops}
+    flops["loop"] = flops["ours"]
+    kinds = ("wall", "cpu") if device.type == "cpu" else ("wall",)
+    results = {}
+    for name, t in times.items():
+        wall = statistics.median(t["wall"])
+        results[name] = {
+            "median_ms": 1e3 * wall,
+            "min_ms": 1e3 * min(t["wall"]),
+            "gflop_per_s": 3 * flops[name] * args.tokens / wall / 1e9,
+        }
+        for kind in kinds:
+            results[name][f"{kind}_ratio_vs_dense"] = paired_ratio(t[kind], times["dense"][kind])
+        if device.type == "cpu":
+            results[name]["median_cpu_ms"] = 1e3 * statistics.median(t["cpu"])
+    summary = {
+        "ours_over_dense": results["ours"]["wall_ratio_vs_dense"],
+        "router_flops_fraction_of_dense": router_flops / expert_flops,
+        "max_abs_diff_ours_vs_loop": max_diff,
+    }
+    if device.type == "cpu":
+        summary["ours_over_dense_cpu_time"] = results["ours"]["cpu_ratio_vs_dense"]
+    if "loop" in times:
+        summary["loop_over_ours"] = paired_ratio(times["loop"]["wall"], times["ours"]["wall"])
+
+    print(
+        f"SMoE layer fwd+bwd: {args.tokens} tokens, d={d}, {args.experts} experts, k={k}, "
+        f"D_ffd={hidden}, D_rtr={args.router_hidden}, {args.dtype} on {device} "
+        f"({torch.get_num_threads()} threads, torch {torch.__version__})"
+    )
+    print(f"expert load (pairs per expert): min {load.min().item()} max {load.max().item()}")
+    print(
+        f"forward MFLOP per token: experts {expert_flops / 1e6:.3f} (= dense FFN "
+        f"{d}->{k * hidden}->{d}), router {router_flops / 1e6:.3f} "
+        f"({router_flops / expert_flops:.1%} of the experts)"
+    )
+    header = f"{'layer':<8}{'median ms':>11}{'min ms':>10}{'GFLOP/s':>9}{'/ dense':>9}"
+    if device.type == "cpu":
+        header += f"{'CPU ms':>10}{'CPU / dense':>13}"
+    print(header)
+    for name, r in results.items():
+        line = (
+            f"{name:<8}{r['median_ms']:11.1f}{r['min_ms']:10.1f}{r['gflop_per_s']:9.1f}"
+            f"{r['wall_ratio_vs_dense']:9.3f}"
+        )
+        if device.type == "cpu":
+            line += f"{r['median_cpu_ms']:10.1f}{r['cpu_ratio_vs_dense']:13.3f}"
+        print(line)
+    for key, value in summary.items():
+        print(f"{key}: {value:.4g}")
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if k != "json"}
+        config.update(torch=torch.__version__, threads=torch.get_num_threads())
+        out = {"config": config, "results": results, "summary": summary}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
