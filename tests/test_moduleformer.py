@@ -357,9 +357,10 @@ def test_routing_regularization_covers_only_inserted_experts():
     x = tokens(2, 5, seed=11)
     out = model(input_ids=x, labels=x)
     expected = sum(
-        routing_regularization(block.mlp.router.expert_embedding.weight[-3:])
+        routing_regularization(block.mlp.router.inserted_expert_embedding.weight)
         for block in model.transformer.h
     )
+    assert all(block.attn.router.inserted_expert_embedding is None for block in model.transformer.h)
     torch.testing.assert_close(out.aux_loss, 2.0 * expected)
     torch.testing.assert_close(out.aux_metrics["aux/routing_reg"], expected.detach())
 

@@ -6,6 +6,13 @@
 - ``MixtureOfAttentionHeads`` (MoA): attention experts with their own ``W_q``/``W_o``
   and keys/values shared by all experts, stick-breaking attention (eqs. 3-5).
 
+Inserted experts (sec. 4.3, continual learning): with ``num_inserted > 0`` the last
+``num_inserted`` experts of a layer, and their rows ``A'`` of the expert embedding, are
+stored as parameters of their own (``*_inserted``), concatenated after the original ones
+in the forward pass. Freezing the original experts is then plain ``requires_grad=False``
+on whole parameters, which no optimizer can move (a gradient mask on one stacked tensor
+would still be moved by AdamW's weight decay).
+
 Only the selected (token, expert) pairs are computed: pairs are grouped by expert with
 ``make_dispatch`` and each expert's weights are applied to its pairs by one grouped GEMM
 (``grouped_linear``); expert weights are stacked as (experts, d_in, d_out), and
@@ -19,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from modformer.nn.activations import get_activation
@@ -48,12 +56,32 @@ class RouterOutput:
     top_k_indices: torch.Tensor
 
 
+def _check_inserted(num_inserted: int, num_experts: int) -> None:
+    if not 0 <= num_inserted <= num_experts:
+        raise ValueError(
+            f"num_inserted must be in [0, num_experts={num_experts}], got {num_inserted}"
+        )
+
+
+def _inserted_weight(num_inserted: int, d_in: int, d_out: int) -> nn.Parameter | None:
+    """The stacked weights of the inserted experts, or None when there are none."""
+    if num_inserted == 0:
+        return None
+    return nn.Parameter(torch.randn(num_inserted, d_in, d_out) * 0.02)
+
+
+def _all_experts(original: torch.Tensor, inserted: torch.Tensor | None) -> torch.Tensor:
+    """(N, d_in, d_out): the original experts, then the inserted ones."""
+    return original if inserted is None else torch.cat([original, inserted])
+
+
 class TopKRouter(nn.Module):
     """Eqs. 1-2: ``TopK(softmax(A act(B x)))``.
 
     ``input_proj.weight`` is ``B`` (D_rtr x D_emb) and ``expert_embedding.weight`` is
-    the expert embedding ``A`` (N x D_rtr), one row per expert, so inserting experts
-    (sec. 4.3) appends rows to ``A``.
+    the expert embedding ``A`` (one row per original expert, D_rtr wide). Inserted
+    experts (sec. 4.3) have their rows ``A'`` in ``inserted_expert_embedding``, and the
+    logits are ``[A; A'] act(B x)`` (eq. 9).
     """
 
     def __init__(
@@ -63,19 +91,32 @@ class TopKRouter(nn.Module):
         top_k: int,
         hidden_size: int,
         activation: str = "relu",
+        num_inserted: int = 0,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        _check_inserted(num_inserted, num_experts)
         self.num_experts = num_experts
+        self.num_inserted = num_inserted
         self.top_k = top_k
         self.input_proj = nn.Linear(n_embd, hidden_size, bias=False)
         self.act = get_activation(activation)
-        self.expert_embedding = nn.Linear(hidden_size, num_experts, bias=False)
+        self.expert_embedding = nn.Linear(hidden_size, num_experts - num_inserted, bias=False)
+        self.inserted_expert_embedding = (
+            nn.Linear(hidden_size, num_inserted, bias=False) if num_inserted else None
+        )
+
+    def expert_embedding_weight(self) -> torch.Tensor:
+        """``[A; A']``: (num_experts, D_rtr), the inserted experts' rows last."""
+        if self.inserted_expert_embedding is None:
+            return self.expert_embedding.weight
+        return torch.cat([self.expert_embedding.weight, self.inserted_expert_embedding.weight])
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """x: (tokens, n_embd)."""
-        logits = self.expert_embedding(self.act(self.input_proj(x))).float()
+        hidden = self.act(self.input_proj(x))
+        logits = F.linear(hidden, self.expert_embedding_weight()).float()
         probs = torch.softmax(logits, dim=-1)
         top_k_gates, top_k_indices = probs.topk(self.top_k, dim=-1)
         return RouterOutput(logits, probs, top_k_gates, top_k_indices)
@@ -104,7 +145,8 @@ def _expert_dtype(x: torch.Tensor) -> torch.dtype:
 class SparseMoE(nn.Module):
     """Sparse mixture of FFN experts: ``y = sum_m g(m|x) f_m(x)``, only top-k computed.
 
-    Expert m is ``act(x @ w_in[m]) @ w_out[m]`` (no biases, as the official code).
+    Expert m is ``act(x @ w_in[m]) @ w_out[m]`` (no biases, as the official code). The
+    last ``num_inserted`` experts live in ``w_in_inserted`` / ``w_out_inserted``.
     """
 
     def __init__(
@@ -116,18 +158,26 @@ class SparseMoE(nn.Module):
         activation: str = "gelu_new",
         router_hidden: int = 256,
         router_activation: str = "relu",
+        num_inserted: int = 0,
     ):
         super().__init__()
         self.num_experts = num_experts
+        self.num_inserted = num_inserted
         self.top_k = top_k
-        self.router = TopKRouter(n_embd, num_experts, top_k, router_hidden, router_activation)
-        self.w_in = nn.Parameter(torch.randn(num_experts, n_embd, hidden_size) * 0.02)
+        self.router = TopKRouter(
+            n_embd, num_experts, top_k, router_hidden, router_activation, num_inserted
+        )
+        original = num_experts - num_inserted
+        self.w_in = nn.Parameter(torch.randn(original, n_embd, hidden_size) * 0.02)
         self.act = get_activation(activation)
-        self.w_out = nn.Parameter(torch.randn(num_experts, hidden_size, n_embd) * 0.02)
+        self.w_out = nn.Parameter(torch.randn(original, hidden_size, n_embd) * 0.02)
+        self.w_in_inserted = _inserted_weight(num_inserted, n_embd, hidden_size)
+        self.w_out_inserted = _inserted_weight(num_inserted, hidden_size, n_embd)
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """Parameters a token only touches for its k selected experts."""
-        return [self.w_in, self.w_out]
+        params = [self.w_in, self.w_out, self.w_in_inserted, self.w_out_inserted]
+        return [p for p in params if p is not None]
 
     def forward(
         self, x: torch.Tensor, token_mask: torch.Tensor | None = None
@@ -139,15 +189,15 @@ class SparseMoE(nn.Module):
         dtype = _expert_dtype(flat)
         # Without padding every pair is in some expert's group: no rows to zero.
         complete = token_mask is None
+        w_in = _all_experts(self.w_in, self.w_in_inserted).to(dtype)
+        w_out = _all_experts(self.w_out, self.w_out_inserted).to(dtype)
         hidden = grouped_linear(
             gather_pairs(flat.to(dtype), dispatch),
-            self.w_in.to(dtype),
+            w_in,
             dispatch.offsets,
             zero_left_out=not complete,
         )
-        out = grouped_linear(
-            self.act(hidden), self.w_out.to(dtype), dispatch.offsets, zero_left_out=not complete
-        )
+        out = grouped_linear(self.act(hidden), w_out, dispatch.offsets, zero_left_out=not complete)
         y = combine_pairs(out, dispatch, route.top_k_gates)
         return y.view(*x.shape[:-1], -1), route
 
@@ -165,6 +215,7 @@ class MixtureOfAttentionHeads(nn.Module):
     add a cache or a Transformer-XL memory in front); the k selected queries of every
     token are computed by one grouped GEMM and laid out as ``k * n_head`` heads, so a
     single stick-breaking call serves all experts; ``W_o`` is one more grouped GEMM.
+    The last ``num_inserted`` experts live in ``w_q_inserted`` / ``w_o_inserted``.
     """
 
     def __init__(
@@ -177,19 +228,26 @@ class MixtureOfAttentionHeads(nn.Module):
         router_hidden: int = 256,
         router_activation: str = "relu",
         block_size: int = 128,
+        num_inserted: int = 0,
     ):
         super().__init__()
         if att_hidden % n_head != 0:
             raise ValueError(f"att_hidden ({att_hidden}) must be divisible by n_head ({n_head})")
         self.num_experts = num_experts
+        self.num_inserted = num_inserted
         self.top_k = top_k
         self.n_head = n_head
         self.head_dim = att_hidden // n_head
         self.att_hidden = att_hidden
         self.block_size = block_size
-        self.router = TopKRouter(n_embd, num_experts, top_k, router_hidden, router_activation)
-        self.w_q = nn.Parameter(torch.randn(num_experts, n_embd, att_hidden) * 0.02)
-        self.w_o = nn.Parameter(torch.randn(num_experts, att_hidden, n_embd) * 0.02)
+        self.router = TopKRouter(
+            n_embd, num_experts, top_k, router_hidden, router_activation, num_inserted
+        )
+        original = num_experts - num_inserted
+        self.w_q = nn.Parameter(torch.randn(original, n_embd, att_hidden) * 0.02)
+        self.w_o = nn.Parameter(torch.randn(original, att_hidden, n_embd) * 0.02)
+        self.w_q_inserted = _inserted_weight(num_inserted, n_embd, att_hidden)
+        self.w_o_inserted = _inserted_weight(num_inserted, att_hidden, n_embd)
         self.shared_kv_is_identity = att_hidden == n_embd and n_head == 1
         # W_k and W_v side by side; None when both are the identity.
         self.kv_proj = (
@@ -198,7 +256,8 @@ class MixtureOfAttentionHeads(nn.Module):
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """Parameters a token only touches for its k selected experts."""
-        return [self.w_q, self.w_o]
+        params = [self.w_q, self.w_o, self.w_q_inserted, self.w_o_inserted]
+        return [p for p in params if p is not None]
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, n_head * head_dim) -> (B, n_head, T, head_dim)."""
@@ -236,7 +295,9 @@ class MixtureOfAttentionHeads(nn.Module):
         # Queries of the selected pairs, put back at their (token, slot) place; slot s of
         # a token becomes heads s * n_head .. (s + 1) * n_head - 1.
         q_pairs = grouped_linear(
-            gather_pairs(flat.to(dtype), dispatch), self.w_q.to(dtype), dispatch.offsets
+            gather_pairs(flat.to(dtype), dispatch),
+            _all_experts(self.w_q, self.w_q_inserted).to(dtype),
+            dispatch.offsets,
         )
         q = slot_order(q_pairs, dispatch)
         q = q.view(B, T, k * self.n_head, self.head_dim).transpose(1, 2)
@@ -246,6 +307,7 @@ class MixtureOfAttentionHeads(nn.Module):
         attended = stick_breaking_attention(q, keys, values, key_padding_mask, self.block_size)
 
         attended = attended.transpose(1, 2).reshape(B * T * k, self.att_hidden)
-        out = grouped_linear(pair_order(attended, dispatch), self.w_o.to(dtype), dispatch.offsets)
+        w_o = _all_experts(self.w_o, self.w_o_inserted).to(dtype)
+        out = grouped_linear(pair_order(attended, dispatch), w_o, dispatch.offsets)
         y = combine_pairs(out, dispatch, route.top_k_gates)
         return y.view(B, T, -1), route

@@ -30,6 +30,7 @@ from modformer.config import ConfigError
 from modformer.data.dataset import TokenDataset
 from modformer.eval.lm import evaluate_batches
 from modformer.models.registry import build_config, build_model
+from modformer.surgery import apply_trainable_scope
 from modformer.train import checkpoint as ckpt_lib
 from modformer.train.config import TrainConfig
 from modformer.train.distributed import (
@@ -96,6 +97,9 @@ def load_or_build_model(cfg: TrainConfig, vocab_size: int) -> PreTrainedModel:
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
         model = build_model(config)
+    # A model saved by `modformer extend` trains only its inserted experts: re-apply the
+    # freezing its config records (a no-op for every other model).
+    apply_trainable_scope(model)
     if model.config.vocab_size < vocab_size:
         raise ConfigError(
             f"the data's vocabulary ({vocab_size} tokens) does not fit the model's vocab_size "

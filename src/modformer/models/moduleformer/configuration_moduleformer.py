@@ -89,6 +89,7 @@ MODULEFORMER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 AUX_LOSS_TYPES = ("mi", "switch", "none")
+TRAINABLE_SCOPES = (None, "inserted_experts", "inserted_experts+embeddings")
 ROUTER_ACTIVATIONS = ("relu", "gelu")
 
 
@@ -107,6 +108,14 @@ class ModuleFormerConfig(PreTrainedConfig):
     fine-tuning); ``routing_reg_weight * sum over routers of ||A'||^2`` (eq. 10) where
     ``A'`` are the last ``n_inserted_att_experts`` / ``n_inserted_ffd_experts`` rows of
     each router's expert embedding (experts added for continual learning).
+
+    Module surgery (`modformer.surgery`): ``att_experts_per_layer`` /
+    ``ffd_experts_per_layer`` give each layer its own expert count (a pruned model);
+    None means ``n_att_experts`` / ``n_ffd_experts`` in every layer. Each count must be
+    at least the top-k. ``trainable_scope`` records which parameters training may change
+    ("inserted_experts": the inserted experts and their rows A' only; with
+    "+embeddings" also the token embedding, which the tied LM head shares; None: all);
+    `modformer.surgery.apply_trainable_scope` sets ``requires_grad`` from it.
 
     History (Transformer-XL, sec. 3.2): with ``use_history`` the model returns the
     detached keys/values of the segment it just processed as ``memory``; passing it to
@@ -149,6 +158,9 @@ class ModuleFormerConfig(PreTrainedConfig):
     routing_reg_weight: float = 0.0
     n_inserted_att_experts: int = 0
     n_inserted_ffd_experts: int = 0
+    att_experts_per_layer: list[int] | None = None
+    ffd_experts_per_layer: list[int] | None = None
+    trainable_scope: str | None = None
     use_history: bool = False
     history_length: int | None = None
     attention_block_size: int = 128
@@ -166,6 +178,18 @@ class ModuleFormerConfig(PreTrainedConfig):
     @property
     def att_head_dim(self) -> int:
         return self.att_hidden // self.n_head
+
+    def att_experts_in_layer(self, layer: int) -> int:
+        """Attention experts of layer `layer` (per-layer counts of a pruned model)."""
+        if self.att_experts_per_layer is None:
+            return self.n_att_experts
+        return self.att_experts_per_layer[layer]
+
+    def ffd_experts_in_layer(self, layer: int) -> int:
+        """FFN experts of layer `layer` (per-layer counts of a pruned model)."""
+        if self.ffd_experts_per_layer is None:
+            return self.n_ffd_experts
+        return self.ffd_experts_per_layer[layer]
 
     def validate_architecture(self):
         """Checked by `@strict` on construction; messages name the field."""
@@ -191,21 +215,37 @@ class ModuleFormerConfig(PreTrainedConfig):
             raise ValueError(
                 f"att_hidden ({self.att_hidden}) must be divisible by n_head ({self.n_head})"
             )
-        for k_name, n_name in (("k_att", "n_att_experts"), ("k_ffd", "n_ffd_experts")):
-            if getattr(self, k_name) > getattr(self, n_name):
-                raise ValueError(
-                    f"{k_name} ({getattr(self, k_name)}) must be <= {n_name} "
-                    f"({getattr(self, n_name)}): a token cannot pick more experts than exist"
-                )
-        for ins_name, n_name in (
-            ("n_inserted_att_experts", "n_att_experts"),
-            ("n_inserted_ffd_experts", "n_ffd_experts"),
+        for k_name, n_name, list_name, ins_name in (
+            ("k_att", "n_att_experts", "att_experts_per_layer", "n_inserted_att_experts"),
+            ("k_ffd", "n_ffd_experts", "ffd_experts_per_layer", "n_inserted_ffd_experts"),
         ):
-            if not 0 <= getattr(self, ins_name) <= getattr(self, n_name):
-                raise ValueError(
-                    f"{ins_name} ({getattr(self, ins_name)}) must be between 0 and {n_name} "
-                    f"({getattr(self, n_name)}): it counts the last experts of each layer"
-                )
+            k, inserted = getattr(self, k_name), getattr(self, ins_name)
+            per_layer = getattr(self, list_name)
+            if per_layer is None:
+                counts = {n_name: getattr(self, n_name)}
+            else:
+                if len(per_layer) != self.n_layer:
+                    raise ValueError(
+                        f"{list_name} has {len(per_layer)} entries but the model has "
+                        f"n_layer={self.n_layer} layers; give one expert count per layer"
+                    )
+                counts = {f"{list_name}[{i}]": n for i, n in enumerate(per_layer)}
+            for name, n in counts.items():
+                if k > n:
+                    raise ValueError(
+                        f"{k_name} ({k}) must be <= {name} ({n}): a token cannot pick more "
+                        f"experts than exist"
+                    )
+                if not 0 <= inserted <= n:
+                    raise ValueError(
+                        f"{ins_name} ({inserted}) must be between 0 and {name} ({n}): it "
+                        f"counts the last experts of each layer"
+                    )
+        if self.trainable_scope not in TRAINABLE_SCOPES:
+            raise ValueError(
+                f"trainable_scope {self.trainable_scope!r} is unknown; choose one of "
+                f"{list(TRAINABLE_SCOPES)} (None: every parameter is trained)"
+            )
         if self.router_activation not in ROUTER_ACTIVATIONS:
             raise ValueError(
                 f"router_activation {self.router_activation!r} is unknown; choose one of "

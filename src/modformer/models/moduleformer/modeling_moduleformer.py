@@ -99,23 +99,25 @@ class ModuleFormerBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = MixtureOfAttentionHeads(
             config.n_embd,
-            config.n_att_experts,
+            config.att_experts_in_layer(layer_idx),
             config.k_att,
             config.att_hidden,
             config.n_head,
             config.router_hidden,
             config.router_activation,
             config.attention_block_size,
+            num_inserted=config.n_inserted_att_experts,
         )
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = SparseMoE(
             config.n_embd,
-            config.n_ffd_experts,
+            config.ffd_experts_in_layer(layer_idx),
             config.k_ffd,
             config.ffd_hidden,
             config.activation_function,
             config.router_hidden,
             config.router_activation,
+            num_inserted=config.n_inserted_ffd_experts,
         )
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -159,11 +161,15 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         residual_std = std / math.sqrt(2 * self.config.n_layer)
         if isinstance(module, SparseMoE):
-            init.normal_(module.w_in, mean=0.0, std=std)
-            init.normal_(module.w_out, mean=0.0, std=residual_std)
+            stds = {"w_in": std, "w_out": residual_std}
         elif isinstance(module, MixtureOfAttentionHeads):
-            init.normal_(module.w_q, mean=0.0, std=std)
-            init.normal_(module.w_o, mean=0.0, std=residual_std)
+            stds = {"w_q": std, "w_o": residual_std}
+        else:
+            return
+        for name, param_std in stds.items():
+            for param in (getattr(module, name), getattr(module, f"{name}_inserted")):
+                if param is not None:
+                    init.normal_(param, mean=0.0, std=param_std)
 
     def total_parameters(self) -> int:
         """Every parameter once (a tied LM head counts once)."""
@@ -352,7 +358,6 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
         """
         config = self.config
         routers = [(block.attn.router, block.mlp.router) for block in self.transformer.h]
-        inserted = (config.n_inserted_att_experts, config.n_inserted_ffd_experts)
         logits = [route.logits for routes in router_outputs for route in routes]
         aux_loss = logits[0].new_zeros(())
         metrics: dict[str, torch.Tensor] = {}
@@ -376,19 +381,23 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
             metrics["aux/load_concentration"] = concentration.detach()
         if config.routing_reg_weight > 0:
             regularizer = sum(
-                routing_regularization(router.expert_embedding.weight[router.num_experts - n :])
-                for layer_routers in routers
-                for router, n in zip(layer_routers, inserted)
+                (
+                    routing_regularization(router.inserted_expert_embedding.weight)
+                    for layer_routers in routers
+                    for router in layer_routers
+                    if router.inserted_expert_embedding is not None
+                ),
+                aux_loss.new_zeros(()),
             )
             aux_loss = aux_loss + config.routing_reg_weight * regularizer
             metrics["aux/routing_reg"] = regularizer.detach()
 
         for i, (att_route, ffd_route) in enumerate(router_outputs):
             metrics[f"load/att/{i}"] = expert_load(
-                att_route.top_k_indices, config.n_att_experts, token_mask
+                att_route.top_k_indices, att_route.logits.shape[-1], token_mask
             )
             metrics[f"load/ffd/{i}"] = expert_load(
-                ffd_route.top_k_indices, config.n_ffd_experts, token_mask
+                ffd_route.top_k_indices, ffd_route.logits.shape[-1], token_mask
             )
         return aux_loss, metrics
 

@@ -35,6 +35,12 @@ Fixed policies (sec. 3.5) replace the learned routers by a rule; their parameter
 - ``moe_share``: as ``moe`` but all steps share one pool of ``num_experts`` FFN experts
   (default N: the chunk's own FFNs, so the parameter count equals the vanilla model's).
 
+Pruned pools (MoM paper Figure 3's N_A x N_F study; `modformer.surgery.prune_model`):
+``attn_modules_per_chunk`` / ``ffn_modules_per_chunk`` give each chunk (in chunk-string
+order, fixed ``1`` blocks not counted) its own number of attention / FFN modules; None
+means N for every chunk. Only the learned policy supports them, and K must not exceed a
+pruned chunk's choices (its modules, plus SKIP when on).
+
 ``K`` and ``skip`` are ignored by the policies that pick one module per step (vanilla,
 layer_skip, early_exit, parameter_sharing). Layer numbers (``skip_layers``, the routing
 trace) count assembled layers: fixed blocks and chunk steps in order, so with ``H == N``
@@ -156,6 +162,8 @@ class MoMConfig(PreTrainedConfig):
     weighted_qkv: bool = False
     mom_same: bool = False
     balance_loss_weight: float = 0.0
+    attn_modules_per_chunk: list[int] | None = None
+    ffn_modules_per_chunk: list[int] | None = None
 
     # Assembly policy and its parameters.
     policy: str = "learned"
@@ -216,6 +224,16 @@ class MoMConfig(PreTrainedConfig):
         chunk_steps = sum(self.H for n in self.chunk_sizes if n > 1)
         return self.num_attention_layers + (chunk_steps if self.attention_may_skip_all else 0)
 
+    def learned_pool_sizes(self, chunk_index: int, num_modules: int) -> tuple[int, int]:
+        """(attention, FFN) modules of the learned policy's chunk `chunk_index` (counted
+        over chunks only) of `num_modules` modules: N, unless pruned."""
+        attn = self.attn_modules_per_chunk
+        ffn = self.ffn_modules_per_chunk
+        return (
+            num_modules if attn is None else attn[chunk_index],
+            num_modules if ffn is None else ffn[chunk_index],
+        )
+
     def ffn_pool_size(self, num_modules: int) -> int:
         """FFN modules stored for a chunk of `num_modules` (before `mom_same` tying)."""
         experts = self.num_experts if self.num_experts is not None else num_modules
@@ -257,15 +275,34 @@ class MoMConfig(PreTrainedConfig):
                 f"mom_same ties a chunk's modules for learned routing; it does not apply to "
                 f"policy {self.policy!r}"
             )
+        for name in ("attn_modules_per_chunk", "ffn_modules_per_chunk"):
+            per_chunk = getattr(self, name)
+            if per_chunk is None:
+                continue
+            if self.policy != "learned" or self.mom_same:
+                raise ValueError(
+                    f"{name} (pruned module pools) needs the learned policy without mom_same; "
+                    f"got policy {self.policy!r}, mom_same={self.mom_same}"
+                )
+            if len(per_chunk) != len(chunk_sizes) or any(n < 1 for n in per_chunk):
+                raise ValueError(
+                    f"{name}={per_chunk} must give one positive module count per chunk; "
+                    f"chunks={self.chunks!r} has {len(chunk_sizes)} chunks"
+                )
         if self.policy == "learned":
-            for n in chunk_sizes:
-                limit = n + 1 if self.skip else n
-                if limit < self.K:
-                    choices = f"{n} modules + SKIP" if self.skip else f"{n} modules"
-                    raise ValueError(
-                        f"K={self.K} exceeds the {limit} choices ({choices}) of a chunk of "
-                        f"size {n} in chunks={self.chunks!r}; lower K"
-                    )
+            for c, size in enumerate(chunk_sizes):
+                for kind, n in zip(("attention", "FFN"), self.learned_pool_sizes(c, size)):
+                    limit = n + 1 if self.skip else n
+                    if limit < self.K:
+                        choices = f"{n} modules + SKIP" if self.skip else f"{n} modules"
+                        where = (
+                            f"a chunk of size {size} in chunks={self.chunks!r}; lower K"
+                            if n == size
+                            else f"chunk {c}'s pruned {kind} pool; lower K or keep more modules"
+                        )
+                        raise ValueError(
+                            f"K={self.K} exceeds the {limit} choices ({choices}) of {where}"
+                        )
         if self.policy in STEP_IS_MODULE_POLICIES:
             for n in chunk_sizes:
                 if n != self.H:

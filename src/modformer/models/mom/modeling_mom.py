@@ -388,7 +388,7 @@ class MoMChunk(nn.Module):
         self.steps = config.H
         self.first_layer = first_layer
         self.key_flag_layer = key_flag_layer
-        self.policy: AssemblyPolicy = build_policy(config, num_modules, first_layer)
+        self.policy: AssemblyPolicy = build_policy(config, num_modules, first_layer, chunk_index)
         # MoM-same: one stored module per type that every router pick uses.
         self.tied = config.mom_same
         self.attn = AttentionModulePool(config, 1 if self.tied else self.policy.num_attn_modules)

@@ -111,17 +111,20 @@ class AssemblyPolicy(nn.Module, ABC):
 class LearnedPolicy(AssemblyPolicy):
     """MoM routing: R^A on x_h, R^F on u_h, top-K over N modules (+ SKIP), per chunk.
 
-    The GRU states start at zero in `begin`, i.e. at every chunk.
+    The GRU states start at zero in `begin`, i.e. at every chunk. A pruned chunk has
+    fewer attention or FFN modules than N (`MoMConfig.learned_pool_sizes`).
     """
 
     routed = True
 
-    def __init__(self, config: MoMConfig, num_modules: int, first_layer: int):
-        super().__init__(num_modules, num_modules, first_layer)
-        num_choices = num_modules + 1 if config.skip else num_modules
+    def __init__(
+        self, config: MoMConfig, num_attn_modules: int, num_ffn_modules: int, first_layer: int
+    ):
+        super().__init__(num_attn_modules, num_ffn_modules, first_layer)
+        extra = 1 if config.skip else 0
         router_cls = GRURouter if config.router == "gru" else MLPRouter
-        self.attn_router = router_cls(config.n_embd, config.router_dim, num_choices)
-        self.ffn_router = router_cls(config.n_embd, config.router_dim, num_choices)
+        self.attn_router = router_cls(config.n_embd, config.router_dim, num_attn_modules + extra)
+        self.ffn_router = router_cls(config.n_embd, config.router_dim, num_ffn_modules + extra)
         self.k = config.K
         self.renormalize = config.renormalize
 
@@ -248,10 +251,14 @@ class MoEPolicy(AssemblyPolicy):
         return Selection(index=index, weight=weight, probs=probs, router_index=expert)
 
 
-def build_policy(config: MoMConfig, num_modules: int, first_layer: int) -> AssemblyPolicy:
-    """The policy of one chunk of `num_modules` modules whose first step is `first_layer`."""
+def build_policy(
+    config: MoMConfig, num_modules: int, first_layer: int, chunk_index: int = 0
+) -> AssemblyPolicy:
+    """The policy of chunk `chunk_index` of `num_modules` modules whose first step is
+    `first_layer`."""
     if config.policy == "learned":
-        return LearnedPolicy(config, num_modules, first_layer)
+        num_attn, num_ffn = config.learned_pool_sizes(chunk_index, num_modules)
+        return LearnedPolicy(config, num_attn, num_ffn, first_layer)
     if config.policy == "vanilla":
         return VanillaPolicy(num_modules, first_layer)
     if config.policy == "layer_skip":
