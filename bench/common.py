@@ -14,7 +14,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+def median_time(
+    fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5
+) -> float:
     """Median wall time of `fn()` in seconds, after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
@@ -28,7 +30,9 @@ def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 2,
     return statistics.median(times)
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+def matmul_peak_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048
+) -> float:
     """Achieved FLOP/s of a large square matmul: the practical peak we compare against."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
