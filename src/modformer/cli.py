@@ -362,6 +362,48 @@ def _cost(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_cost)
 
 
+def _prune(sub: argparse._SubParsersAction) -> None:
+    from modformer.surgery.prune import add_prune_arguments, run_prune
+
+    p = sub.add_parser(
+        "prune",
+        help="remove rarely used experts / modules (ModuleFormer, MoM) and their router rows",
+        description="Count each expert's (or MoM module's) activation frequency on a data set, "
+        "normalise within its layer (max or sum) and remove those below --threshold, with their "
+        "router rows. Writes a smaller, loadable model and prints parameters before and after.",
+    )
+    add_prune_arguments(p)
+    p.set_defaults(func=run_prune)
+
+
+def _extend(sub: argparse._SubParsersAction) -> None:
+    from modformer.surgery.extend import add_extend_arguments, run_extend
+
+    p = sub.add_parser(
+        "extend",
+        help="insert new experts for continual learning, freezing the old ones",
+        description="Add N fresh experts per layer to a ModuleFormer, extend the router's expert "
+        "embedding with A', and freeze the old experts and A, B; train the result with "
+        "`modformer train --model.init_from OUT` and the routing regulariser ||A'||^2.",
+    )
+    add_extend_arguments(p)
+    p.set_defaults(func=run_extend)
+
+
+def _forgetting(sub: argparse._SubParsersAction) -> None:
+    from modformer.surgery.forgetting import add_forgetting_arguments, run_forgetting
+
+    p = sub.add_parser(
+        "forgetting",
+        help="the continual-learning experiment (ModuleFormer Tables 5-6 at CPU scale)",
+        description="Pretrain without one domain, then learn it by full fine-tuning, by expert "
+        "insertion at several routing-regulariser weights, and with a dense model; report old- "
+        "and new-domain validation loss before and after.",
+    )
+    add_forgetting_arguments(p)
+    p.set_defaults(func=run_forgetting)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _prepare,
     _train,
@@ -375,6 +417,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _usage,
     _routing_report,
     _sweep,
+    _prune,
+    _extend,
+    _forgetting,
     _demo,
 ]
 

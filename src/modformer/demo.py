@@ -37,13 +37,13 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated stages to run, from {', '.join(STAGES)} (default: all)",
     )
     p.add_argument(
-        "--steps", type=int, default=400, help="training steps of the vanilla model (default: 400)"
+        "--steps", type=int, default=300, help="training steps of the vanilla model (default: 300)"
     )
     p.add_argument(
         "--mom-steps",
         type=int,
-        default=200,
-        help="phase-2 steps of MoM and of the continued vanilla model (default: 200)",
+        default=100,
+        help="phase-2 steps of MoM and of the continued vanilla model (default: 100)",
     )
     p.add_argument(
         "--mom-config", default="K2H3S", help="MoM K/H/SKIP name for phase 2 (default: K2H3S)"
@@ -56,10 +56,10 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--moduleformer-steps",
         type=int,
-        default=300,
-        help="training steps of the ModuleFormer comparison (default: 300)",
+        default=150,
+        help="training steps of the ModuleFormer comparison (default: 150)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
     p.add_argument("--block-size", type=int, default=128, help="tokens per sequence (default: 128)")
     p.add_argument(
         "--vocab-size", type=int, default=4096, help="BPE vocabulary size (default: 4096)"
