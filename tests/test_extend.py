@@ -57,6 +57,9 @@ def test_extend_adds_experts_and_freezes_the_rest():
     assert (config.n_att_experts, config.n_ffd_experts) == (7, 11)
     assert (config.n_inserted_att_experts, config.n_inserted_ffd_experts) == (3, 3)
     assert config.trainable_scope == "inserted_experts"
+    # The partially trainable router trains without load balancing (paper Table 9).
+    assert config.aux_loss_weight == 0.0 and model.config.aux_loss_weight == 0.01
+    assert extend_model(model, 1, aux_loss_weight=None).config.aux_loss_weight == 0.01
     for block in extended.transformer.h:
         assert block.attn.num_experts == 7 and block.mlp.num_experts == 11
         assert block.attn.w_q_inserted.shape == (3, 128, 64)
@@ -203,10 +206,12 @@ def test_training_changes_only_inserted_experts(tmp_path, tiny_data_dir):
     # The trained model keeps its scope, so the next run freezes the same parameters.
     assert after.config.trainable_scope == "inserted_experts"
 
-    # The routing regulariser ||A'||^2 keeps the new router rows small (measured: 0.26
-    # without, 0.07 with weight 1; both start at the same 0.10).
-    assert inserted_router_norm(results[0.0][0]) == inserted_router_norm(results[1.0][0])
-    assert inserted_router_norm(results[1.0][1]) < 0.5 * inserted_router_norm(after)
+    # The routing regulariser ||A'||^2 keeps the new router rows small (measured: 0.19 at
+    # the start, 0.33 after 15 steps without it, 0.02 with weight 1).
+    start = inserted_router_norm(before)
+    assert inserted_router_norm(results[1.0][0]) == start  # both runs start alike
+    assert inserted_router_norm(after) > start
+    assert inserted_router_norm(results[1.0][1]) < 0.5 * start
 
 
 def test_extend_command(tmp_path, tiny_data_dir, capsys):
@@ -236,6 +241,6 @@ def test_extend_command(tmp_path, tiny_data_dir, capsys):
     config = loaded.config
     assert (config.n_inserted_att_experts, config.n_inserted_ffd_experts) == (0, 2)
     assert config.trainable_scope == "inserted_experts+embeddings"
-    assert config.routing_reg_weight == 0.25
+    assert config.routing_reg_weight == 0.25 and config.aux_loss_weight == 0.0
     apply_trainable_scope(loaded)
     assert trainable_names(loaded) == trainable_names(extended)

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from conftest import make_text_inputs
 from modformer.data.prepare import prepare
@@ -55,9 +56,16 @@ def test_smoke_run_has_the_table_structure(tmp_path, three_domain_data, capsys):
             "--batch-size", "2",
             "--block-size", "16",
             "--eval-batches", "1",
+            "--threads", "1",
         ]
     )  # fmt: skip
-    result = run_forgetting(args)
+    torch.set_num_threads(2)
+    try:
+        result = run_forgetting(args)
+        assert torch.get_num_threads() == 2  # its one thread is not left behind
+    finally:
+        torch.set_num_threads(1)  # the suite's setting (conftest)
+    assert result["settings"]["threads"] == 1
 
     methods = [row["method"] for row in result["rows"]]
     assert methods == [
@@ -76,6 +84,7 @@ def test_smoke_run_has_the_table_structure(tmp_path, three_domain_data, capsys):
     assert len(befores) == 1
     for name in ("moduleformer insert reg=0", "moduleformer insert reg=1"):
         assert rows[name]["frozen_unchanged"] is True
+        assert set(rows[name]["at_insertion"]) == {"old", "new", "per_domain"}
         assert rows[name]["trainable_params"] < rows["moduleformer full"]["trainable_params"]
         assert rows[name]["params"] > rows["moduleformer full"]["params"]
     assert rows["gpt full"]["trainable_params"] == rows["gpt full"]["params"]

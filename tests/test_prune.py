@@ -390,3 +390,17 @@ def test_config_validation_of_pruned_shapes():
         StrictDataclassError, match="exceeds the 1 choices .* chunk 0's pruned FFN pool"
     ):
         MoMConfig.from_preset("tiny", mom="K2H2", ffn_modules_per_chunk=[1])
+
+
+def test_pruning_a_pruned_model_with_uneven_layers():
+    model = with_unused_experts(moduleformer())
+    with torch.no_grad():  # layer 1 also never uses FFN expert 7: 5 and 4 experts remain
+        model.transformer.h[1].mlp.router.expert_embedding.weight[7] = -10.0
+    batches = token_batches()
+    pruned, _ = prune_model(model, collect_usage(model, batches), threshold=0.01)
+    assert pruned.config.ffd_experts_per_layer == [5, 4]
+    usage = collect_usage(pruned, batches)
+    assert usage.counts["layer1/ffd"].numel() == 4  # each layer counts its own experts
+    again, report = prune_model(pruned, usage, threshold=0.01)
+    assert report["params_after"] == report["params_before"]
+    assert again.config.ffd_experts_per_layer == [5, 4]

@@ -9,7 +9,10 @@ concatenates after the original ones. The original experts, ``A``, ``B``, the sh
 keys/values, the norms and the LM head are frozen; the token embedding (tied to the LM
 head) optionally trains (``train_embeddings``, the paper's joint setting keeps it
 trainable). Training adds the routing regulariser ``routing_reg_weight * ||A'||^2``
-(eq. 10) to the loss.
+(eq. 10) to the loss. The load-balancing loss is switched off by default: with only A'
+trainable it would push every token, old-domain ones included, towards the new experts,
+against the regulariser; the paper's partially trainable router ("Partial", Table 9)
+trains without it.
 
 Why separate tensors. Experts are stacked as (N, d_in, d_out) tensors, and freezing a
 slice of one tensor cannot be left to the optimizer: a gradient mask keeps AdamW's moments
@@ -228,6 +231,7 @@ def extend_model(
     ffn: bool = True,
     train_embeddings: bool = False,
     routing_reg_weight: float | None = None,
+    aux_loss_weight: float | None = 0.0,
     router_init_std: float | None = None,
     seed: int = 0,
 ) -> PreTrainedModel:
@@ -236,8 +240,10 @@ def extend_model(
 
     attention / ffn: where to insert (both by default). train_embeddings: also train the
     token embedding (and the tied LM head). routing_reg_weight: the weight of ``||A'||^2``
-    during the following training (None keeps the model's). router_init_std: std of the
-    A' rows (None: config.initializer_range; 0: zero rows). seed: seeds the new weights.
+    during the following training (None keeps the model's). aux_loss_weight: the weight
+    of the load-balancing loss during that training (default 0, see the module docstring;
+    None keeps the model's). router_init_std: std of the A' rows (None:
+    config.initializer_range; 0: zero rows). seed: seeds the new weights.
 
     A model that already has inserted experts is merged first, so the earlier insertion
     is frozen along with the rest. Logits change only by the new experts' share of the
@@ -248,8 +254,10 @@ def extend_model(
         raise SurgeryError(f"new_experts must be a positive integer, got {new_experts!r}")
     if not (attention or ffn):
         raise SurgeryError("nothing to insert: enable attention and/or FFN experts")
-    if routing_reg_weight is not None and not routing_reg_weight >= 0:
-        raise SurgeryError(f"routing_reg_weight must be >= 0, got {routing_reg_weight}")
+    weights = {"routing_reg_weight": routing_reg_weight, "aux_loss_weight": aux_loss_weight}
+    for name, weight in weights.items():
+        if weight is not None and not weight >= 0:
+            raise SurgeryError(f"{name} must be >= 0, got {weight}")
     if router_init_std is not None and not router_init_std >= 0:
         raise SurgeryError(f"router_init_std must be >= 0, got {router_init_std}")
 
@@ -268,8 +276,9 @@ def extend_model(
         n_inserted_ffd_experts=n_ffd,
         trainable_scope=SCOPE_INSERTED_AND_EMBEDDINGS if train_embeddings else SCOPE_INSERTED,
     )
-    if routing_reg_weight is not None:
-        changes["routing_reg_weight"] = float(routing_reg_weight)
+    for name, weight in weights.items():
+        if weight is not None:
+            changes[name] = float(weight)
     extended_config = new_config(config, **changes)
 
     param = next(model.parameters())
@@ -322,6 +331,13 @@ def add_extend_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: keep the model's)",
     )
     parser.add_argument(
+        "--aux-loss-weight",
+        type=float,
+        default=0.0,
+        help="weight of the load-balancing loss in the following training (default: 0, as "
+        "the paper's partially trainable router; a negative value keeps the model's)",
+    )
+    parser.add_argument(
         "--router-init-std",
         type=float,
         help="std of the new router rows A' (default: the config's initializer_range)",
@@ -339,6 +355,7 @@ def run_extend(args: argparse.Namespace) -> PreTrainedModel:
         ffn=args.only != "attention",
         train_embeddings=args.train_embeddings,
         routing_reg_weight=args.routing_reg_weight,
+        aux_loss_weight=None if args.aux_loss_weight < 0 else args.aux_loss_weight,
         router_init_std=args.router_init_std,
         seed=args.seed,
     )

@@ -8,7 +8,8 @@ from the same pretrained weights and trains the same steps on the same batches:
 
 - ``moduleformer full``: the ModuleFormer, every parameter trained;
 - ``moduleformer insert reg=W``: ``new_experts`` experts inserted per layer (sec. 4.3),
-  only they and their router rows A' trained, routing regulariser weight W (eq. 10);
+  only they and their router rows A' trained, routing regulariser weight W (eq. 10), no
+  load-balancing loss (the paper's "Partial" router, Table 9);
 - ``gpt full``: a dense GPT of equal active compute (the presets are sized so: the tiny
   ModuleFormer runs 2 of 4 two-head attention experts and 2 of 8 FFN experts of width 256
   per token, as many heads and as wide an FFN as the tiny GPT), pretrained the same steps.
@@ -113,6 +114,7 @@ def _train(
             "log_interval": max(steps // 10, 1),
             "ckpt_interval": 0,
             "keep_last": 1,
+            "threads": settings["threads"],
             "progress": settings["progress"],
         }
     )
@@ -154,8 +156,8 @@ def _frozen_checksum(model: torch.nn.Module) -> list[float]:
 def run_forgetting_experiment(
     out_dir: str | Path,
     data_dir: str | Path | None = None,
-    pretrain_steps: int = 120,
-    steps: int = 60,
+    pretrain_steps: int = 300,
+    steps: int = 150,
     new_experts: int = 2,
     routing_reg_weights: Sequence[float] = DEFAULT_REG_WEIGHTS,
     old_domains: Sequence[str] = DEFAULT_OLD_DOMAINS,
@@ -168,6 +170,7 @@ def run_forgetting_experiment(
     max_bytes_per_domain: int = 1_000_000,
     vocab_size: int = 1024,
     seed: int = 1337,
+    threads: int = 1,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run the experiment (see the module docstring); writes out_dir/forgetting.json
@@ -187,6 +190,8 @@ def run_forgetting_experiment(
         raise SurgeryError(
             f"routing_reg_weights must be one or more weights >= 0, got {routing_reg_weights}"
         )
+    if threads < 0:
+        raise SurgeryError(f"threads must be >= 0 (0: torch's default), got {threads}")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -202,25 +207,51 @@ def run_forgetting_experiment(
         lr=lr,
         seed=seed,
         eval_batches=eval_batches,
+        threads=threads,
         progress=progress,
+        pretrain_steps=pretrain_steps,
+        steps=steps,
+        new_experts=new_experts,
+        routing_reg_weights=list(routing_reg_weights),
+        old_domains=list(old_domains),
+        new_domain=new_domain,
+        preset=preset,
     )
-    runs = out_dir / "runs"
+    previous_threads = torch.get_num_threads()
+    if threads:  # the trainer sets it too; evaluation here runs under the same setting
+        torch.set_num_threads(threads)
+    try:
+        rows = _run_methods(settings, out_dir / "runs")
+    finally:
+        torch.set_num_threads(previous_threads)
+    result = {"settings": settings, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+    atomic_write_text(out_dir / "forgetting.json", json.dumps(result, indent=1))
+    return result
+
+
+def _run_methods(settings: dict[str, Any], runs: Path) -> list[dict[str, Any]]:
+    """Pretrain each architecture on the old domains, then train every method on the new
+    domain; one row per method."""
+    old_domains, new_domain = settings["old_domains"], settings["new_domain"]
     rows: list[dict[str, Any]] = []
 
-    def continual(name: str, start: Path, before: dict[str, Any]) -> None:
-        """Train `start` on the new domain only; one table row."""
+    def evaluate(model_dir: Path) -> dict[str, Any]:
+        return _evaluate(model_dir, settings, old_domains, new_domain)
+
+    def continual(name: str, start: Path, before: dict[str, Any]) -> dict[str, Any]:
+        """Train `start` on the new domain only."""
         log.info("continual training: %s", name)
         model = load_model_dir(start)
         counts = apply_trainable_scope(model)  # what the trainer will train
         frozen_before = _frozen_checksum(model) if counts["frozen"] else None
         run_dir = runs / name.replace(" ", "_").replace("=", "")
-        _train(settings, run_dir, [new_domain], steps, init_from=str(start))
+        _train(settings, run_dir, [new_domain], settings["steps"], init_from=str(start))
         row = {
             "method": name,
             "params": counts["trainable"] + counts["frozen"],
             "trainable_params": counts["trainable"],
             "before": before,
-            "after": _evaluate(run_dir / "model", settings, old_domains, new_domain),
+            "after": evaluate(run_dir / "model"),
         }
         if frozen_before is not None:
             if _frozen_checksum(load_model_dir(run_dir / "model")) != frozen_before:
@@ -231,41 +262,38 @@ def run_forgetting_experiment(
                 )
             row["frozen_unchanged"] = True
         rows.append(row)
+        return row
 
     for arch in ("moduleformer", "gpt"):
-        log.info("pretraining the %s %s on %s", preset, arch, list(old_domains))
+        log.info("pretraining the %s %s on %s", settings["preset"], arch, old_domains)
         pre_dir = runs / f"pretrain_{arch}"
-        _train(settings, pre_dir, old_domains, pretrain_steps, arch=arch, preset=preset)
+        _train(
+            settings,
+            pre_dir,
+            old_domains,
+            settings["pretrain_steps"],
+            arch=arch,
+            preset=settings["preset"],
+        )
         pretrained = pre_dir / "model"
-        before = _evaluate(pretrained, settings, old_domains, new_domain)
+        before = evaluate(pretrained)
         continual(f"{arch} full", pretrained, before)
         if arch != "moduleformer":
             continue
-        for weight in routing_reg_weights:
+        for weight in settings["routing_reg_weights"]:
             extended = extend_model(
-                load_model_dir(pretrained), new_experts, routing_reg_weight=weight, seed=seed
+                load_model_dir(pretrained),
+                settings["new_experts"],
+                routing_reg_weight=weight,
+                seed=settings["seed"],
             )
             start = runs / f"extended_reg{weight:g}"
             save_model_with_tokenizer(extended, start, pretrained)
-            continual(f"moduleformer insert reg={weight:g}", start, before)
-
-    result = {
-        "settings": {
-            **settings,
-            "pretrain_steps": pretrain_steps,
-            "steps": steps,
-            "new_experts": new_experts,
-            "routing_reg_weights": list(routing_reg_weights),
-            "old_domains": list(old_domains),
-            "new_domain": new_domain,
-            "preset": preset,
-            "threads": torch.get_num_threads(),
-        },
-        "rows": rows,
-        "wall_s": round(time.perf_counter() - t0, 1),
-    }
-    atomic_write_text(out_dir / "forgetting.json", json.dumps(result, indent=1))
-    return result
+            row = continual(f"moduleformer insert reg={weight:g}", start, before)
+            # The freshly inserted experts before any training: their routing share alone
+            # already moves the losses.
+            row["at_insertion"] = evaluate(start)
+    return rows
 
 
 def format_forgetting_table(result: dict[str, Any]) -> str:
@@ -307,10 +335,10 @@ def add_forgetting_arguments(parser: argparse.ArgumentParser) -> None:
         "corpus into OUT_DIR/data)",
     )
     parser.add_argument(
-        "--pretrain-steps", type=int, default=120, help="pretraining steps (default: 120)"
+        "--pretrain-steps", type=int, default=300, help="pretraining steps (default: 300)"
     )
     parser.add_argument(
-        "--steps", type=int, default=60, help="continual-training steps (default: 60)"
+        "--steps", type=int, default=150, help="continual-training steps (default: 150)"
     )
     parser.add_argument(
         "--new-experts", type=int, default=2, help="experts inserted per layer (default: 2)"
@@ -346,6 +374,13 @@ def add_forgetting_arguments(parser: argparse.ArgumentParser) -> None:
         "--vocab-size", type=int, default=1024, help="BPE vocabulary when preparing (1024)"
     )
     parser.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default: 1, the fastest for these tiny models on a "
+        "shared machine; 0: torch's default)",
+    )
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
 
 
@@ -367,6 +402,7 @@ def run_forgetting(args: argparse.Namespace) -> dict[str, Any]:
         max_bytes_per_domain=args.max_bytes_per_domain,
         vocab_size=args.vocab_size,
         seed=args.seed,
+        threads=args.threads,
         progress=args.progress,
     )
     print(format_forgetting_table(result))
