@@ -23,16 +23,6 @@ from modformer.train.checkpoint import atomic_save_model
 from modformer.train.config import load_train_config
 from modformer.train.trainer import train
 
-# Surgery needs per-layer expert counts (ModuleFormer), per-chunk pool sizes (MoM) and
-# inserted-expert parameters in the models: docs/patches/surgery_model_changes.diff.
-pytestmark = pytest.mark.skipif(
-    not (
-        hasattr(ModuleFormerConfig, "att_experts_in_layer")
-        and hasattr(MoMConfig, "learned_pool_sizes")
-    ),
-    reason="needs the model changes of docs/patches/surgery_model_changes.diff",
-)
-
 VOCAB = 64
 
 

@@ -11,24 +11,12 @@ import torch
 
 from conftest import make_text_inputs
 from modformer.data.prepare import prepare
-from modformer.models.moduleformer import ModuleFormerConfig
-from modformer.models.mom import MoMConfig
 from modformer.surgery import SurgeryError
 from modformer.surgery.forgetting import (
     add_forgetting_arguments,
     format_forgetting_table,
     run_forgetting,
     run_forgetting_experiment,
-)
-
-# Surgery needs per-layer expert counts (ModuleFormer), per-chunk pool sizes (MoM) and
-# inserted-expert parameters in the models: docs/patches/surgery_model_changes.diff.
-pytestmark = pytest.mark.skipif(
-    not (
-        hasattr(ModuleFormerConfig, "att_experts_in_layer")
-        and hasattr(MoMConfig, "learned_pool_sizes")
-    ),
-    reason="needs the model changes of docs/patches/surgery_model_changes.diff",
 )
 
 
