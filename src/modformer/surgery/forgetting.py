@@ -408,22 +408,3 @@ def run_forgetting(args: argparse.Namespace) -> dict[str, Any]:
     print(format_forgetting_table(result))
     print(f"\nwall time {result['wall_s']:.0f} s; wrote {Path(args.out_dir) / 'forgetting.json'}")
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m modformer.surgery.forgetting ...`: the same as `modformer forgetting`."""
-    from transformers.utils import logging as hf_logging
-
-    parser = argparse.ArgumentParser(
-        prog="modformer forgetting", description=__doc__.splitlines()[0]
-    )
-    add_forgetting_arguments(parser)
-    args = parser.parse_args(argv)
-    hf_logging.disable_progress_bar()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_forgetting(args)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

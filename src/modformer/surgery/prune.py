@@ -141,29 +141,29 @@ def plan_pool(
             f"the usage statistics have no entry {key!r}; they were collected on a different "
             f"model (entries: {sorted(frequencies)[:6]}...). Collect them on this model"
         )
-    f = frequencies[key]
-    if f.numel() != num_modules:
+    f = frequencies[key].tolist()
+    if len(f) != num_modules:
         raise SurgeryError(
-            f"usage entry {key!r} counts {f.numel()} modules but the model has {num_modules} "
+            f"usage entry {key!r} counts {len(f)} modules but the model has {num_modules} "
             "there; collect the statistics on the model you prune"
         )
-    if not (f > 0).any():
+    if max(f) <= 0:
         raise SurgeryError(
             f"no token selected any module of {key} in the usage data (all counts are 0); "
             "collect usage on more data"
         )
-    kept = [i for i in range(num_modules) if f[i] >= threshold]
+    kept = [i for i, freq in enumerate(f) if freq >= threshold]
     if not kept:
         raise SurgeryError(
             f"threshold {threshold} would remove every module of {key} (its largest "
-            f"normalised frequency is {float(f.max()):.4g}); lower the threshold"
+            f"normalised frequency is {max(f):.4g}); lower the threshold"
         )
     raised = len(kept) < min_keep
     if raised:
-        # The most used ones; stable sort keeps the lower index first among ties.
-        order = sorted(range(num_modules), key=lambda i: -float(f[i]))
+        # The most used ones; the stable sort keeps the lower index first among ties.
+        order = sorted(range(num_modules), key=lambda i: -f[i])
         kept = sorted(order[:min_keep])
-    return PoolPlan(key, [float(v) for v in f], kept, raised)
+    return PoolPlan(key, f, kept, raised)
 
 
 # ---- ModuleFormer ----------------------------------------------------------------------
