@@ -382,12 +382,6 @@ def test_config_validation_of_pruned_shapes():
         MoMConfig.from_preset("tiny", mom="K2H2", ffn_modules_per_chunk=[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="collect_usage sizes ModuleFormer counts by config.n_att_experts / n_ffd_experts "
-    "instead of each layer's own count (fix in modformer/analysis/usage.py: use the "
-    "router's width, route.logits.shape[-1])",
-)
 def test_pruning_a_pruned_model_with_uneven_layers():
     model = with_unused_experts(moduleformer())
     with torch.no_grad():  # layer 1 also never uses FFN expert 7: 5 and 4 experts remain

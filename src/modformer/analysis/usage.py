@@ -290,8 +290,10 @@ def _count_moduleformer(base: nn.Module, x: torch.Tensor, mask, counter: _Counte
     counter.tokens += weight.sum()
     config = base.config
     for layer, (att, ffd) in enumerate(out.router_outputs):
-        counter.add_picks(f"layer{layer}/att", att.top_k_indices, config.n_att_experts, weight)
-        counter.add_picks(f"layer{layer}/ffd", ffd.top_k_indices, config.n_ffd_experts, weight)
+        # Each layer's own count: a pruned model's layers may differ.
+        n_att, n_ffd = config.att_experts_in_layer(layer), config.ffd_experts_in_layer(layer)
+        counter.add_picks(f"layer{layer}/att", att.top_k_indices, n_att, weight)
+        counter.add_picks(f"layer{layer}/ffd", ffd.top_k_indices, n_ffd, weight)
 
 
 def _count_mom(base: nn.Module, x: torch.Tensor, mask, counter: _Counter, skip: bool) -> None:
