@@ -7,6 +7,7 @@ option.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -17,20 +18,6 @@ from huggingface_hub.errors import StrictDataclassError
 
 from modformer.config import ConfigError
 from modformer.train.checkpoint import CheckpointError
-
-
-def _prepare(sub: argparse._SubParsersAction) -> None:
-    from modformer.data.prepare import add_prepare_arguments, run_prepare
-
-    p = sub.add_parser(
-        "prepare",
-        help="tokenise a corpus into train/val token files",
-        description="Turn text into memory-mapped token files plus meta.json and a tokenizer. "
-        "Without --inputs, the built-in offline corpus is used (Python stdlib sources, "
-        "pydoc topics, C headers).",
-    )
-    add_prepare_arguments(p)
-    p.set_defaults(func=run_prepare)
 
 
 def _train(sub: argparse._SubParsersAction) -> None:
@@ -254,173 +241,160 @@ def run_convert_mom(args: argparse.Namespace) -> None:
     )
 
 
-def _demo(sub: argparse._SubParsersAction) -> None:
-    from modformer.demo import add_demo_arguments, run_demo
-
-    p = sub.add_parser(
+# Subcommands that live in their own module as `add_*_arguments(parser)` + `run_*(args)`:
+# (name, module, add-arguments function, run function, one-line help, description).
+MOUNTED: list[tuple[str, str, str, str, str, str]] = [
+    (
+        "prepare",
+        "modformer.data.prepare",
+        "add_prepare_arguments",
+        "run_prepare",
+        "tokenise a corpus into train/val token files",
+        "Turn text into memory-mapped token files plus meta.json and a tokenizer. "
+        "Without --inputs, the built-in offline corpus is used (Python stdlib sources, "
+        "pydoc topics, C headers).",
+    ),
+    (
         "demo",
-        help="the end-to-end demo on the built-in corpus",
-        description="Prepare the built-in corpus, train the tiny models, report validation "
+        "modformer.demo",
+        "add_demo_arguments",
+        "run_demo",
+        "the end-to-end demo on the built-in corpus",
+        "Prepare the built-in corpus, train the tiny models, report validation "
         "loss beside a unigram baseline, and generate a sample.",
-    )
-    add_demo_arguments(p)
-    p.set_defaults(func=run_demo)
-
-
-def _finetune(sub: argparse._SubParsersAction) -> None:
-    from modformer.eval.downstream import add_finetune_arguments, run_finetune
-
-    p = sub.add_parser(
+    ),
+    (
         "finetune",
-        help="fine-tune and score a model on local classification or summarisation data",
-        description="Fine-tune a saved model on a local GLUE-style file (CSV/TSV/JSONL; single "
+        "modformer.eval.downstream",
+        "add_finetune_arguments",
+        "run_finetune",
+        "fine-tune and score a model on local classification or summarisation data",
+        "Fine-tune a saved model on a local GLUE-style file (CSV/TSV/JSONL; single "
         "sentences or pairs; class labels or --regression) or on document/summary pairs, score "
         "it on --eval (accuracy, F1, MCC; Pearson/Spearman; ROUGE-1/2/L) and write "
         "OUT/metrics.json.",
-    )
-    add_finetune_arguments(p)
-    p.set_defaults(func=run_finetune)
-
-
-def _lm_eval(sub: argparse._SubParsersAction) -> None:
-    from modformer.eval.lmeval import add_lmeval_arguments, run_lmeval
-
-    p = sub.add_parser(
+    ),
+    (
         "lm-eval",
-        help="run lm-evaluation-harness tasks on a saved model, offline",
-        description="Evaluate a saved model with lm-evaluation-harness (hf backend) on built-in "
+        "modformer.eval.lmeval",
+        "add_lmeval_arguments",
+        "run_lmeval",
+        "run lm-evaluation-harness tasks on a saved model, offline",
+        "Evaluate a saved model with lm-evaluation-harness (hf backend) on built-in "
         "or local tasks (e.g. --include-path docs/lm_eval_task); or, with --write-remote-code, "
         "make the model directory loadable by the plain lm_eval command.",
-    )
-    add_lmeval_arguments(p)
-    p.set_defaults(func=run_lmeval)
-
-
-def _plot_curves(sub: argparse._SubParsersAction) -> None:
-    from modformer.eval.curves import add_plot_arguments, run_plot
-
-    p = sub.add_parser(
+    ),
+    (
         "plot-curves",
-        help="plot training and validation loss of runs to a PNG",
-        description="Draw the training and validation loss of one or more training runs "
+        "modformer.eval.curves",
+        "add_plot_arguments",
+        "run_plot",
+        "plot training and validation loss of runs to a PNG",
+        "Draw the training and validation loss of one or more training runs "
         "(their metrics.jsonl) against steps or tokens, one line per run.",
-    )
-    add_plot_arguments(p)
-    p.set_defaults(func=run_plot)
-
-
-def _usage(sub: argparse._SubParsersAction) -> None:
-    from modformer.analysis.usage import add_usage_arguments, run_usage
-
-    p = sub.add_parser(
+    ),
+    (
         "usage",
-        help="module/expert usage statistics of a ModuleFormer or MoM model",
-        description="Count how often each expert/module is in a token's top-k on a prepared split "
+        "modformer.analysis.usage",
+        "add_usage_arguments",
+        "run_usage",
+        "module/expert usage statistics of a ModuleFormer or MoM model",
+        "Count how often each expert/module is in a token's top-k on a prepared split "
         "(per layer / chunk step, SKIP last), print a table and optionally write JSON.",
-    )
-    add_usage_arguments(p)
-    p.set_defaults(func=run_usage)
-
-
-def _routing_report(sub: argparse._SubParsersAction) -> None:
-    from modformer.analysis.routing_report import add_routing_report_arguments, run_routing_report
-
-    p = sub.add_parser(
+    ),
+    (
         "routing-report",
-        help="routing heatmaps, MoM transitions, per-domain expert KL",
-        description="Usage heatmaps, MoM step-to-step transitions and per-domain expert "
+        "modformer.analysis.routing_report",
+        "add_routing_report_arguments",
+        "run_routing_report",
+        "routing heatmaps, MoM transitions, per-domain expert KL",
+        "Usage heatmaps, MoM step-to-step transitions and per-domain expert "
         "distributions with symmetric KL tables, as PNGs plus report.json.",
-    )
-    add_routing_report_arguments(p)
-    p.set_defaults(func=run_routing_report)
-
-
-def _sweep(sub: argparse._SubParsersAction) -> None:
-    from modformer.analysis.sweep import add_sweep_arguments, run_sweep
-
-    p = sub.add_parser(
+    ),
+    (
         "sweep",
-        help="train a grid of configurations (e.g. MoM K x H) and plot val loss",
-        description="Train one run per grid point into OUT_DIR/points/<name>; resumable; writes "
+        "modformer.analysis.sweep",
+        "add_sweep_arguments",
+        "run_sweep",
+        "train a grid of configurations (e.g. MoM K x H) and plot val loss",
+        "Train one run per grid point into OUT_DIR/points/<name>; resumable; writes "
         "results.json/csv and sweep.png.",
-    )
-    add_sweep_arguments(p)
-    p.set_defaults(func=run_sweep)
-
-
-def _cost(sub: argparse._SubParsersAction) -> None:
-    from modformer.eval.costs import add_cost_arguments, run_cost
-
-    p = sub.add_parser(
+    ),
+    (
         "cost",
-        help="params, FLOPs/token, peak memory (and val loss) per model: MoM Table 1",
-        description="Inference costs of saved models and/or random-init preset configs: total "
+        "modformer.eval.costs",
+        "add_cost_arguments",
+        "run_cost",
+        "params, FLOPs/token, peak memory (and val loss) per model: MoM Table 1",
+        "Inference costs of saved models and/or random-init preset configs: total "
         "and active parameters, analytic FLOPs per token counting only the modules each token "
         "runs, measured peak memory, and val loss of trained models with --data. See docs/costs.md.",
-    )
-    add_cost_arguments(p)
-    p.set_defaults(func=run_cost)
-
-
-def _prune(sub: argparse._SubParsersAction) -> None:
-    from modformer.surgery.prune import add_prune_arguments, run_prune
-
-    p = sub.add_parser(
+    ),
+    (
         "prune",
-        help="remove rarely used experts / modules (ModuleFormer, MoM) and their router rows",
-        description="Count each expert's (or MoM module's) activation frequency on a data set, "
+        "modformer.surgery.prune",
+        "add_prune_arguments",
+        "run_prune",
+        "remove rarely used experts / modules (ModuleFormer, MoM) and their router rows",
+        "Count each expert's (or MoM module's) activation frequency on a data set, "
         "normalise within its layer (max or sum) and remove those below --threshold, with their "
         "router rows. Writes a smaller, loadable model and prints parameters before and after.",
-    )
-    add_prune_arguments(p)
-    p.set_defaults(func=run_prune)
-
-
-def _extend(sub: argparse._SubParsersAction) -> None:
-    from modformer.surgery.extend import add_extend_arguments, run_extend
-
-    p = sub.add_parser(
+    ),
+    (
         "extend",
-        help="insert new experts for continual learning, freezing the old ones",
-        description="Add N fresh experts per layer to a ModuleFormer, extend the router's expert "
+        "modformer.surgery.extend",
+        "add_extend_arguments",
+        "run_extend",
+        "insert new experts for continual learning, freezing the old ones",
+        "Add N fresh experts per layer to a ModuleFormer, extend the router's expert "
         "embedding with A', and freeze the old experts and A, B; train the result with "
         "`modformer train --model.init_from OUT` and the routing regulariser ||A'||^2.",
-    )
-    add_extend_arguments(p)
-    p.set_defaults(func=run_extend)
-
-
-def _forgetting(sub: argparse._SubParsersAction) -> None:
-    from modformer.surgery.forgetting import add_forgetting_arguments, run_forgetting
-
-    p = sub.add_parser(
+    ),
+    (
         "forgetting",
-        help="the continual-learning experiment (ModuleFormer Tables 5-6 at CPU scale)",
-        description="Pretrain without one domain, then learn it by full fine-tuning, by expert "
+        "modformer.surgery.forgetting",
+        "add_forgetting_arguments",
+        "run_forgetting",
+        "the continual-learning experiment (ModuleFormer Tables 5-6 at CPU scale)",
+        "Pretrain without one domain, then learn it by full fine-tuning, by expert "
         "insertion at several routing-regulariser weights, and with a dense model; report old- "
         "and new-domain validation loss before and after.",
-    )
-    add_forgetting_arguments(p)
-    p.set_defaults(func=run_forgetting)
+    ),
+]
+
+
+def _mounted(name: str) -> Callable[[argparse._SubParsersAction], None]:
+    """The parser-adding function of one MOUNTED subcommand; its module is imported only
+    when the parser is built, not when `modformer` is imported."""
+    entry = next(e for e in MOUNTED if e[0] == name)
+    _, module, add, run, help_, description = entry
+
+    def add_parser(sub: argparse._SubParsersAction) -> None:
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_, description=description)
+        getattr(mod, add)(p)
+        p.set_defaults(func=getattr(mod, run))
+
+    return add_parser
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _prepare,
+    _mounted("prepare"),
     _train,
     _eval,
     _generate,
     _convert,
-    _finetune,
-    _lm_eval,
-    _plot_curves,
-    _cost,
-    _usage,
-    _routing_report,
-    _sweep,
-    _prune,
-    _extend,
-    _forgetting,
-    _demo,
+    _mounted("finetune"),
+    _mounted("lm-eval"),
+    _mounted("plot-curves"),
+    _mounted("cost"),
+    _mounted("usage"),
+    _mounted("routing-report"),
+    _mounted("sweep"),
+    _mounted("prune"),
+    _mounted("extend"),
+    _mounted("forgetting"),
+    _mounted("demo"),
 ]
 
 
