@@ -32,3 +32,11 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         shift_labels.reshape(-1),
         ignore_index=-100,
     )
+
+
+def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """HF's `logits_to_keep`: 0 keeps every position, an int n the last n, a tensor those
+    indices (generation only needs the last position's logits)."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return hidden[:, logits_to_keep]
+    return hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden

@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modformer.models.gpt.configuration_gpt import GPTConfig
-from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss
+from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss, keep_positions
 from modformer.nn.attention import CausalSelfAttention
 from modformer.nn.masking import causal_padding_mask
 from modformer.nn.mlp import MLP
@@ -158,10 +158,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
         )
         hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden = hidden[:, logits_to_keep]
+        hidden = keep_positions(hidden, logits_to_keep)
         logits = self.lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return ModformerCausalLMOutput(

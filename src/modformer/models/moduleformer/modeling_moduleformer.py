@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modformer.models.moduleformer.configuration_moduleformer import ModuleFormerConfig
-from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss
+from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss, keep_positions
 from modformer.nn.moe import MixtureOfAttentionHeads, RouterOutput, SparseMoE
 from modformer.nn.moe_losses import (
     expert_load,
@@ -423,10 +423,7 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
             memory=memory,
         )
         hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden = hidden[:, logits_to_keep]
+        hidden = keep_positions(hidden, logits_to_keep)
         logits = self.lm_head(hidden)
 
         loss = lm_loss = aux_loss = aux_metrics = None

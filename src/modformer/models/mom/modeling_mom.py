@@ -45,7 +45,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
 from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
-from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss
+from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss, keep_positions
 from modformer.nn.activations import get_activation
 from modformer.nn.grouped import (
     Dispatch,
@@ -643,10 +643,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
             compute_aux=labels is not None,
         )
         hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden = hidden[:, logits_to_keep]
+        hidden = keep_positions(hidden, logits_to_keep)
         logits = self.lm_head(hidden)
         lm_loss = loss = None
         if labels is not None:
