@@ -4,9 +4,10 @@ A small ModuleFormer (the ``tiny`` preset, ``n_positions`` raised to fit the lon
 context, a 256-token vocabulary so that the LM head does not hide the attention) is
 prefilled with a random prompt of ``C`` tokens for each ``C`` in ``--contexts``; then
 single-token decoding steps are timed, the cache cropped back to ``C`` after each step
-so every measured step sees exactly ``C`` cached positions. Steps of all variants and
-contexts are interleaved (round r times one step of each), and the per-token time is
-the median over rounds. The figure of merit is time(C_max) / time(C_min): ~C_max/C_min
+so every measured step sees exactly ``C`` cached positions. A sample is
+``--steps-per-sample`` consecutive steps; samples of all variants and contexts are
+interleaved (round r times one sample of each), and the per-token time is the median
+sample time over the rounds divided by the steps per sample. The figure of merit is time(C_max) / time(C_min): ~C_max/C_min
 (4x for 2048/512) when the per-token cost is linear in the context, less when fixed
 per-token costs (routers, FFN experts, LM head) matter, more when it is superlinear.
 
@@ -70,20 +71,21 @@ def official_attention() -> Iterator[None]:
         moe_module.stick_breaking_attention = original
 
 
-def cached_step(model, cache, token: torch.Tensor, official: bool) -> Callable:
-    """One decoding step on the cache, whose new positions are cropped off afterwards."""
+def cached_steps(model, cache, token: torch.Tensor, official: bool, steps: int) -> Callable:
+    """`steps` decoding steps on the cache, each cropped off again: all see its length."""
 
-    def step() -> torch.Tensor:
-        with torch.no_grad():
-            if official:
-                with official_attention():
-                    logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
-            else:
-                logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
-        cache.crop(-token.shape[1])
-        return logits
+    def run() -> torch.Tensor:
+        for _ in range(steps):
+            with torch.no_grad():
+                if official:
+                    with official_attention():
+                        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                else:
+                    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache.crop(-token.shape[1])
+        return out.logits
 
-    return step
+    return run
 
 
 def uncached_step(model, ids: torch.Tensor) -> Callable:
@@ -122,7 +124,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=256)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=30, help="timed steps per cached variant")
+    p.add_argument("--repeats", type=int, default=25, help="timed samples per cached variant")
+    p.add_argument("--steps-per-sample", type=int, default=4, help="decoding steps per sample")
     p.add_argument("--nocache-repeats", type=int, default=3)
     p.add_argument("--no-nocache", action="store_true", help="skip official-nocache")
     p.add_argument("--device", default="cpu")
@@ -154,8 +157,9 @@ def main() -> None:
     for c in contexts:
         with torch.no_grad():
             cache = model(input_ids=prompt[:, :c], use_cache=True).past_key_values
-        ours = cached_step(model, cache, token, official=False)
-        official = cached_step(model, copy.deepcopy(cache), token, official=True)
+        steps = args.steps_per_sample
+        ours = cached_steps(model, cache, token, official=False, steps=steps)
+        official = cached_steps(model, copy.deepcopy(cache), token, official=True, steps=steps)
         cached[f"ours@{c}"], cached[f"official@{c}"] = ours, official
         nocache = uncached_step(model, torch.cat([prompt[:, :c], token], 1))
         reference = ours()[:, -1]
@@ -170,11 +174,12 @@ def main() -> None:
 
     results = {}
     for name, t in times.items():
+        steps = 1 if name in uncached else args.steps_per_sample
         results[name] = {
-            "ms_per_token": 1e3 * statistics.median(t["wall"]),
-            "min_ms_per_token": 1e3 * min(t["wall"]),
-            "cpu_ms_per_token": 1e3 * statistics.median(t["cpu"]),
-            "steps": len(t["wall"]),
+            "ms_per_token": 1e3 * statistics.median(t["wall"]) / steps,
+            "min_ms_per_token": 1e3 * min(t["wall"]) / steps,
+            "cpu_ms_per_token": 1e3 * statistics.median(t["cpu"]) / steps,
+            "tokens": len(t["wall"]) * steps,
         }
     lo, hi = contexts[0], contexts[-1]
     summary = {}
@@ -193,11 +198,11 @@ def main() -> None:
         f"n_layer={config.n_layer}, vocab {args.vocab_size}), batch {args.batch}, "
         f"{args.dtype} on {device} ({torch.get_num_threads()} threads, torch {torch.__version__})"
     )
-    print(f"{'variant@context':<26}{'ms/token':>10}{'min ms':>10}{'CPU ms':>10}{'steps':>7}")
+    print(f"{'variant@context':<26}{'ms/token':>10}{'min ms':>10}{'CPU ms':>10}{'tokens':>8}")
     for name, r in results.items():
         print(
             f"{name:<26}{r['ms_per_token']:10.2f}{r['min_ms_per_token']:10.2f}"
-            f"{r['cpu_ms_per_token']:10.2f}{r['steps']:7d}"
+            f"{r['cpu_ms_per_token']:10.2f}{r['tokens']:8d}"
         )
     for key, value in summary.items():
         print(f"{key}: {value:.4g}")
