@@ -99,7 +99,27 @@ def test_convert_gpt2_cli(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", ["prepare", "train", "eval", "generate", "convert", "finetune", "lm-eval", "plot-curves", "cost", "usage", "routing-report", "sweep", "prune", "extend", "forgetting", "demo"])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        "prepare",
+        "train",
+        "eval",
+        "generate",
+        "convert",
+        "finetune",
+        "lm-eval",
+        "plot-curves",
+        "cost",
+        "usage",
+        "routing-report",
+        "sweep",
+        "prune",
+        "extend",
+        "forgetting",
+        "demo",
+    ],
+)
 def test_every_subcommand_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])

@@ -38,6 +38,7 @@ from modformer.nn.grouped import (
     pair_order,
     slot_order,
 )
+from modformer.nn.routers import RouterSlots
 from modformer.nn.stick_breaking import stick_breaking_attention
 
 
@@ -82,6 +83,10 @@ class TopKRouter(nn.Module):
     the expert embedding ``A`` (one row per original expert, D_rtr wide). Inserted
     experts (sec. 4.3) have their rows ``A'`` in ``inserted_expert_embedding``, and the
     logits are ``[A; A'] act(B x)`` (eq. 9).
+
+    A pruned router has ``slots`` (`RouterSlots`): it computes its softmax at the
+    unpruned layout, so the kept experts' gates stay bit-identical; its outputs are per
+    kept expert like any router's.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class TopKRouter(nn.Module):
         hidden_size: int,
         activation: str = "relu",
         num_inserted: int = 0,
+        slots: RouterSlots | None = None,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -106,6 +112,9 @@ class TopKRouter(nn.Module):
         self.inserted_expert_embedding = (
             nn.Linear(hidden_size, num_inserted, bias=False) if num_inserted else None
         )
+        if slots is not None and len(slots.slots) != num_experts:
+            raise ValueError(f"{len(slots.slots)} slots given for {num_experts} experts")
+        self.slots = slots
 
     def expert_embedding_weight(self) -> torch.Tensor:
         """``[A; A']``: (num_experts, D_rtr), the inserted experts' rows last."""
@@ -116,9 +125,15 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """x: (tokens, n_embd)."""
         hidden = self.act(self.input_proj(x))
-        logits = F.linear(hidden, self.expert_embedding_weight()).float()
+        if self.slots is None:
+            logits = F.linear(hidden, self.expert_embedding_weight()).float()
+        else:
+            logits = self.slots.linear(hidden, self.expert_embedding_weight()).float()
         probs = torch.softmax(logits, dim=-1)
         top_k_gates, top_k_indices = probs.topk(self.top_k, dim=-1)
+        if self.slots is not None:
+            top_k_indices = self.slots.choice_index(top_k_indices)
+            logits, probs = self.slots.choices(logits), self.slots.choices(probs)
         return RouterOutput(logits, probs, top_k_gates, top_k_indices)
 
 
@@ -159,13 +174,14 @@ class SparseMoE(nn.Module):
         router_hidden: int = 256,
         router_activation: str = "relu",
         num_inserted: int = 0,
+        slots: RouterSlots | None = None,
     ):
         super().__init__()
         self.num_experts = num_experts
         self.num_inserted = num_inserted
         self.top_k = top_k
         self.router = TopKRouter(
-            n_embd, num_experts, top_k, router_hidden, router_activation, num_inserted
+            n_embd, num_experts, top_k, router_hidden, router_activation, num_inserted, slots
         )
         original = num_experts - num_inserted
         self.w_in = nn.Parameter(torch.randn(original, n_embd, hidden_size) * 0.02)
@@ -229,6 +245,7 @@ class MixtureOfAttentionHeads(nn.Module):
         router_activation: str = "relu",
         block_size: int = 128,
         num_inserted: int = 0,
+        slots: RouterSlots | None = None,
     ):
         super().__init__()
         if att_hidden % n_head != 0:
@@ -241,7 +258,7 @@ class MixtureOfAttentionHeads(nn.Module):
         self.att_hidden = att_hidden
         self.block_size = block_size
         self.router = TopKRouter(
-            n_embd, num_experts, top_k, router_hidden, router_activation, num_inserted
+            n_embd, num_experts, top_k, router_hidden, router_activation, num_inserted, slots
         )
         original = num_experts - num_inserted
         self.w_q = nn.Parameter(torch.randn(original, n_embd, att_hidden) * 0.02)

@@ -6,12 +6,115 @@ the selected choices and their weights: softmax in fp32, top-K, optional renorma
 
 All routers share one call signature, `router(x, state) -> (logits, new_state)`, so the
 assembly code does not care which one it holds; stateless routers return `None` as state.
+
+`RouterSlots` lets a pruned router compute its logits at the layout it had before
+pruning, so that removing never-chosen modules leaves every output bit-identical.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+class RouterSlots(nn.Module):
+    """Where a pruned router's choices sit in the row of logits it had before pruning.
+
+    BLAS and softmax kernels pick their blocking and summation order from the row width
+    and from each value's position in the row, so a router whose output matmul merely
+    lost some rows gives the kept choices logits that differ in the last bit (~1e-7).
+    A pruned router therefore computes at the unpruned layout: each kept choice's weight
+    row goes back to its original slot, empty slots get zero rows and a -inf logit. Same
+    shapes, same positions: the kept choices' logits, probabilities and top-k are
+    bit-identical to the unpruned router's whenever the removed choices had no
+    probability mass left in fp32 (the case of modules that are never selected).
+
+    slots: the slot of each choice, increasing; num_slots: the row width.
+    """
+
+    def __init__(self, slots: Sequence[int], num_slots: int):
+        super().__init__()
+        slots = [int(s) for s in slots]
+        if not slots or any(b <= a for a, b in zip(slots, slots[1:])):
+            raise ValueError(f"slots must be a non-empty increasing list, got {slots}")
+        if slots[0] < 0 or slots[-1] >= num_slots:
+            raise ValueError(f"slots {slots} must lie in [0, num_slots={num_slots})")
+        self.slot_list, self.num_slots = slots, num_slots
+        # Derived from the config, so not saved with the weights.
+        self.register_buffer("slots", torch.empty(len(slots), dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "choice_of_slot", torch.empty(num_slots, dtype=torch.long), persistent=False
+        )
+        self.register_buffer("empty", torch.empty(num_slots, dtype=torch.bool), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Fill the index buffers (also after HF loading, which leaves them empty)."""
+        device = self.slots.device
+        slots = torch.tensor(self.slot_list, dtype=torch.long)
+        choice_of_slot = torch.full((self.num_slots,), -1, dtype=torch.long)
+        choice_of_slot[slots] = torch.arange(len(slots))
+        with torch.no_grad():
+            self.slots.copy_(slots.to(device))
+            self.choice_of_slot.copy_(choice_of_slot.to(device))
+            self.empty.copy_((choice_of_slot < 0).to(device))
+
+    def extra_repr(self) -> str:
+        return f"slots={self.slot_list}, num_slots={self.num_slots}"
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(n, num_slots) logits of ``F.linear(x, weight, bias)``; -inf in empty slots."""
+        full_weight = weight.new_zeros(self.num_slots, weight.shape[1])
+        full_weight = full_weight.index_copy(0, self.slots, weight)
+        full_bias = None
+        if bias is not None:
+            full_bias = bias.new_zeros(self.num_slots).index_copy(0, self.slots, bias)
+        logits = F.linear(x, full_weight, full_bias)
+        return logits.masked_fill(self.empty, float("-inf"))
+
+    def choices(self, per_slot: torch.Tensor) -> torch.Tensor:
+        """(..., num_slots) -> (..., num_choices): the columns of the choices."""
+        return per_slot.index_select(-1, self.slots)
+
+    def choice_index(self, slot_index: torch.Tensor) -> torch.Tensor:
+        """Slot indices (e.g. top-k picks, never an empty slot) -> choice indices."""
+        return self.choice_of_slot[slot_index]
+
+
+def check_slot_lists(
+    name: str, slot_lists: list[list[int]] | None, counts: list[int], widths: list[int]
+) -> None:
+    """Config validation of per-layer (or per-chunk) slot lists; messages name `name`.
+
+    Entry i must hold `counts[i]` increasing slots in [0, widths[i]).
+    """
+    if slot_lists is None:
+        return
+    if len(slot_lists) != len(counts):
+        raise ValueError(
+            f"{name} has {len(slot_lists)} entries but there are {len(counts)} pools; give "
+            "one list of slots per pool (pruning writes them, see modformer.surgery)"
+        )
+    for i, (slots, count, width) in enumerate(zip(slot_lists, counts, widths)):
+        if len(slots) != count:
+            raise ValueError(
+                f"{name}[{i}] lists {len(slots)} slots but the pool has {count} modules"
+            )
+        if any(b <= a for a, b in zip(slots, slots[1:])) or slots[0] < 0 or slots[-1] >= width:
+            raise ValueError(
+                f"{name}[{i}]={slots} must be increasing slots in [0, {width}): the "
+                "modules' original positions in the unpruned router"
+            )
+
+
+def output_logits(out: nn.Linear, x: torch.Tensor, slots: RouterSlots | None) -> torch.Tensor:
+    """``out(x)``, at the unpruned layout when the router has `slots`."""
+    return out(x) if slots is None else slots.linear(x, out.weight, out.bias)
 
 
 class GRURouter(nn.Module):
@@ -25,12 +128,15 @@ class GRURouter(nn.Module):
         n = tanh(W_xn x + r * (W_hn s)),  s' = (1 - z) * n + z * s.
     """
 
-    def __init__(self, n_embd: int, state_dim: int, num_choices: int):
+    def __init__(
+        self, n_embd: int, state_dim: int, num_choices: int, slots: RouterSlots | None = None
+    ):
         super().__init__()
         self.state_dim = state_dim
         self.x2h = nn.Linear(n_embd, 3 * state_dim)
         self.h2h = nn.Linear(state_dim, 3 * state_dim)
         self.out = nn.Linear(state_dim, num_choices)
+        self.slots = slots
 
     def forward(
         self, x: torch.Tensor, state: torch.Tensor | None
@@ -49,7 +155,7 @@ class GRURouter(nn.Module):
         update = torch.sigmoid(x_z + h_z)
         candidate = torch.tanh(x_n + reset * h_n)
         state = candidate + update * (state.to(candidate.dtype) - candidate)
-        return self.out(state), state
+        return output_logits(self.out, state, self.slots), state
 
 
 class MLPRouter(nn.Module):
@@ -58,14 +164,17 @@ class MLPRouter(nn.Module):
     ReLU between the layers, as in the official code's `TokenRouter`.
     """
 
-    def __init__(self, n_embd: int, hidden_dim: int, num_choices: int):
+    def __init__(
+        self, n_embd: int, hidden_dim: int, num_choices: int, slots: RouterSlots | None = None
+    ):
         super().__init__()
         self.fc = nn.Linear(n_embd, hidden_dim)
         self.act = nn.ReLU()
         self.out = nn.Linear(hidden_dim, num_choices)
+        self.slots = slots
 
     def forward(self, x: torch.Tensor, state: None = None) -> tuple[torch.Tensor, None]:
-        return self.out(self.act(self.fc(x))), None
+        return output_logits(self.out, self.act(self.fc(x)), self.slots), None
 
 
 class LinearRouter(nn.Module):

@@ -223,6 +223,23 @@ def merge_inserted_experts(model: PreTrainedModel) -> PreTrainedModel:
 # ---- extend ----------------------------------------------------------------------------
 
 
+def _slots_after_insertion(
+    config: ModuleFormerConfig, kind: str, new: int, counts: list[int]
+) -> dict[str, Any]:
+    """Config changes for the router slots of a pruned model that gets `new` experts per
+    layer (`counts` after insertion): the new experts take slots after the unpruned
+    width, which grows by `new`."""
+    slots = getattr(config, f"{kind}_expert_slots")
+    if slots is None:
+        return {}
+    width = getattr(config, f"n_{kind}_experts")
+    return {
+        f"n_{kind}_experts": width + new,
+        f"{kind}_experts_per_layer": counts,
+        f"{kind}_expert_slots": [s + list(range(width, width + new)) for s in slots],
+    }
+
+
 def extend_model(
     model: PreTrainedModel,
     new_experts: int,
@@ -276,6 +293,8 @@ def extend_model(
         n_inserted_ffd_experts=n_ffd,
         trainable_scope=SCOPE_INSERTED_AND_EMBEDDINGS if train_embeddings else SCOPE_INSERTED,
     )
+    changes.update(_slots_after_insertion(config, "att", n_att, att_counts))
+    changes.update(_slots_after_insertion(config, "ffd", n_ffd, ffd_counts))
     for name, weight in weights.items():
         if weight is not None:
             changes[name] = float(weight)

@@ -51,6 +51,7 @@ from modformer.analysis.usage import UsageStats, check_same_tokenizer, normalize
 from modformer.models.moduleformer import ModuleFormerForCausalLM
 from modformer.models.mom import MoMForCausalLM
 from modformer.models.mom.modeling_mom import MoMChunk
+from modformer.nn.routers import RouterSlots
 from modformer.surgery.extend import (
     SurgeryError,
     count_parameters,
@@ -166,6 +167,12 @@ def plan_pool(
     return PoolPlan(key, f, kept, raised)
 
 
+def _kept_slots(slots: RouterSlots | None, num_modules: int, kept: list[int]) -> list[int]:
+    """The router slots of the `kept` modules: where they sat before any pruning."""
+    before = list(range(num_modules)) if slots is None else slots.slots.tolist()
+    return [before[i] for i in kept]
+
+
 # ---- ModuleFormer ----------------------------------------------------------------------
 
 
@@ -176,6 +183,7 @@ def _prune_moduleformer(
     state = dict(model.state_dict())
     plans: list[PoolPlan] = []
     counts: dict[str, list[int]] = {"att": [], "ffd": []}
+    slots: dict[str, list[list[int]]] = {"att": [], "ffd": []}
     for layer, block in enumerate(model.transformer.h):
         for kind, module, weights, k in (
             ("att", block.attn, ("w_q", "w_o"), config.k_att),
@@ -186,16 +194,18 @@ def _prune_moduleformer(
             )
             plans.append(plan)
             counts[kind].append(len(plan.kept))
+            slots[kind].append(_kept_slots(module.router.slots, module.num_experts, plan.kept))
             keep = torch.tensor(plan.kept, dtype=torch.long)
             prefix = f"transformer.h.{layer}.{'attn' if kind == 'att' else 'mlp'}."
             for name in (*weights, "router.expert_embedding.weight"):
                 state[prefix + name] = state[prefix + name][keep].clone()
+    # n_att_experts / n_ffd_experts stay: the routers' width before pruning.
     pruned_config = new_config(
         config,
-        n_att_experts=max(counts["att"]),
-        n_ffd_experts=max(counts["ffd"]),
         att_experts_per_layer=counts["att"],
         ffd_experts_per_layer=counts["ffd"],
+        att_expert_slots=slots["att"],
+        ffd_expert_slots=slots["ffd"],
     )
     return rebuild(model, pruned_config, state), plans
 
@@ -217,6 +227,7 @@ def _prune_mom(
     state = dict(model.state_dict())
     plans: list[PoolPlan] = []
     sizes: dict[str, list[int]] = {"attn": [], "ffn": []}
+    slots: dict[str, list[list[int]]] = {"attn": [], "ffn": []}
     for layer_index, chunk in enumerate(model.transformer.h):
         if not isinstance(chunk, MoMChunk):
             continue  # a fixed block: nothing routed
@@ -228,6 +239,7 @@ def _prune_mom(
             plan = plan_pool(f"chunk{c}/{kind}", frequencies, pool.num_modules, threshold, min_keep)
             plans.append(plan)
             sizes[kind].append(len(plan.kept))
+            slots[kind].append(_kept_slots(router.slots, pool.num_modules, plan.kept))
             keep = torch.tensor(plan.kept, dtype=torch.long)
             prefix = f"transformer.h.{layer_index}."
             # Every pool parameter is stacked by module along dim 0.
@@ -240,7 +252,11 @@ def _prune_mom(
                 key = f"{prefix}policy.{kind}_router.out.{name}"
                 state[key] = state[key][rows].clone()
     pruned_config = new_config(
-        config, attn_modules_per_chunk=sizes["attn"], ffn_modules_per_chunk=sizes["ffn"]
+        config,
+        attn_modules_per_chunk=sizes["attn"],
+        ffn_modules_per_chunk=sizes["ffn"],
+        attn_module_slots=slots["attn"],
+        ffn_module_slots=slots["ffn"],
     )
     return rebuild(model, pruned_config, state), plans
 

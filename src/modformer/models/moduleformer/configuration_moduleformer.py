@@ -22,6 +22,7 @@ from transformers import PreTrainedConfig
 
 from modformer.models.gpt.configuration_gpt import apply_preset
 from modformer.nn.activations import ACTIVATIONS
+from modformer.nn.routers import check_slot_lists
 
 _MOLM = dict(
     vocab_size=50295,
@@ -112,7 +113,11 @@ class ModuleFormerConfig(PreTrainedConfig):
     Module surgery (`modformer.surgery`): ``att_experts_per_layer`` /
     ``ffd_experts_per_layer`` give each layer its own expert count (a pruned model);
     None means ``n_att_experts`` / ``n_ffd_experts`` in every layer. Each count must be
-    at least the top-k. ``trainable_scope`` records which parameters training may change
+    at least the top-k. ``att_expert_slots`` / ``ffd_expert_slots`` (written by pruning)
+    give, per layer, each kept expert's index among the ``n_att_experts`` /
+    ``n_ffd_experts`` experts of the unpruned model: the routers compute their softmax at
+    that layout (`modformer.nn.routers.RouterSlots`), so pruning experts that are never
+    selected leaves the logits bit-identical. None: experts 0..n-1 of n. ``trainable_scope`` records which parameters training may change
     ("inserted_experts": the inserted experts and their rows A' only; with
     "+embeddings" also the token embedding, which the tied LM head shares; None: all);
     `modformer.surgery.apply_trainable_scope` sets ``requires_grad`` from it.
@@ -160,6 +165,8 @@ class ModuleFormerConfig(PreTrainedConfig):
     n_inserted_ffd_experts: int = 0
     att_experts_per_layer: list[int] | None = None
     ffd_experts_per_layer: list[int] | None = None
+    att_expert_slots: list[list[int]] | None = None
+    ffd_expert_slots: list[list[int]] | None = None
     trainable_scope: str | None = None
     use_history: bool = False
     history_length: int | None = None
@@ -190,6 +197,14 @@ class ModuleFormerConfig(PreTrainedConfig):
         if self.ffd_experts_per_layer is None:
             return self.n_ffd_experts
         return self.ffd_experts_per_layer[layer]
+
+    def att_expert_slots_in_layer(self, layer: int) -> list[int] | None:
+        """The kept attention experts' slots in layer `layer` (None: not pruned)."""
+        return None if self.att_expert_slots is None else self.att_expert_slots[layer]
+
+    def ffd_expert_slots_in_layer(self, layer: int) -> list[int] | None:
+        """The kept FFN experts' slots in layer `layer` (None: not pruned)."""
+        return None if self.ffd_expert_slots is None else self.ffd_expert_slots[layer]
 
     def validate_architecture(self):
         """Checked by `@strict` on construction; messages name the field."""
@@ -241,6 +256,21 @@ class ModuleFormerConfig(PreTrainedConfig):
                         f"{ins_name} ({inserted}) must be between 0 and {name} ({n}): it "
                         f"counts the last experts of each layer"
                     )
+        for slots_name, list_name, n_name in (
+            ("att_expert_slots", "att_experts_per_layer", "n_att_experts"),
+            ("ffd_expert_slots", "ffd_experts_per_layer", "n_ffd_experts"),
+        ):
+            if getattr(self, slots_name) is None:
+                continue
+            if getattr(self, list_name) is None:
+                raise ValueError(f"{slots_name} needs {list_name} (a pruned model's counts)")
+            width = getattr(self, n_name)
+            check_slot_lists(
+                slots_name,
+                getattr(self, slots_name),
+                getattr(self, list_name),
+                [width] * self.n_layer,
+            )
         if self.trainable_scope not in TRAINABLE_SCOPES:
             raise ValueError(
                 f"trainable_scope {self.trainable_scope!r} is unknown; choose one of "

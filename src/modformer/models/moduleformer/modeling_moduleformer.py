@@ -45,6 +45,7 @@ from modformer.nn.moe_losses import (
     routing_regularization,
     switch_loss,
 )
+from modformer.nn.routers import RouterSlots
 
 
 @dataclass
@@ -90,6 +91,11 @@ class ModuleFormerCausalLMOutput(ModformerCausalLMOutput):
     memory: ModuleFormerMemory | None = None
 
 
+def _router_slots(slots: list[int] | None, num_slots: int) -> RouterSlots | None:
+    """A pruned layer's router layout (see `ModuleFormerConfig`); None when unpruned."""
+    return None if slots is None else RouterSlots(slots, num_slots)
+
+
 class ModuleFormerBlock(nn.Module):
     """`x + MoA(LN(x))`, then `x + SMoE(LN(x))`."""
 
@@ -107,6 +113,7 @@ class ModuleFormerBlock(nn.Module):
             config.router_activation,
             config.attention_block_size,
             num_inserted=config.n_inserted_att_experts,
+            slots=_router_slots(config.att_expert_slots_in_layer(layer_idx), config.n_att_experts),
         )
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = SparseMoE(
@@ -118,6 +125,7 @@ class ModuleFormerBlock(nn.Module):
             config.router_hidden,
             config.router_activation,
             num_inserted=config.n_inserted_ffd_experts,
+            slots=_router_slots(config.ffd_expert_slots_in_layer(layer_idx), config.n_ffd_experts),
         )
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -158,6 +166,9 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
         the residual stream (W_o, the FFN experts' second layer) are scaled by
         1/sqrt(2 * n_layer) as GPT-2's c_proj."""
         super()._init_weights(module)
+        if isinstance(module, RouterSlots):
+            module.reset_buffers()
+            return
         std = self.config.initializer_range
         residual_std = std / math.sqrt(2 * self.config.n_layer)
         if isinstance(module, SparseMoE):

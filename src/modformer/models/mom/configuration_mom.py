@@ -39,7 +39,10 @@ Pruned pools (MoM paper Figure 3's N_A x N_F study; `modformer.surgery.prune_mod
 ``attn_modules_per_chunk`` / ``ffn_modules_per_chunk`` give each chunk (in chunk-string
 order, fixed ``1`` blocks not counted) its own number of attention / FFN modules; None
 means N for every chunk. Only the learned policy supports them, and K must not exceed a
-pruned chunk's choices (its modules, plus SKIP when on).
+pruned chunk's choices (its modules, plus SKIP when on). ``attn_module_slots`` /
+``ffn_module_slots`` give, per chunk, each kept module's index in the unpruned pool: the
+router computes its logits at the unpruned layout (`modformer.nn.routers.RouterSlots`),
+so pruning never-selected modules leaves the logits bit-identical. None: 0..n-1.
 
 ``K`` and ``skip`` are ignored by the policies that pick one module per step (vanilla,
 layer_skip, early_exit, parameter_sharing). Layer numbers (``skip_layers``, the routing
@@ -57,6 +60,7 @@ from transformers import PreTrainedConfig
 
 from modformer.models.gpt.configuration_gpt import apply_preset
 from modformer.nn.activations import ACTIVATIONS
+from modformer.nn.routers import check_slot_lists
 
 POLICIES = (
     "learned",
@@ -164,6 +168,8 @@ class MoMConfig(PreTrainedConfig):
     balance_loss_weight: float = 0.0
     attn_modules_per_chunk: list[int] | None = None
     ffn_modules_per_chunk: list[int] | None = None
+    attn_module_slots: list[list[int]] | None = None
+    ffn_module_slots: list[list[int]] | None = None
 
     # Assembly policy and its parameters.
     policy: str = "learned"
@@ -234,6 +240,14 @@ class MoMConfig(PreTrainedConfig):
             num_modules if ffn is None else ffn[chunk_index],
         )
 
+    def learned_pool_slots(self, chunk_index: int) -> tuple[list[int] | None, list[int] | None]:
+        """(attention, FFN) slots of the kept modules of a pruned chunk (None: unpruned)."""
+        attn, ffn = self.attn_module_slots, self.ffn_module_slots
+        return (
+            None if attn is None else attn[chunk_index],
+            None if ffn is None else ffn[chunk_index],
+        )
+
     def ffn_pool_size(self, num_modules: int) -> int:
         """FFN modules stored for a chunk of `num_modules` (before `mom_same` tying)."""
         experts = self.num_experts if self.num_experts is not None else num_modules
@@ -289,6 +303,14 @@ class MoMConfig(PreTrainedConfig):
                     f"{name}={per_chunk} must give one positive module count per chunk; "
                     f"chunks={self.chunks!r} has {len(chunk_sizes)} chunks"
                 )
+        for slots_name, counts_name in (
+            ("attn_module_slots", "attn_modules_per_chunk"),
+            ("ffn_module_slots", "ffn_modules_per_chunk"),
+        ):
+            if getattr(self, slots_name) is not None and getattr(self, counts_name) is None:
+                raise ValueError(f"{slots_name} needs {counts_name} (a pruned model's sizes)")
+            counts = getattr(self, counts_name) or chunk_sizes
+            check_slot_lists(slots_name, getattr(self, slots_name), counts, chunk_sizes)
         if self.policy == "learned":
             for c, size in enumerate(chunk_sizes):
                 for kind, n in zip(("attention", "FFN"), self.learned_pool_sizes(c, size)):

@@ -55,6 +55,7 @@ from modformer.nn.grouped import (
     make_dispatch,
 )
 from modformer.nn.masking import causal_padding_mask
+from modformer.nn.routers import RouterSlots
 
 # ---- outputs ---------------------------------------------------------------------------
 
@@ -468,6 +469,9 @@ class MoMPreTrainedModel(PreTrainedModel):
         `MoMModel` sets on them rather than through their parent module.
         """
         super()._init_weights(module)
+        if isinstance(module, RouterSlots):
+            module.reset_buffers()
+            return
         std = self.config.initializer_range
         resid_std = std / math.sqrt(2 * self.config.num_vanilla_layers)
         if isinstance(module, nn.Linear) and getattr(module, "is_residual_projection", False):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from modformer.models.mom.configuration_mom import MoMConfig
-from modformer.nn.routers import GRURouter, LinearRouter, MLPRouter, top_k_routing
+from modformer.nn.routers import GRURouter, LinearRouter, MLPRouter, RouterSlots, top_k_routing
 
 # criterion(layer, hidden) -> (n,) bool, True = skip: `layer` is the assembled layer
 # number, `hidden` the (n, n_embd) residual stream entering that layer's attention.
@@ -112,31 +112,55 @@ class LearnedPolicy(AssemblyPolicy):
     """MoM routing: R^A on x_h, R^F on u_h, top-K over N modules (+ SKIP), per chunk.
 
     The GRU states start at zero in `begin`, i.e. at every chunk. A pruned chunk has
-    fewer attention or FFN modules than N (`MoMConfig.learned_pool_sizes`).
+    fewer attention or FFN modules than N (`MoMConfig.learned_pool_sizes`), and its
+    routers compute at the unpruned layout (`MoMConfig.learned_pool_slots`).
     """
 
     routed = True
 
     def __init__(
-        self, config: MoMConfig, num_attn_modules: int, num_ffn_modules: int, first_layer: int
+        self,
+        config: MoMConfig,
+        num_attn_modules: int,
+        num_ffn_modules: int,
+        first_layer: int,
+        chunk_size: int,
+        slots: tuple[list[int] | None, list[int] | None] = (None, None),
     ):
+        """chunk_size: the unpruned pool size N; slots: the kept modules' indices in it."""
         super().__init__(num_attn_modules, num_ffn_modules, first_layer)
         extra = 1 if config.skip else 0
         router_cls = GRURouter if config.router == "gru" else MLPRouter
-        self.attn_router = router_cls(config.n_embd, config.router_dim, num_attn_modules + extra)
-        self.ffn_router = router_cls(config.n_embd, config.router_dim, num_ffn_modules + extra)
+        routers = []
+        for num_modules, kept in zip((num_attn_modules, num_ffn_modules), slots):
+            router_slots = None
+            if kept is not None:
+                # SKIP keeps the last slot, after the chunk's unpruned pool.
+                skip_slot = [chunk_size] if config.skip else []
+                router_slots = RouterSlots(kept + skip_slot, chunk_size + extra)
+            routers.append(
+                router_cls(config.n_embd, config.router_dim, num_modules + extra, router_slots)
+            )
+        self.attn_router, self.ffn_router = routers
         self.k = config.K
         self.renormalize = config.renormalize
 
-    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
-        logits, state.attn_router_state = self.attn_router(x, state.attn_router_state)
+    def _route(self, router: nn.Module, x: torch.Tensor, state: torch.Tensor | None):
+        logits, state = router(x, state)
         weight, index, probs = top_k_routing(logits, self.k, self.renormalize)
-        return Selection(index=index, weight=weight, probs=probs)
+        if router.slots is not None:
+            index, probs = router.slots.choice_index(index), router.slots.choices(probs)
+        return Selection(index=index, weight=weight, probs=probs), state
+
+    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
+        selection, state.attn_router_state = self._route(
+            self.attn_router, x, state.attn_router_state
+        )
+        return selection
 
     def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
-        logits, state.ffn_router_state = self.ffn_router(u, state.ffn_router_state)
-        weight, index, probs = top_k_routing(logits, self.k, self.renormalize)
-        return Selection(index=index, weight=weight, probs=probs)
+        selection, state.ffn_router_state = self._route(self.ffn_router, u, state.ffn_router_state)
+        return selection
 
 
 class VanillaPolicy(AssemblyPolicy):
@@ -258,7 +282,8 @@ def build_policy(
     `first_layer`."""
     if config.policy == "learned":
         num_attn, num_ffn = config.learned_pool_sizes(chunk_index, num_modules)
-        return LearnedPolicy(config, num_attn, num_ffn, first_layer)
+        slots = config.learned_pool_slots(chunk_index)
+        return LearnedPolicy(config, num_attn, num_ffn, first_layer, num_modules, slots)
     if config.policy == "vanilla":
         return VanillaPolicy(num_modules, first_layer)
     if config.policy == "layer_skip":
