@@ -257,6 +257,7 @@ def test_mlp_router_is_stateless_and_top_k_renormalises():
     raw, raw_index, _ = top_k_routing(logits, 2, renormalize=False)
     assert torch.equal(index, raw_index)
     torch.testing.assert_close(raw, probs.gather(1, index))
+    torch.testing.assert_close(weight, raw / raw.sum(-1, keepdim=True))  # = renormalised
 
 
 # ---- assembly -------------------------------------------------------------------------

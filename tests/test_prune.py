@@ -128,6 +128,26 @@ def test_pruning_unused_mom_modules_keeps_logits():
         assert torch.equal(out_after.logits, model(input_ids=x).logits)
 
 
+def test_pruning_mom_modules_that_keep_probability_mass_is_still_exact():
+    # Never in the top-2, yet ~5% of the softmax each: MoM renormalises over the kept
+    # logits, so removing them cannot change the weights.
+    model = mom()
+    with torch.no_grad():
+        for chunk in model.transformer.chunks:
+            chunk.policy.ffn_router.out.bias[NEVER_MOM_FFN] = -3.0
+    x = token_batches(1)[0]
+    logits = []
+    router = model.transformer.chunks[0].policy.ffn_router
+    hook = router.register_forward_hook(lambda module, args, out: logits.append(out[0]))
+    model(input_ids=x)
+    hook.remove()
+    probs = torch.softmax(torch.cat(logits), dim=-1)
+    assert probs[:, NEVER_MOM_FFN].min() > 1e-3
+    pruned, report = prune_model(model, collect_usage(model, [x]), threshold=0.01)
+    assert kept_by_key(report)["chunk0/ffn"] == [1, 2, 3]
+    assert torch.equal(pruned(input_ids=x).logits, model(input_ids=x).logits)
+
+
 def test_pruned_models_save_and_load(tmp_path):
     x = token_batches(1)[0]
     for name, model in (

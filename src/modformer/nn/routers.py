@@ -196,9 +196,14 @@ def top_k_routing(
     Returns (weights (n, k) fp32, indices (n, k) long, probs (n, C) fp32). With
     `renormalize` the k kept weights are divided by their sum (the official MoM code and
     Mixtral do this); a SKIP choice, when kept, takes its share of that sum.
+    Renormalised weights are computed as the softmax of the k kept logits, which equals
+    ``top-k probs / their sum`` but does not depend on the choices left out, so removing
+    never-selected modules (pruning) cannot change them even in the last bit.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    weights, indices = torch.topk(probs, k, dim=-1)
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
     if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        kept_logits, indices = torch.topk(logits, k, dim=-1)
+        return torch.softmax(kept_logits, dim=-1), indices, probs
+    weights, indices = torch.topk(probs, k, dim=-1)
     return weights, indices, probs
