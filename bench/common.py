@@ -8,6 +8,13 @@ from collections.abc import Callable
 
 import torch
 
+from modformer.utils import retain_freed_memory
+
+# Every benchmark runs with the allocator setting the `modformer` CLI uses (freed CPU
+# memory is reused, not page-faulted in again); MODFORMER_RETAIN_FREED_MEMORY=0 measures
+# with glibc's defaults instead.
+RETAINS_FREED_MEMORY = retain_freed_memory()
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

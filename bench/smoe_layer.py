@@ -16,6 +16,12 @@ the same tokens in the same run, repeats interleaved (ours, dense, loop, ours, .
 
 FLOPs: 2 per multiply-add, matmuls only; a training step is 3x the forward.
 
+Memory: the SMoE layer has N/k = 8 times the dense FFN's parameters, so 8 times its
+weight gradients (64 MiB per step here). With glibc's defaults those buffers are
+unmapped when freed and page-faulted in again on the next step; the benchmark runs
+with freed memory retained, as the `modformer` CLI does (`modformer.utils.
+retain_freed_memory`). MODFORMER_RETAIN_FREED_MEMORY=0 measures the glibc default.
+
     python bench/smoe_layer.py                          # 4096 tokens, d=512, 16 experts, k=2
     python bench/smoe_layer.py --device cuda --dtype bf16
 """
@@ -32,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import median_time, sync
+from common import RETAINS_FREED_MEMORY, median_time, sync
 from modformer.nn.activations import get_activation
 from modformer.nn.mlp import MLP
 from modformer.nn.moe import SparseMoE
@@ -184,7 +190,8 @@ def main() -> None:
     print(
         f"SMoE layer fwd+bwd: {args.tokens} tokens, d={d}, {args.experts} experts, k={k}, "
         f"D_ffd={hidden}, D_rtr={args.router_hidden}, {args.dtype} on {device} "
-        f"({torch.get_num_threads()} threads, torch {torch.__version__})"
+        f"({torch.get_num_threads()} threads, torch {torch.__version__}, freed memory "
+        f"{'retained' if RETAINS_FREED_MEMORY else 'returned to the OS (glibc default)'})"
     )
     print(f"expert load (pairs per expert): min {load.min().item()} max {load.max().item()}")
     print(
@@ -208,7 +215,11 @@ def main() -> None:
         print(f"{key}: {value:.4g}")
     if args.json:
         config = {k: v for k, v in vars(args).items() if k != "json"}
-        config.update(torch=torch.__version__, threads=torch.get_num_threads())
+        config.update(
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            retains_freed_memory=RETAINS_FREED_MEMORY,
+        )
         out = {"config": config, "results": results, "summary": summary}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -18,6 +18,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from modformer.config import ConfigError
 from modformer.train.checkpoint import CheckpointError
+from modformer.utils import retain_freed_memory
 
 
 def _train(sub: argparse._SubParsersAction) -> None:
@@ -410,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    retain_freed_memory()  # CPU training speed; see its docstring
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard bars add noise to our own progress output
