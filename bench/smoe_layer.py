@@ -40,8 +40,9 @@ from torch import nn
 
 from common import RETAINS_FREED_MEMORY, median_time, sync
 from modformer.nn.activations import get_activation
+from modformer.nn.grouped import combine_pairs, gather_pairs, grouped_linear
 from modformer.nn.mlp import MLP
-from modformer.nn.moe import SparseMoE
+from modformer.nn.moe import SparseMoE, _dispatch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -111,6 +112,40 @@ def training_step(module: nn.Module, forward: Callable[[], torch.Tensor], x, gra
     return step
 
 
+def breakdown_steps(moe: SparseMoE, x: torch.Tensor, grad: torch.Tensor) -> dict:
+    """fwd+bwd of each part of `moe` alone, on the routing of `x`: the router; the row
+    movement (`gather_pairs` + `combine_pairs`); the expert GEMMs and activation on
+    already gathered rows. Their ratios to the dense step say where the overhead goes."""
+    with torch.no_grad():
+        route = moe.router(x)
+    dispatch = _dispatch(route, moe.num_experts, None)
+    pairs = gather_pairs(x.detach(), dispatch).requires_grad_(True)
+    pair_grad = torch.randn_like(pairs)
+    gates = route.top_k_gates.detach().requires_grad_(True)
+
+    def router() -> None:
+        r = moe.router(x)
+        (r.top_k_gates.sum() + r.logits.sum()).backward()
+
+    def movement() -> None:
+        combine_pairs(gather_pairs(x, dispatch), dispatch, gates).backward(grad)
+
+    def experts() -> None:
+        hidden = grouped_linear(pairs, moe.w_in, dispatch.offsets, zero_left_out=False)
+        out = grouped_linear(moe.act(hidden), moe.w_out, dispatch.offsets, zero_left_out=False)
+        out.backward(pair_grad)
+
+    def step(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            moe.zero_grad(set_to_none=True)
+            x.grad = pairs.grad = gates.grad = None
+            fn()
+
+        return run
+
+    return {"router": step(router), "movement": step(movement), "experts": step(experts)}
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=4096)
@@ -124,6 +159,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--no-loop", action="store_true", help="skip the loop-over-experts layer")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the parts of ours alone (router, row movement, expert GEMMs)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -158,12 +198,15 @@ def main() -> None:
     }
     if not args.no_loop:
         fns["loop"] = training_step(loop, lambda: loop(x), x, grad)
+    if args.breakdown:
+        fns.update(breakdown_steps(moe, x, grad))
     times = interleaved_times(fns, device, args.warmup, args.repeats)
 
     expert_flops = 2 * k * 2 * d * hidden  # forward, per token
     router_flops = 2 * (d * args.router_hidden + args.router_hidden * args.experts)
     flops = {"ours": expert_flops + router_flops, "dense": expert_flops}
     flops["loop"] = flops["ours"]
+    flops.update(router=router_flops, movement=0, experts=expert_flops)
     kinds = ("wall", "cpu") if device.type == "cpu" else ("wall",)
     results = {}
     for name, t in times.items():
