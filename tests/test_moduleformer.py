@@ -305,8 +305,17 @@ def test_a_few_training_steps_reduce_the_loss():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_forward_and_backward_make_no_host_syncs(monkeypatch):
-    model = tiny_model(seed=9, use_history=True).train()
+PRUNED_LAYOUT = dict(  # a pruned model: routers compute at the unpruned layout
+    att_experts_per_layer=[3, 2],
+    att_expert_slots=[[0, 2, 3], [1, 3]],
+    ffd_experts_per_layer=[5, 8],
+    ffd_expert_slots=[[0, 1, 4, 6, 7], list(range(8))],
+)
+
+
+@pytest.mark.parametrize("layout", [{}, PRUNED_LAYOUT], ids=["plain", "pruned"])
+def test_forward_and_backward_make_no_host_syncs(monkeypatch, layout):
+    model = tiny_model(seed=9, use_history=True, **layout).train()
     x = tokens(2, 10, seed=9)
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[0, :3] = 0
