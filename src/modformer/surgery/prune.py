@@ -8,7 +8,8 @@ chunk pool (MoM) by the max (the paper's choice) or the sum. Every module with
 
 - ModuleFormer: attention and FFN experts of each layer, their stacked weights and their
   rows of the expert embedding ``A``; the layers get their own expert counts
-  (``att_experts_per_layer`` / ``ffd_experts_per_layer`` in the config).
+  (``att_experts_per_layer`` / ``ffd_experts_per_layer`` in the config), while
+  ``n_att_experts`` / ``n_ffd_experts`` keep the unpruned router width.
 - MoM (learned policy): attention and FFN modules of each chunk's pool (their LN, weights
   and biases) and their output rows of the chunk's routers; the SKIP row stays. MoM
   frequencies are pooled over the chunk's steps (a module is the same parameters at every
@@ -22,10 +23,14 @@ and the report says so (``raised_to_top_k``). A threshold that removes every exp
 layer is an error rather than a silent top-k model: the usage data give that layer no
 support at all, so the threshold is probably wrong.
 
-Pruning a module that no token selects changes nothing but rounding: the top-k picks are
-the same and the removed logits carried no probability mass. (The router's matmul has
-fewer output rows afterwards, which changes the summation blocking, so the result is
-equal to ~1e-6, not bit-for-bit.)
+Pruning a module that no token selects leaves the logits bit-identical. The config
+records each kept module's index before pruning (``att_expert_slots`` /
+``ffd_expert_slots``; MoM: ``attn_module_slots`` / ``ffn_module_slots``), and the pruned
+routers compute their logits and softmax at that unpruned layout with -inf in the empty
+slots (`modformer.nn.routers.RouterSlots`): a matmul with fewer output rows would sum in
+another order and move the last bit. ModuleFormer's gates are not renormalised, so this
+holds when the removed experts' softmax mass is zero in fp32; MoM renormalises over the
+kept logits, so its removed modules may hold mass.
 
 The two workflows of sec. 5.3 are `prune_then_finetune` (prune by the pretrained model's
 usage on the target data, then fine-tune the smaller model) and `finetune_then_prune`
