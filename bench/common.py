@@ -45,3 +45,26 @@ def matmul_peak_flops(
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds = median_time(lambda: a @ b, device, warmup=2, repeats=5)
     return 2 * n**3 / seconds
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, dict[str, list[float]]]:
+    """Wall and CPU seconds of `repeats` runs of each fn, run in turn (A B C A B C ...)
+    so that a change of load on a shared machine hits every fn alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: {"wall": [], "cpu": []} for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            cpu_start = time.process_time()
+            times[name]["wall"].append(median_time(fn, device, warmup=0, repeats=1))
+            times[name]["cpu"].append(time.process_time() - cpu_start)
+    return times
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a / b within the same round."""
+    return statistics.median(x / y for x, y in zip(a, b))

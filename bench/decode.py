@@ -40,14 +40,13 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 import modformer.nn.moe as moe_module
-from common import median_time, sync
+from common import interleaved_times
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 from stick_breaking import official_stick_breaking
 
@@ -96,24 +95,6 @@ def uncached_step(model, ids: torch.Tensor) -> Callable:
             return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
 
     return step
-
-
-def interleaved_times(
-    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
-) -> dict[str, dict[str, list[float]]]:
-    """Wall and CPU seconds of `repeats` runs of each fn, run in turn (A B C A B C ...)
-    so that a change of load on a shared machine hits every fn alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    times = {name: {"wall": [], "cpu": []} for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            cpu_start = time.process_time()
-            times[name]["wall"].append(median_time(fn, device, warmup=0, repeats=1))
-            times[name]["cpu"].append(time.process_time() - cpu_start)
-    return times
 
 
 def parse_args() -> argparse.Namespace:

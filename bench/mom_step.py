@@ -42,14 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import median_time, sync
+from common import interleaved_times, paired_ratio
 from modformer.models.gpt import GPTConfig
 from modformer.models.gpt.modeling_gpt import GPTModel
 from modformer.models.mom import MoMConfig
@@ -282,29 +281,6 @@ class OfficialStyleMoM(nn.Module):
 
 
 # ---- benchmark ----------------------------------------------------------------------
-
-
-def interleaved_times(
-    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
-) -> dict[str, dict[str, list[float]]]:
-    """Wall and CPU seconds of `repeats` runs of each fn, run in turn (A B C A B C ...)
-    so that a change of load on a shared machine hits every fn alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    times = {name: {"wall": [], "cpu": []} for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            cpu_start = time.process_time()
-            times[name]["wall"].append(median_time(fn, device, warmup=0, repeats=1))
-            times[name]["cpu"].append(time.process_time() - cpu_start)
-    return times
-
-
-def paired_ratio(a: list[float], b: list[float]) -> float:
-    """Median over rounds of a / b within the same round."""
-    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def bias_router_logits(model: MoMModel, skip_bias: float, imbalance: float, seed: int) -> None:
