@@ -124,11 +124,11 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """x: (tokens, n_embd)."""
-        hidden = self.act(self.input_proj(x))
+        hidden, weight = self.act(self.input_proj(x)), self.expert_embedding_weight()
         if self.slots is None:
-            logits = F.linear(hidden, self.expert_embedding_weight()).float()
-        else:
-            logits = self.slots.linear(hidden, self.expert_embedding_weight()).float()
+            logits = F.linear(hidden, weight).float()
+        else:  # a pruned router: logits at the unpruned layout, -inf in empty slots
+            logits = self.slots.linear(hidden, weight).float()
         probs = torch.softmax(logits, dim=-1)
         top_k_gates, top_k_indices = probs.topk(self.top_k, dim=-1)
         if self.slots is not None:

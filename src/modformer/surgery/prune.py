@@ -174,7 +174,7 @@ def plan_pool(
 
 def _kept_slots(slots: RouterSlots | None, num_modules: int, kept: list[int]) -> list[int]:
     """The router slots of the `kept` modules: where they sat before any pruning."""
-    before = list(range(num_modules)) if slots is None else slots.slots.tolist()
+    before = list(range(num_modules)) if slots is None else slots.slot_list
     return [before[i] for i in kept]
 
 

@@ -117,7 +117,8 @@ class ModuleFormerConfig(PreTrainedConfig):
     give, per layer, each kept expert's index among the ``n_att_experts`` /
     ``n_ffd_experts`` experts of the unpruned model: the routers compute their softmax at
     that layout (`modformer.nn.routers.RouterSlots`), so pruning experts that are never
-    selected leaves the logits bit-identical. None: experts 0..n-1 of n. ``trainable_scope`` records which parameters training may change
+    selected leaves the logits bit-identical. None: experts 0..n-1 of n.
+    ``trainable_scope`` records which parameters training may change
     ("inserted_experts": the inserted experts and their rows A' only; with
     "+embeddings" also the token embedding, which the tied LM head shares; None: all);
     `modformer.surgery.apply_trainable_scope` sets ``requires_grad`` from it.
