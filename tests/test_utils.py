@@ -11,21 +11,23 @@ import pytest
 
 from modformer.utils import RETAIN_MEMORY_ENV, atomic_write_text
 
-# Allocates, fills and frees 64 MiB twice; prints the minor page faults of the second round.
+# Allocates, fills and frees 64 MiB a few times; prints the fewest minor page faults of
+# the later rounds. (Small allocations between rounds can land in the freed block and
+# make the heap grow once more; a training step reaches its steady state the same way.)
 FAULTS_SCRIPT = """
 import resource, torch
 from modformer.utils import retain_freed_memory
 print(retain_freed_memory())
-def round_trip():
+def faults_of_round_trip():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a = torch.empty(16 * 2**20); a.fill_(1.0); del a
-round_trip()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-round_trip()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_round_trip()
+print(min(faults_of_round_trip() for _ in range(5)))
 """
 
 
-def _second_round_faults(retain: str) -> tuple[str, int]:
+def _steady_state_faults(retain: str) -> tuple[str, int]:
     env = {**os.environ, RETAIN_MEMORY_ENV: retain}
     out = subprocess.run(
         [sys.executable, "-c", FAULTS_SCRIPT], env=env, capture_output=True, text=True, check=True
@@ -37,10 +39,10 @@ def _second_round_faults(retain: str) -> tuple[str, int]:
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="needs glibc"
 )
 def test_retained_memory_is_reused_without_page_faults():
-    took_effect, faults = _second_round_faults("1")
+    took_effect, faults = _steady_state_faults("1")
     assert took_effect == "True"
     assert faults < 500  # the freed 64 MiB (16384 pages) is reused as it is
-    took_effect, faults = _second_round_faults("0")
+    took_effect, faults = _steady_state_faults("0")
     assert took_effect == "False"
     assert faults > 10_000  # glibc's default: unmapped on free, faulted in again
 
