@@ -188,8 +188,10 @@ def brute_force_causal_pairs(steps) -> int:
         dict(mom="K2H2S", router="mlp"),
         dict(mom="K2H2", policy="moe"),
         dict(mom="K1H2S", mom_same=True),
+        # pruned pools: the routers compute at the unpruned width
+        dict(mom="K1H2S", ffn_modules_per_chunk=[1], ffn_module_slots=[[1]]),
     ],
-    ids=["K1H2S", "K2H2S-mlp", "moe", "mom-same"],
+    ids=["K1H2S", "K2H2S-mlp", "moe", "mom-same", "pruned"],
 )
 def test_mom_count_matches_flop_counter_with_skip(overrides):
     # Fresh GRU routers send about 40% of the K1H2S picks to SKIP (asserted below).
@@ -276,8 +278,24 @@ def test_mom_active_parameters_count_distinct_modules():
 # ---- ModuleFormer ----------------------------------------------------------------------
 
 
-def test_moduleformer_matmuls_match_flop_counter():
-    model, x = moduleformer(), tokens()  # attention_block_size 128 >= T: one dense block
+# A pruned model's routers compute at the unpruned width (RouterSlots); an extended one
+# has its inserted rows A' in a parameter of their own.
+PRUNED = dict(
+    n_layer=2,
+    att_experts_per_layer=[3, 2],
+    att_expert_slots=[[0, 2, 3], [1, 3]],
+    ffd_experts_per_layer=[5, 8],
+    ffd_expert_slots=[[0, 1, 4, 6, 7], list(range(8))],
+)
+EXTENDED = dict(
+    n_att_experts=6, n_ffd_experts=10, n_inserted_att_experts=2, n_inserted_ffd_experts=2
+)
+
+
+@pytest.mark.parametrize("layout", [{}, PRUNED, EXTENDED], ids=["plain", "pruned", "extended"])
+def test_moduleformer_matmuls_match_flop_counter(layout):
+    # attention_block_size 128 >= T: one dense block
+    model, x = moduleformer(**layout), tokens()
     report = inference_flops(model, x, attention="dense")
     counted = count_flops_with_torch(model, x)
     row_sums = weighted_row_sum_flops(model, x)

@@ -59,7 +59,7 @@ from modformer.models.gpt.modeling_gpt import Block, GPTForCausalLM
 from modformer.models.moduleformer.modeling_moduleformer import ModuleFormerForCausalLM
 from modformer.models.mom.modeling_mom import MoMChunk, MoMForCausalLM, RoutingStep
 from modformer.models.mom.policies import AssemblyPolicy, LearnedPolicy, MoEPolicy
-from modformer.nn.routers import GRURouter, LinearRouter, MLPRouter
+from modformer.nn.routers import GRURouter, LinearRouter, MLPRouter, RouterSlots
 
 ATTENTION_MODES = ("causal", "dense")
 COMPONENTS = ("attention_projections", "attention_scores", "ffn", "router", "lm_head")
@@ -140,14 +140,22 @@ def _count_block(tally: _Tally, block: Block, real: torch.Tensor, attention: str
     tally.add("ffn", n, _linear_flops(mlp.c_fc) + _linear_flops(mlp.c_proj))
 
 
+def _router_output_flops(in_features: int, num_choices: int, slots: RouterSlots | None) -> int:
+    """FLOPs of one row through a router's output matmul; a pruned router (`slots`)
+    computes at its unpruned width."""
+    return 2 * in_features * (num_choices if slots is None else slots.num_slots)
+
+
 def _gate_flops(router: nn.Module, step: int) -> int:
     """FLOPs per token of one routing decision at chunk step `step`."""
+    if isinstance(router, (GRURouter, MLPRouter)):
+        out = _router_output_flops(router.out.in_features, router.out.out_features, router.slots)
     if isinstance(router, GRURouter):
-        flops = _linear_flops(router.x2h) + _linear_flops(router.out)
+        flops = _linear_flops(router.x2h) + out
         # The state is zero at a chunk's first step and the GRU skips that matmul.
         return flops if step == 0 else flops + _linear_flops(router.h2h)
     if isinstance(router, MLPRouter):
-        return _linear_flops(router.fc) + _linear_flops(router.out)
+        return _linear_flops(router.fc) + out
     if isinstance(router, LinearRouter):
         return _linear_flops(router.out)
     raise ValueError(f"no FLOP formula for router {type(router).__name__}")
@@ -259,11 +267,11 @@ def _moduleformer_flops(
     for block, routes in zip(model.transformer.h, out.router_outputs):
         for module, route in zip((block.attn, block.mlp), routes):
             router = module.router
-            tally.add(
-                "router",
-                n,
-                _linear_flops(router.input_proj) + _linear_flops(router.expert_embedding),
+            # The expert embedding [A; A'] (inserted rows included).
+            embedding = _router_output_flops(
+                router.input_proj.out_features, router.num_experts, router.slots
             )
+            tally.add("router", n, _linear_flops(router.input_proj) + embedding)
             # top-k picks k distinct experts for every real token (padding picks none).
             pairs = n * route.top_k_indices.shape[1]
             params = sum(p.numel() for p in module.expert_parameters())
