@@ -68,3 +68,47 @@ def interleaved_times(
 def paired_ratio(a: list[float], b: list[float]) -> float:
     """Median over rounds of a / b within the same round."""
     return statistics.median(x / y for x, y in zip(a, b))
+
+
+def ratio_results(
+    times: dict[str, dict[str, list[float]]],
+    step_flops: dict[str, float],
+    device: torch.device,
+    reference: str = "dense",
+) -> dict[str, dict[str, float]]:
+    """Per fn: median and min ms, GFLOP/s (`step_flops`: FLOPs of one timed call) and the
+    paired wall (and, on CPU, CPU-time) ratio to `reference`."""
+    kinds = ("wall", "cpu") if device.type == "cpu" else ("wall",)
+    results = {}
+    for name, t in times.items():
+        wall = statistics.median(t["wall"])
+        results[name] = {
+            "median_ms": 1e3 * wall,
+            "min_ms": 1e3 * min(t["wall"]),
+            "gflop_per_s": step_flops[name] / wall / 1e9,
+        }
+        for kind in kinds:
+            results[name][f"{kind}_ratio_vs_{reference}"] = paired_ratio(
+                t[kind], times[reference][kind]
+            )
+        if device.type == "cpu":
+            results[name]["median_cpu_ms"] = 1e3 * statistics.median(t["cpu"])
+    return results
+
+
+def print_ratio_table(
+    results: dict[str, dict[str, float]], device: torch.device, label: str, width: int
+) -> None:
+    """The table of `ratio_results` (reference "dense"), one row per fn."""
+    header = f"{label:<{width}}{'median ms':>11}{'min ms':>10}{'GFLOP/s':>9}{'/ dense':>9}"
+    if device.type == "cpu":
+        header += f"{'CPU ms':>10}{'CPU / dense':>13}"
+    print(header)
+    for name, r in results.items():
+        line = (
+            f"{name:<{width}}{r['median_ms']:11.1f}{r['min_ms']:10.1f}{r['gflop_per_s']:9.1f}"
+            f"{r['wall_ratio_vs_dense']:9.3f}"
+        )
+        if device.type == "cpu":
+            line += f"{r['median_cpu_ms']:10.1f}{r['cpu_ratio_vs_dense']:13.3f}"
+        print(line)

@@ -41,14 +41,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import interleaved_times, paired_ratio
+from common import interleaved_times, paired_ratio, print_ratio_table, ratio_results
 from modformer.models.gpt import GPTConfig
 from modformer.models.gpt.modeling_gpt import GPTModel
 from modformer.models.mom import MoMConfig
@@ -409,19 +408,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     total = {"ours": sum(mom_flops.values()), "official": sum(mom_flops.values())}
     total.update({name: sum(f.values()) for name, f in dense_flops.items()})
-    kinds = ("wall", "cpu") if device.type == "cpu" else ("wall",)
-    results = {}
-    for name, t in times.items():
-        wall = statistics.median(t["wall"])
-        results[name] = {
-            "median_ms": 1e3 * wall,
-            "min_ms": 1e3 * min(t["wall"]),
-            "gflop_per_s": 3 * total[name] * tokens / wall / 1e9,
-        }
-        for kind in kinds:
-            results[name][f"{kind}_ratio_vs_dense"] = paired_ratio(t[kind], times["dense"][kind])
-        if device.type == "cpu":
-            results[name]["median_cpu_ms"] = 1e3 * statistics.median(t["cpu"])
+    results = ratio_results(times, {n: 3 * f * tokens for n, f in total.items()}, device)
     summary = {"ours_over_dense": results["ours"]["wall_ratio_vs_dense"]}
     if device.type == "cpu":
         summary["ours_over_dense_cpu_time"] = results["ours"]["cpu_ratio_vs_dense"]
@@ -457,18 +444,7 @@ def main() -> None:
             + "  ".join(f"{k} {v / 1e6:.3f}" for k, v in f.items())
             + f"  total {total[name] / 1e6:.3f}"
         )
-    header = f"{'model':<15}{'median ms':>11}{'min ms':>10}{'GFLOP/s':>9}{'/ dense':>9}"
-    if device.type == "cpu":
-        header += f"{'CPU ms':>10}{'CPU / dense':>13}"
-    print(header)
-    for name, r in results.items():
-        line = (
-            f"{name:<15}{r['median_ms']:11.1f}{r['min_ms']:10.1f}{r['gflop_per_s']:9.1f}"
-            f"{r['wall_ratio_vs_dense']:9.3f}"
-        )
-        if device.type == "cpu":
-            line += f"{r['median_cpu_ms']:10.1f}{r['cpu_ratio_vs_dense']:13.3f}"
-        print(line)
+    print_ratio_table(results, device, "model", 15)
     for key, value in summary.items():
         print(f"{key}: {value:.4g}")
     if args.json:

@@ -30,14 +30,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import RETAINS_FREED_MEMORY, interleaved_times, paired_ratio
+from common import (
+    RETAINS_FREED_MEMORY,
+    interleaved_times,
+    paired_ratio,
+    print_ratio_table,
+    ratio_results,
+)
 from modformer.nn.activations import get_activation
 from modformer.nn.grouped import combine_pairs, gather_pairs, grouped_linear
 from modformer.nn.mlp import MLP
@@ -183,19 +188,7 @@ def main() -> None:
     flops = {"ours": expert_flops + router_flops, "dense": expert_flops}
     flops["loop"] = flops["ours"]
     flops.update(router=router_flops, movement=0, experts=expert_flops)
-    kinds = ("wall", "cpu") if device.type == "cpu" else ("wall",)
-    results = {}
-    for name, t in times.items():
-        wall = statistics.median(t["wall"])
-        results[name] = {
-            "median_ms": 1e3 * wall,
-            "min_ms": 1e3 * min(t["wall"]),
-            "gflop_per_s": 3 * flops[name] * args.tokens / wall / 1e9,
-        }
-        for kind in kinds:
-            results[name][f"{kind}_ratio_vs_dense"] = paired_ratio(t[kind], times["dense"][kind])
-        if device.type == "cpu":
-            results[name]["median_cpu_ms"] = 1e3 * statistics.median(t["cpu"])
+    results = ratio_results(times, {n: 3 * f * args.tokens for n, f in flops.items()}, device)
     summary = {
         "ours_over_dense": results["ours"]["wall_ratio_vs_dense"],
         "router_flops_fraction_of_dense": router_flops / expert_flops,
@@ -218,18 +211,7 @@ def main() -> None:
         f"{d}->{k * hidden}->{d}), router {router_flops / 1e6:.3f} "
         f"({router_flops / expert_flops:.1%} of the experts)"
     )
-    header = f"{'layer':<8}{'median ms':>11}{'min ms':>10}{'GFLOP/s':>9}{'/ dense':>9}"
-    if device.type == "cpu":
-        header += f"{'CPU ms':>10}{'CPU / dense':>13}"
-    print(header)
-    for name, r in results.items():
-        line = (
-            f"{name:<8}{r['median_ms']:11.1f}{r['min_ms']:10.1f}{r['gflop_per_s']:9.1f}"
-            f"{r['wall_ratio_vs_dense']:9.3f}"
-        )
-        if device.type == "cpu":
-            line += f"{r['median_cpu_ms']:10.1f}{r['cpu_ratio_vs_dense']:13.3f}"
-        print(line)
+    print_ratio_table(results, device, "layer", 8)
     for key, value in summary.items():
         print(f"{key}: {value:.4g}")
     if args.json:
