@@ -1,7 +1,8 @@
 """The `modformer` command: data, training, evaluation, conversion, surgery and analysis.
 
 Each subcommand is a thin layer over the library; `modformer CMD --help` explains every
-option.
+option. Building the parser imports no torch or transformers (the argparse definitions are
+torch-free and every command imports what it needs when it runs), so `--help` is quick.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from huggingface_hub.errors import StrictDataclassError
-
+from modformer import __version__
 from modformer.config import ConfigError
-from modformer.train.checkpoint import CheckpointError
 from modformer.utils import retain_freed_memory
 
 
@@ -244,6 +244,8 @@ def run_convert_mom(args: argparse.Namespace) -> None:
 
 # Subcommands that live in their own module as `add_*_arguments(parser)` + `run_*(args)`:
 # (name, module, add-arguments function, run function, one-line help, description).
+# The add-arguments function is looked up in `module`, or given as "other.module:function"
+# when `module` imports torch (its argparse definitions then live in modformer.cli_args).
 MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "prepare",
@@ -267,7 +269,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "finetune",
         "modformer.eval.downstream",
-        "add_finetune_arguments",
+        "modformer.cli_args:add_finetune_arguments",
         "run_finetune",
         "fine-tune and score a model on local classification or summarisation data",
         "Fine-tune a saved model on a local GLUE-style file (CSV/TSV/JSONL; single "
@@ -297,7 +299,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "usage",
         "modformer.analysis.usage",
-        "add_usage_arguments",
+        "modformer.cli_args:add_usage_arguments",
         "run_usage",
         "module/expert usage statistics of a ModuleFormer or MoM model",
         "Count how often each expert/module is in a token's top-k on a prepared split "
@@ -306,7 +308,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "routing-report",
         "modformer.analysis.routing_report",
-        "add_routing_report_arguments",
+        "modformer.cli_args:add_routing_report_arguments",
         "run_routing_report",
         "routing heatmaps, MoM transitions, per-domain expert KL",
         "Usage heatmaps, MoM step-to-step transitions and per-domain expert "
@@ -324,7 +326,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "cost",
         "modformer.eval.costs",
-        "add_cost_arguments",
+        "modformer.cli_args:add_cost_arguments",
         "run_cost",
         "params, FLOPs/token, peak memory (and val loss) per model: MoM Table 1",
         "Inference costs of saved models and/or random-init preset configs: total "
@@ -334,7 +336,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "prune",
         "modformer.surgery.prune",
-        "add_prune_arguments",
+        "modformer.cli_args:add_prune_arguments",
         "run_prune",
         "remove rarely used experts / modules (ModuleFormer, MoM) and their router rows",
         "Count each expert's (or MoM module's) activation frequency on a data set, "
@@ -344,7 +346,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "extend",
         "modformer.surgery.extend",
-        "add_extend_arguments",
+        "modformer.cli_args:add_extend_arguments",
         "run_extend",
         "insert new experts for continual learning, freezing the old ones",
         "Add N fresh experts per layer to a ModuleFormer, extend the router's expert "
@@ -354,7 +356,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "forgetting",
         "modformer.surgery.forgetting",
-        "add_forgetting_arguments",
+        "modformer.cli_args:add_forgetting_arguments",
         "run_forgetting",
         "the continual-learning experiment (ModuleFormer Tables 5-6 at CPU scale)",
         "Pretrain without one domain, then learn it by full fine-tuning, by expert "
@@ -364,17 +366,27 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
 ]
 
 
+def _function(module: str, name: str) -> Callable:
+    """`name` in `module`, or the function a "module:function" `name` points to."""
+    if ":" in name:
+        module, name = name.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _mounted(name: str) -> Callable[[argparse._SubParsersAction], None]:
-    """The parser-adding function of one MOUNTED subcommand; its module is imported only
-    when the parser is built, not when `modformer` is imported."""
+    """The parser-adding function of one MOUNTED subcommand. Only its argparse definitions
+    are imported to build the parser; the module with its run function (and torch) is
+    imported when the command runs."""
     entry = next(e for e in MOUNTED if e[0] == name)
     _, module, add, run, help_, description = entry
 
+    def run_command(args: argparse.Namespace) -> Any:
+        return _function(module, run)(args)
+
     def add_parser(sub: argparse._SubParsersAction) -> None:
-        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_, description=description)
-        getattr(mod, add)(p)
-        p.set_defaults(func=getattr(mod, run))
+        _function(module, add)(p)
+        p.set_defaults(func=run_command)
 
     return add_parser
 
@@ -402,10 +414,23 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modformer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--version", action="version", version=f"modformer {__version__}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
     return parser
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what is wrong and how to fix it (imported only on the
+    error path: the checkpoint module imports torch)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from modformer.train.checkpoint import CheckpointError
+
+    return (ValueError, FileNotFoundError, CheckpointError, StrictDataclassError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,10 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError, StrictDataclassError) as e:
+    except Exception as e:
         # Our errors carry the problem and the fix; a traceback would bury them.
-        if args.verbose:
+        if args.verbose or not isinstance(e, _user_error_types()):
             raise
+        from huggingface_hub.errors import StrictDataclassError
+
         # `@strict` configs wrap the validator's ValueError: show the validator's message.
         message = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ else e
         print(f"modformer {args.command}: error: {message}", file=sys.stderr)

@@ -38,14 +38,15 @@ import numpy as np
 
 from modformer.analysis.usage import (
     ARCH_MODULEFORMER,
-    NORMS,
     UsageError,
     UsageStats,
     collect_usage_on_data,
 )
-
-DEFAULT_KL_EPSILON = 1e-6
-
+from modformer.cli_args import (
+    DEFAULT_KL_EPSILON,
+    NORMS,
+    add_routing_report_arguments,  # noqa: F401  (argparse lives there)
+)
 
 # ---- numbers -----------------------------------------------------------------------------
 
@@ -357,33 +358,6 @@ def write_routing_report(
 
 
 # ---- CLI -------------------------------------------------------------------------------
-
-
-def add_routing_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory or training out_dir (ModuleFormer or MoM)")
-    parser.add_argument("data", help="prepared data directory (output of `modformer prepare`)")
-    parser.add_argument("--out-dir", required=True, help="where the PNGs and report.json go")
-    parser.add_argument(
-        "--split", default="val", choices=["train", "val"], help="split to count on (default: val)"
-    )
-    parser.add_argument(
-        "--norm",
-        default="max",
-        choices=list(NORMS),
-        help="normalise usage rows by their max (default) or sum",
-    )
-    parser.add_argument(
-        "--kl-epsilon",
-        type=float,
-        default=DEFAULT_KL_EPSILON,
-        help=f"smoothing added to each domain distribution before the KL (default: {DEFAULT_KL_EPSILON:g})",
-    )
-    parser.add_argument("--max-batches", type=int, help="batches per domain (default: all)")
-    parser.add_argument(
-        "--block-size", type=int, default=128, help="tokens per window (default: 128)"
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
 
 
 def run_routing_report(args: argparse.Namespace) -> dict[str, Any]:
