@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -56,6 +55,7 @@ from modformer.data.tokenizer import (
     tokenizer_kind,
     train_bpe_tokenizer,
 )
+from modformer.utils import make_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -260,13 +260,6 @@ def _publish(staging_dir: Path, output_dir: Path, overwrite: bool) -> None:
         staging_dir.rename(output_dir)
 
 
-def _chmod_like_mkdir(directory: Path) -> None:
-    """mkdtemp makes a private (0700) directory; give it the permissions `mkdir` would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-
-
 def _make_tokenizer(
     kind: str, spec: str, corpus: Corpus, vocab_size: int, progress: bool
 ) -> PreparedTokenizer:
@@ -344,9 +337,8 @@ def prepare(
     dtype = token_dtype(prepared.vocab_size)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    staging_dir = make_temp_dir(output_dir.parent, prefix=f".{output_dir.name}.tmp-")
     try:
-        _chmod_like_mkdir(staging_dir)
         prepared.save(staging_dir / TOKENIZER_DIR)
         splits, domain_stats = _write_corpus(
             corpus, prepared, staging_dir, dtype, val_fraction, seed, progress
