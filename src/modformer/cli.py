@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,8 @@ def run_train(args: argparse.Namespace) -> dict:
 
     cfg = train_config_from_args(args)
     final = train(cfg, resume=args.resume)
-    if "val_loss" in final:
+    # Under torchrun every rank returns; one line is enough (RANK is torchrun's).
+    if "val_loss" in final and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"final val loss {final['val_loss']:.4f}  ppl {final['val_ppl']:.2f}  -> {cfg.out_dir}/model"
         )
