@@ -144,10 +144,14 @@ class LearnedPolicy(AssemblyPolicy):
         self.attn_router, self.ffn_router = routers
         self.k = config.K
         self.renormalize = config.renormalize
+        self.temperature = config.router_temperature
+        self.output = config.router_output
 
     def _route(self, router: nn.Module, x: torch.Tensor, state: torch.Tensor | None):
         logits, state = router(x, state)
-        weight, index, probs = top_k_routing(logits, self.k, self.renormalize)
+        weight, index, probs = top_k_routing(
+            logits, self.k, self.renormalize, self.temperature, self.output
+        )
         if router.slots is not None:
             index, probs = router.slots.choice_index(index), router.slots.choices(probs)
         return Selection(index=index, weight=weight, probs=probs), state
@@ -249,7 +253,8 @@ class MoEPolicy(AssemblyPolicy):
     `shared=False` (MoE): step h routes among experts h*E .. h*E+E-1 of an H*E pool.
     `shared=True` (MoE-share): every step routes among the same E experts.
     Each step has its own linear router (softmax in fp32, top-K, renormalised when
-    `config.renormalize`, as Mixtral does).
+    `config.renormalize`, as Mixtral does; `router_temperature` and `router_output`
+    apply as to the learned routers).
     """
 
     routed = True
@@ -261,6 +266,8 @@ class MoEPolicy(AssemblyPolicy):
         self.shared = shared
         self.k = config.K
         self.renormalize = config.renormalize
+        self.temperature = config.router_temperature
+        self.output = config.router_output
         self.routers = nn.ModuleList(
             LinearRouter(config.n_embd, self.num_experts) for _ in range(config.H)
         )
@@ -270,7 +277,9 @@ class MoEPolicy(AssemblyPolicy):
 
     def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
         logits, _ = self.routers[step](u)
-        weight, expert, probs = top_k_routing(logits, self.k, self.renormalize)
+        weight, expert, probs = top_k_routing(
+            logits, self.k, self.renormalize, self.temperature, self.output
+        )
         index = expert if self.shared else expert + step * self.num_experts
         return Selection(index=index, weight=weight, probs=probs, router_index=expert)
 
