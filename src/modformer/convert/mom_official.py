@@ -13,6 +13,7 @@ What the importer sets, and why:
   With "softmax" in it the weights are ``softmax(logits / router_softmax_temperature)``
   renormalised over the top K (``router_temperature``, ``renormalize=True``); without,
   the raw top-K logits are the weights (``router_output="logits"``).
+- ``K = min(routing_top_k, choices)``, as the official top-k does.
 - ``all_skip_tokens="zero_key"``: the official attention keeps a token whose picks are
   all SKIP as a zero key (only possible with ``routing_top_k`` 1).
 - The LM head is tied to ``wte`` (the official model trains under transformers 4 with
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file
 
 from modformer.convert.gpt2 import ConversionError
@@ -202,6 +204,7 @@ def official_config_to_mom(hf: dict[str, Any], where: str = "config.json") -> Mo
     for _ in range(int(_field(hf, "chunks", 4))):
         sizes += [num_attn, 1] if anchor else [num_attn]
     sizes += [1] * int(_field(hf, "num_top_layers", 2))
+    skip = bool(_field(hf, "enable_pause", True))
     temperature = float(_field(hf, "router_softmax_temperature", 1.0)) if softmax else 1.0
 
     try:
@@ -219,9 +222,10 @@ def official_config_to_mom(hf: dict[str, Any], where: str = "config.json") -> Mo
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
             chunks="[" + "-".join(str(n) for n in sizes) + "]",
-            K=int(_field(hf, "routing_top_k", 1)),
+            # The official top-k is min(routing_top_k, number of choices).
+            K=min(int(_field(hf, "routing_top_k", 1)), num_attn + int(skip)),
             H=steps,
-            skip=bool(_field(hf, "enable_pause", True)),
+            skip=skip,
             router=router,
             router_dim=int(_field(hf, "router_dim", 256)),
             renormalize=softmax,
@@ -230,7 +234,9 @@ def official_config_to_mom(hf: dict[str, Any], where: str = "config.json") -> Mo
             all_skip_tokens="zero_key",
             weighted_qkv=bool(_field(hf, "weighted_qkv", False)),
         )
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        # `@strict` wraps the validator's ValueError: report the validator's message.
+        e = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ else e
         raise ConversionError(
             f"{where}: the official config has no modformer MoM equivalent: {e} (official "
             "fields: routing_top_k = K, depth_per_chunk = H, enable_pause = SKIP, num_attn "
