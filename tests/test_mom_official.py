@@ -31,6 +31,7 @@ from modformer.convert.mom_official import (
 from modformer.eval.costs import inference_flops
 from modformer.models.mom import MoMConfig, MoMForCausalLM
 from modformer.nn.routers import top_k_routing
+from modformer.surgery import prune_model
 
 # ../shared beside the repository (as CI clones it); MODFORMER_SHARED_DIR overrides that,
 # e.g. for a git worktree that lives elsewhere.
@@ -116,7 +117,8 @@ def official_logits(hf: dict, state: dict[str, torch.Tensor], ids, attention_mas
     """The official GPT2MoTLMHeadModel forward (no cache, positions arange(T)), with every
     routed module applied to its tokens in a Python loop. All-SKIP tokens keep q = k = v
     = 0 and so stay in the keys."""
-    eps, n_head, N = hf["layer_norm_epsilon"], hf["n_head"], hf["num_attn"]
+    eps, n_head = hf["layer_norm_epsilon"], hf["n_head"]
+    n_attn, n_ffn = hf["num_attn"], hf["num_ffn"]  # picks at or above a pool's size: nothing
     B, T = ids.shape
     x = state["transformer.wte.weight"][ids] + state["transformer.wpe.weight"][:T][None]
     additive = torch.zeros(B, 1, 1, T, dtype=x.dtype)
@@ -149,8 +151,8 @@ def official_logits(hf: dict, state: dict[str, torch.Tensor], ids, attention_mas
             qkv = torch.zeros(B * T, 3 * x.shape[-1], dtype=x.dtype)
             for t in range(B * T):
                 for w, j in zip(top[t], picks[t].tolist()):
-                    if j >= N:
-                        continue  # SKIP
+                    if j >= n_attn:
+                        continue  # SKIP, or a choice beyond the attention pool
                     row = _layer_norm(flat[t], state, f"{p}.mot_attn.attention_layernorm.{j}", eps)
                     row = _conv1d(row, state, f"{p}.mot_attn.c_attn.{j}")
                     qkv[t] += row * w if hf["weighted_qkv"] else row
@@ -159,7 +161,7 @@ def official_logits(hf: dict, state: dict[str, torch.Tensor], ids, attention_mas
             out = torch.zeros_like(flat)
             for t in range(B * T):
                 for w, j in zip(top[t], picks[t].tolist()):
-                    if j < N:
+                    if j < n_attn:
                         out[t] += w * _conv1d(heads[t], state, f"{p}.mot_attn.c_proj.{j}")
             x = x + out.view(B, T, -1)
             flat = x.reshape(B * T, -1)
@@ -168,7 +170,7 @@ def official_logits(hf: dict, state: dict[str, torch.Tensor], ids, attention_mas
             out = torch.zeros_like(flat)
             for t in range(B * T):
                 for w, j in zip(top[t], picks[t].tolist()):
-                    if j < N:
+                    if j < n_ffn:
                         row = _layer_norm(flat[t], state, f"{p}.mot_ffn.ffn_layernorm.{j}", eps)
                         row = act(_conv1d(row, state, f"{p}.mot_ffn.c_fc.{j}"))
                         out[t] += w * _conv1d(row, state, f"{p}.mot_ffn.c_proj.{j}")
@@ -182,7 +184,10 @@ def random_official(hf: dict, seed: int = 0, skip_bias: float = 0.0) -> dict[str
     g = torch.Generator().manual_seed(seed)
     D, V, r = hf["n_embd"], hf["vocab_size"], hf["router_dim"]
     F_ = hf["n_inner"] or 4 * D
-    N, C = hf["num_attn"], hf["num_attn"] + int(hf["enable_pause"])
+    n_attn, n_ffn = hf["num_attn"], hf["num_ffn"]
+    # Router choices: GRU max(N_A, N_F) (+ SKIP), the MLP router num_ffn (+ SKIP).
+    widest = n_ffn if "naive" in hf["router_type"] else max(n_attn, n_ffn)
+    C = widest + int(hf["enable_pause"])
 
     def rnd(*shape, std=0.3, mean=0.0):
         return torch.randn(*shape, generator=g) * std + mean
@@ -196,22 +201,21 @@ def random_official(hf: dict, seed: int = 0, skip_bias: float = 0.0) -> dict[str
     kinds = ["fixed"] * hf["num_bottom_layers"]
     kinds += (["chunk", "fixed"] if hf["require_anchor_layer"] else ["chunk"]) * hf["chunks"]
     kinds += ["fixed"] * hf["num_top_layers"]
-    shapes = {"c_attn": (D, 3 * D), "c_proj_attn": (D, D), "c_fc": (D, F_), "c_proj_ffn": (F_, D)}
+    attn_projections = (("c_attn", (D, 3 * D)), ("c_proj", (D, D)))
+    ffn_projections = (("c_fc", (D, F_)), ("c_proj", (F_, D)))
     for i, kind in enumerate(kinds):
         p = f"transformer.h.{i}"
-        suffixes = [""] if kind == "fixed" else [f".{j}" for j in range(N)]
-        for s in suffixes:
-            for ln in ("mot_attn.attention_layernorm", "mot_ffn.ffn_layernorm"):
-                state[f"{p}.{ln}{s}.weight"] = rnd(D, mean=1.0)
-                state[f"{p}.{ln}{s}.bias"] = rnd(D)
-            for name, shape in (
-                ("mot_attn.c_attn", shapes["c_attn"]),
-                ("mot_attn.c_proj", shapes["c_proj_attn"]),
-                ("mot_ffn.c_fc", shapes["c_fc"]),
-                ("mot_ffn.c_proj", shapes["c_proj_ffn"]),
-            ):
-                state[f"{p}.{name}{s}.weight"] = rnd(*shape, std=1.0 / math.sqrt(shape[0]))
-                state[f"{p}.{name}{s}.bias"] = rnd(shape[1], std=0.1)
+        for owner, ln, projections, n in (
+            ("mot_attn", "attention_layernorm", attn_projections, n_attn),
+            ("mot_ffn", "ffn_layernorm", ffn_projections, n_ffn),
+        ):
+            for s in [""] if kind == "fixed" else [f".{j}" for j in range(n)]:
+                state[f"{p}.{owner}.{ln}{s}.weight"] = rnd(D, mean=1.0)
+                state[f"{p}.{owner}.{ln}{s}.bias"] = rnd(D)
+                for name, shape in projections:
+                    std = 1.0 / math.sqrt(shape[0])
+                    state[f"{p}.{owner}.{name}{s}.weight"] = rnd(*shape, std=std)
+                    state[f"{p}.{owner}.{name}{s}.bias"] = rnd(shape[1], std=0.1)
         if kind == "chunk":
             for owner in ("mot_attn", "mot_ffn"):
                 key = f"{p}.{owner}.router"
@@ -395,7 +399,9 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
         (dict(router_type="gru_random_softmax"), "the 'random' variant"),
         (dict(router_type="gru_dev"), "the 'dev' variant"),
         (dict(router_type="linear"), "names neither a 'gru' nor a 'naive' router"),
-        (dict(num_attn=1, num_ffn=1), "runs one fixed module at every step"),
+        (dict(num_attn=1, num_ffn=1), "num_attn=1: the official code then runs one fixed"),
+        (dict(num_attn=2, enable_pause=False), "num_attn=2 != num_ffn=3 needs enable_pause"),
+        (dict(num_attn=4, router_type="naive"), "scores only num_ffn \\+ 1 choices"),
         (dict(tie_word_embeddings=False), "tie_word_embeddings=false"),
         (dict(scale_attn_weights=False), "scale_attn_weights=false"),
         (dict(n_head=5), r"n_embd \(16\) must be divisible by n_head \(5\)"),
@@ -451,6 +457,9 @@ def test_unknown_missing_and_misshapen_keys_are_named(tmp_path):
         dict(router_type="naive"),
         dict(routing_top_k=1),  # all-SKIP tokens stay zero keys
         dict(routing_top_k=1, router_type="gru", weighted_qkv=True),
+        dict(num_attn=2, num_ffn=4),  # chunk-wide routers: 5 choices, 2 are no module
+        dict(num_attn=4, num_ffn=2, routing_top_k=1),
+        dict(num_attn=2, num_ffn=3, router_type="naive_softmax"),
     ],
 )
 def test_official_options_match_the_plain_reimplementation(tmp_path, overrides):
@@ -473,6 +482,10 @@ def test_official_options_match_the_plain_reimplementation(tmp_path, overrides):
     )
     if hf["routing_top_k"] == 1:  # some tokens really did skip a whole attention step
         assert any((r.attn_index == r.num_attn_modules).all(-1).any() for r in out.routing)
+    if hf["num_attn"] != hf["num_ffn"]:
+        chunk = model.transformer.chunks[0]
+        assert (chunk.attn.num_modules, chunk.ffn.num_modules) == (hf["num_attn"], hf["num_ffn"])
+        assert model.config.router_width == "chunk"
     if "softmax" not in hf["router_type"]:
         # raw logits as weights: unnormalised (and negative in places for these weights)
         weights = torch.cat(
@@ -526,6 +539,10 @@ def test_top_k_routing_temperature_and_raw_logits():
             "set renormalize=False",
         ),
         (dict(all_skip_tokens="keep"), "all_skip_tokens 'keep' is unknown"),
+        (dict(router_width="wide"), "router_width 'wide' is unknown"),
+        (dict(router_width="chunk", skip=False), "router_width='chunk' .* needs the learned"),
+        (dict(router_width="chunk", policy="vanilla", H=3), "needs the learned policy"),
+        (dict(router_width="chunk", attn_modules_per_chunk=[4]), "at most N modules per pool"),
     ],
 )
 def test_option_validation(kwargs, message):
@@ -601,6 +618,8 @@ def test_zero_key_all_skip_tokens_match_a_plain_reference():
         dict(K=2, H=3, skip=True, router_temperature=0.3),
         dict(K=2, H=2, skip=True, router_output="logits", renormalize=False, router="mlp"),
         dict(policy="early_exit", H=3, skip_layers=[2], all_skip_tokens="zero_key"),
+        # 3 router choices + SKIP over a pool of 2: K=2 may pick no module at all (dropped)
+        dict(K=2, H=3, attn_modules_per_chunk=[2], router_width="chunk"),
     ],
 )
 def test_options_cached_and_uncached_generation_agree(kwargs):
@@ -621,6 +640,7 @@ def test_options_cached_and_uncached_generation_agree(kwargs):
         dict(K=1, H=3, all_skip_tokens="zero_key"),
         dict(K=2, H=3, router_temperature=0.3),
         dict(K=2, H=2, router_output="logits", renormalize=False),
+        dict(K=2, H=2, ffn_modules_per_chunk=[2], router_width="chunk"),
     ],
 )
 def test_options_train(kwargs):
@@ -646,3 +666,21 @@ def test_zero_keys_count_in_attention_costs():
     assert query.any() and not query.all()
     extra_keys = ((~query).long().cumsum(1) * query).sum()  # earlier all-SKIP keys per query
     assert kept - dropped == int(extra_keys) * 4 * 16  # 2 * 2 FLOPs per key and width
+
+
+def test_chunk_wide_routers():
+    """Choices beyond a smaller pool run no module, count as that pool's SKIP in the
+    routing trace, take their share of the weights, and keep the router's own width."""
+    model = small_mom(K=2, H=3, attn_modules_per_chunk=[2], router_width="chunk")
+    policy = model.transformer.chunks[0].policy
+    assert policy.attn_router.out.out_features == policy.ffn_router.out.out_features == 4
+    assert model.config.attention_may_skip_all  # choice 2 + SKIP: no module at all
+    ids = torch.randint(0, 41, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        trace = model(ids, return_routing=True).routing
+    for step in trace:
+        assert step.attn_index.max() <= 2 and step.ffn_index.max() <= 3  # 2 / 3 = SKIP
+        torch.testing.assert_close(step.attn_weight.sum(-1), torch.ones(2, 12))
+    assert any((s.attn_index == 2).all(-1).any() for s in trace)
+    with pytest.raises(Exception, match="pruning needs router_width='pool'"):
+        prune_model(model, {"chunk0/attn": torch.ones(2), "chunk0/ffn": torch.ones(3)}, 0.5)

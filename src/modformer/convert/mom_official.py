@@ -14,6 +14,10 @@ What the importer sets, and why:
   renormalised over the top K (``router_temperature``, ``renormalize=True``); without,
   the raw top-K logits are the weights (``router_output="logits"``).
 - ``K = min(routing_top_k, choices)``, as the official top-k does.
+- ``num_attn != num_ffn``: chunks of N = max(num_attn, num_ffn), pools of num_attn and
+  num_ffn modules (``attn_modules_per_chunk`` / ``ffn_modules_per_chunk``) and
+  ``router_width="chunk"``: both routers score N + 1 choices, and a choice beyond a
+  smaller pool picks no module, as in the official code.
 - ``all_skip_tokens="zero_key"``: the official attention keeps a token whose picks are
   all SKIP as a zero key (only possible with ``routing_top_k`` 1).
 - The LM head is tied to ``wte`` (the official model trains under transformers 4 with
@@ -25,10 +29,11 @@ What the importer sets, and why:
 - Weights are loaded into an fp32 model whatever their dtype.
 
 Refused with a `ConversionError` naming the field: ``use_ste``,
-``routing_all_possible_path``, the ``random``/``dev``/``pgru`` router variants,
-``num_attn != num_ffn``, pools of one module (the official code turns them into fixed
-modules run at every step), ``scale_attn_weights=false``, cross-attention and untied
-heads.
+``routing_all_possible_path``, the ``random``/``dev``/``pgru`` router variants, pools
+of one module (the official code turns them into fixed modules run at every step),
+``scale_attn_weights=false``, cross-attention and untied heads; ``num_attn != num_ffn``
+without SKIP, or with an MLP router and ``num_attn > num_ffn`` (the official code breaks
+there).
 
 Pickled ``pytorch_model.bin`` files load with ``torch.load(weights_only=True)``: a file
 that needs code to unpickle is refused, never executed.
@@ -180,17 +185,25 @@ def official_config_to_mom(hf: dict[str, Any], where: str = "config.json") -> Mo
     softmax = "softmax" in router_type
 
     num_attn, num_ffn = int(_field(hf, "num_attn", 8)), int(_field(hf, "num_ffn", 8))
-    if num_attn != num_ffn:
+    skip = bool(_field(hf, "enable_pause", True))
+    for name, n in (("num_attn", num_attn), ("num_ffn", num_ffn)):
+        if n < 2:
+            raise ConversionError(
+                f"{where}: {name}={n}: the official code then runs one fixed module at every "
+                "step of a chunk, which modformer does not represent; use at least 2"
+            )
+    modules = max(num_attn, num_ffn)
+    unequal = num_attn != num_ffn
+    if unequal and not skip:
         raise ConversionError(
-            f"{where}: num_attn={num_attn} != num_ffn={num_ffn} is not supported (the "
-            "official routers then score max(num_attn, num_ffn) choices, some picking no "
-            "module); modformer pools of one chunk have the same size"
+            f"{where}: num_attn={num_attn} != num_ffn={num_ffn} needs enable_pause=true here "
+            "(modformer's chunk-wide routers keep SKIP as their last choice)"
         )
-    if num_attn < 2:
+    if unequal and router == "mlp" and num_attn > num_ffn:
         raise ConversionError(
-            f"{where}: num_attn = num_ffn = {num_attn}: the official code then runs one "
-            "fixed module at every step of a chunk, which modformer does not represent; "
-            "use at least 2 modules per chunk"
+            f"{where}: router_type={router_type!r} with num_attn={num_attn} > num_ffn="
+            f"{num_ffn}: the official MLP router scores only num_ffn + 1 choices, too few for "
+            "the attention pool (the official code fails or loses SKIP there)"
         )
     depth = hf.get("depth_per_chunk")
     steps = int(depth) if depth is not None else int(num_ffn * _field(hf, "depth_multiplier", 4))
@@ -201,10 +214,10 @@ def official_config_to_mom(hf: dict[str, Any], where: str = "config.json") -> Mo
         )
     sizes = [1] * int(_field(hf, "num_bottom_layers", 1))
     anchor = bool(_field(hf, "require_anchor_layer", True))
-    for _ in range(int(_field(hf, "chunks", 4))):
-        sizes += [num_attn, 1] if anchor else [num_attn]
+    num_chunks = int(_field(hf, "chunks", 4))
+    for _ in range(num_chunks):
+        sizes += [modules, 1] if anchor else [modules]
     sizes += [1] * int(_field(hf, "num_top_layers", 2))
-    skip = bool(_field(hf, "enable_pause", True))
     temperature = float(_field(hf, "router_softmax_temperature", 1.0)) if softmax else 1.0
 
     try:
@@ -223,7 +236,7 @@ def official_config_to_mom(hf: dict[str, Any], where: str = "config.json") -> Mo
             pad_token_id=hf.get("pad_token_id"),
             chunks="[" + "-".join(str(n) for n in sizes) + "]",
             # The official top-k is min(routing_top_k, number of choices).
-            K=min(int(_field(hf, "routing_top_k", 1)), num_attn + int(skip)),
+            K=min(int(_field(hf, "routing_top_k", 1)), modules + int(skip)),
             H=steps,
             skip=skip,
             router=router,
@@ -233,6 +246,10 @@ def official_config_to_mom(hf: dict[str, Any], where: str = "config.json") -> Mo
             router_output="softmax" if softmax else "logits",
             all_skip_tokens="zero_key",
             weighted_qkv=bool(_field(hf, "weighted_qkv", False)),
+            # num_attn != num_ffn: both routers score max(num_attn, num_ffn) + SKIP choices.
+            router_width="chunk" if unequal else "pool",
+            attn_modules_per_chunk=[num_attn] * num_chunks if unequal else None,
+            ffn_modules_per_chunk=[num_ffn] * num_chunks if unequal else None,
         )
     except (ValueError, TypeError, StrictDataclassError) as e:
         # `@strict` wraps the validator's ValueError: report the validator's message.

@@ -44,6 +44,15 @@ pruned chunk's choices (its modules, plus SKIP when on). ``attn_module_slots`` /
 router computes its logits at the unpruned layout (`modformer.nn.routers.RouterSlots`),
 so pruning never-selected modules leaves the logits bit-identical. None: 0..n-1.
 
+Router width (``router_width``): ``"pool"`` (default) gives each router one choice per
+module of its pool (plus SKIP). ``"chunk"`` is the official MoM code's layout for
+``num_attn != num_ffn``: both routers of a chunk of size N score N choices (plus SKIP)
+whatever their pool's size, and a choice at or above a smaller pool's size picks no
+module (it acts as SKIP, and takes its share of the renormalised weights). Write N as
+max(N_A, N_F) in the chunk string and the pool sizes in ``attn_modules_per_chunk`` /
+``ffn_modules_per_chunk``. It needs the learned policy, SKIP on, and an unpruned model
+(no ``*_module_slots``; such a model cannot be pruned).
+
 Router outputs (learned routers and the MoE gates; the official MoM code's ``router_type``
 and ``router_softmax_temperature``):
 
@@ -97,6 +106,7 @@ STEP_IS_MODULE_POLICIES = ("vanilla", "layer_skip", "early_exit", "moe", "moe_sh
 ROUTERS = ("gru", "mlp")
 ROUTER_OUTPUTS = ("softmax", "logits")
 ALL_SKIP_TOKENS = ("drop", "zero_key")
+ROUTER_WIDTHS = ("pool", "chunk")
 
 _CHUNKS_SYNTAX = re.compile(r"^\[\s*[1-9]\d*\s*(-\s*[1-9]\d*\s*)*\]$")
 _MOM_NAME_SYNTAX = re.compile(r"^K(\d+)H(\d+)(S?)$")
@@ -189,6 +199,7 @@ class MoMConfig(PreTrainedConfig):
     router_temperature: float = 1.0
     router_output: str = "softmax"
     all_skip_tokens: str = "drop"
+    router_width: str = "pool"
     weighted_qkv: bool = False
     mom_same: bool = False
     balance_loss_weight: float = 0.0
@@ -248,6 +259,12 @@ class MoMConfig(PreTrainedConfig):
         if self.all_skip_tokens == "zero_key":
             return False
         if self.policy == "learned":
+            if self.router_width == "chunk":  # choices beyond a smaller pool pick nothing
+                sizes = [n for n in self.chunk_sizes if n > 1]
+                return any(
+                    n - self.learned_pool_sizes(c, n)[0] + int(self.skip) >= self.K
+                    for c, n in enumerate(sizes)
+                )
             return self.skip and self.K == 1  # with K >= 2 some pick is always a module
         return self.policy in ("layer_skip", "early_exit")
 
@@ -317,6 +334,11 @@ class MoMConfig(PreTrainedConfig):
                 f"all_skip_tokens {self.all_skip_tokens!r} is unknown; choose one of "
                 f"{list(ALL_SKIP_TOKENS)}"
             )
+        if self.router_width not in ROUTER_WIDTHS:
+            raise ValueError(
+                f"router_width {self.router_width!r} is unknown; choose one of "
+                f"{list(ROUTER_WIDTHS)}"
+            )
         if not self.router_temperature > 0:
             raise ValueError(
                 f"router_temperature must be > 0 (weights are softmax(logits / T)), got "
@@ -361,9 +383,33 @@ class MoMConfig(PreTrainedConfig):
                 raise ValueError(f"{slots_name} needs {counts_name} (a pruned model's sizes)")
             counts = getattr(self, counts_name) or chunk_sizes
             check_slot_lists(slots_name, getattr(self, slots_name), counts, chunk_sizes)
+        if self.router_width == "chunk":
+            if (
+                self.policy != "learned"
+                or not self.skip
+                or self.mom_same
+                or self.attn_module_slots is not None
+                or self.ffn_module_slots is not None
+            ):
+                raise ValueError(
+                    "router_width='chunk' (routers score the chunk's N choices whatever the "
+                    "pool size, as the official MoM code) needs the learned policy with "
+                    "skip=True, without mom_same, and an unpruned model (no "
+                    f"attn/ffn_module_slots); got policy={self.policy!r}, skip={self.skip}, "
+                    f"mom_same={self.mom_same}"
+                )
+            for c, size in enumerate(chunk_sizes):
+                if max(self.learned_pool_sizes(c, size)) > size:
+                    raise ValueError(
+                        f"router_width='chunk' needs at most N modules per pool, but chunk {c} "
+                        f"(N={size} in chunks={self.chunks!r}) has pools "
+                        f"{self.learned_pool_sizes(c, size)}; write N = max(N_A, N_F)"
+                    )
         if self.policy == "learned":
             for c, size in enumerate(chunk_sizes):
                 for kind, n in zip(("attention", "FFN"), self.learned_pool_sizes(c, size)):
+                    if self.router_width == "chunk":
+                        n = size  # every router of the chunk scores N choices
                     limit = n + 1 if self.skip else n
                     if limit < self.K:
                         choices = f"{n} modules + SKIP" if self.skip else f"{n} modules"

@@ -131,8 +131,13 @@ class LearnedPolicy(AssemblyPolicy):
         super().__init__(num_attn_modules, num_ffn_modules, first_layer)
         extra = 1 if config.skip else 0
         router_cls = GRURouter if config.router == "gru" else MLPRouter
+        # router_width="chunk": both routers score the chunk's N choices (+ SKIP); picks at
+        # or above a smaller pool's size run no module (they become its SKIP index).
+        self.chunk_wide = config.router_width == "chunk"
         routers = []
         for num_modules, kept in zip((num_attn_modules, num_ffn_modules), slots):
+            if self.chunk_wide:
+                num_modules = chunk_size
             router_slots = None
             if kept is not None:
                 # SKIP keeps the last slot, after the chunk's unpruned pool.
@@ -147,23 +152,30 @@ class LearnedPolicy(AssemblyPolicy):
         self.temperature = config.router_temperature
         self.output = config.router_output
 
-    def _route(self, router: nn.Module, x: torch.Tensor, state: torch.Tensor | None):
+    def _route(
+        self, router: nn.Module, x: torch.Tensor, state: torch.Tensor | None, num_modules: int
+    ):
         logits, state = router(x, state)
         weight, index, probs = top_k_routing(
             logits, self.k, self.renormalize, self.temperature, self.output
         )
         if router.slots is not None:
             index, probs = router.slots.choice_index(index), router.slots.choices(probs)
+        if self.chunk_wide:
+            pool_index = index.clamp(max=num_modules)  # no module there: the pool's SKIP
+            return Selection(pool_index, weight, probs, router_index=index), state
         return Selection(index=index, weight=weight, probs=probs), state
 
     def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
         selection, state.attn_router_state = self._route(
-            self.attn_router, x, state.attn_router_state
+            self.attn_router, x, state.attn_router_state, self.num_attn_modules
         )
         return selection
 
     def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
-        selection, state.ffn_router_state = self._route(self.ffn_router, u, state.ffn_router_state)
+        selection, state.ffn_router_state = self._route(
+            self.ffn_router, u, state.ffn_router_state, self.num_ffn_modules
+        )
         return selection
 
 
