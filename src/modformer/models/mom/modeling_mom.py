@@ -68,7 +68,8 @@ class RoutingStep:
     """The decisions of one chunk step. B, T: batch and tokens of the call.
 
     attn_index / ffn_index: (B, T, k) long pool indices; the value num_attn_modules /
-        num_ffn_modules means SKIP. For the `moe` policy FFN indices count over the
+        num_ffn_modules means SKIP (with `router_width="chunk"` also a choice beyond
+        the pool, which runs no module either). For the `moe` policy FFN indices count over the
         H * E pool (expert e of step h is h * E + e).
     attn_weight / ffn_weight: (B, T, k) fp32 weights r_k.
     A token runs `(attn_index < num_attn_modules).sum(-1)` attention modules here.

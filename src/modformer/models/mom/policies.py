@@ -37,7 +37,8 @@ class Selection:
     probs: (n, C) fp32 router distribution, for the balance loss and load metrics
         (routed policies only).
     router_index: (n, k) the picks in the router's own choice space, where it differs
-        from `index` (the per-step MoE routers pick among E experts of a larger pool).
+        from `index` (the per-step MoE routers pick among E experts of a larger pool;
+        chunk-wide MoM routers score N choices over a smaller pool).
     """
 
     index: torch.Tensor
