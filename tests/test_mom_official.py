@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import modformer  # noqa: F401  (registers the Auto classes)
+from modformer.analysis.usage import collect_usage
 from modformer.cli import main
 from modformer.convert.gpt2 import ConversionError
 from modformer.convert.mom_official import (
@@ -684,3 +685,25 @@ def test_chunk_wide_routers():
     assert any((s.attn_index == 2).all(-1).any() for s in trace)
     with pytest.raises(Exception, match="pruning needs router_width='pool'"):
         prune_model(model, {"chunk0/attn": torch.ones(2), "chunk0/ffn": torch.ones(3)}, 0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(router_temperature=0.3),
+        dict(router_output="logits", renormalize=False),
+        dict(K=1, all_skip_tokens="zero_key"),
+    ],
+)
+def test_pruning_never_used_modules_keeps_logits_with_the_options(kwargs):
+    model = small_mom(H=2, **{"K": 2, **kwargs})
+    with torch.no_grad():
+        for chunk in model.transformer.chunks:
+            chunk.policy.attn_router.out.bias[1] = -1e4  # attention module 1: never picked
+    batches = [torch.randint(0, 41, (2, 16), generator=torch.Generator().manual_seed(5))]
+    pruned, report = prune_model(model, collect_usage(model, batches), threshold=1e-6)
+    assert pruned.config.attn_modules_per_chunk == [2]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pruned(batches[0]).logits, model(batches[0]).logits, atol=1e-6, rtol=0
+        )
