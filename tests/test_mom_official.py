@@ -436,9 +436,15 @@ def test_unknown_missing_and_misshapen_keys_are_named(tmp_path):
     beyond = {**state, "transformer.h.1.mot_ffn.c_fc.3.bias": torch.zeros(24)}  # module 3 of 3
     with pytest.raises(ConversionError, match=r"mot_ffn\.c_fc\.3\.bias"):
         load_mom_official(write_official(tmp_path / "beyond", hf, beyond))
-    missing = {k: v for k, v in state.items() if k != "transformer.h.1.mot_ffn.c_proj.2.weight"}
-    with pytest.raises(ConversionError, match=r"weights missing.*ffn\.proj_weight"):
-        load_mom_official(write_official(tmp_path / "missing", hf, missing))
+    for gone in (
+        "transformer.h.1.mot_ffn.c_proj.2.weight",
+        "transformer.h.1.mot_attn.router.h2h.bias",
+        "transformer.h.2.mot_ffn.c_fc.weight",
+        "transformer.wpe.weight",
+    ):
+        missing = {k: v for k, v in state.items() if k != gone}
+        with pytest.raises(ConversionError, match=rf"1 official tensors are missing.*{gone}"):
+            load_mom_official(write_official(tmp_path / gone, hf, missing))
     short = {**state, "transformer.h.0.mot_attn.c_attn.weight": torch.zeros(16, 47)}
     with pytest.raises(ConversionError, match=r"c_attn\.weight has shape \(16, 47\).*\(16, 48\)"):
         load_mom_official(write_official(tmp_path / "short", hf, short))

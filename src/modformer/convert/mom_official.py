@@ -405,17 +405,51 @@ def official_state_dict_to_mom(
             f"{where}: {len(unknown)} keys do not belong to an official MoM model of this "
             f"config.json (layout {config.chunks}, router {config.router}): {sorted(unknown)[:6]}"
         )
-    for key, by_row in rows.items():
-        out[key] = torch.stack([by_row[j] for j in sorted(by_row)])
-        if len(by_row) != expected[key].shape[0]:
-            out.pop(key)  # reported as missing below
-    missing = sorted(set(expected) - set(out))
+    missing: list[str] = []
+    for key, param in expected.items():
+        if key in out:
+            continue
+        if not _stacked(key):
+            missing.append(_official_name(key, None, config.router))
+            continue
+        present = rows.get(key, {})
+        absent = [j for j in range(param.shape[0]) if j not in present]
+        if absent:
+            missing += [_official_name(key, j, config.router) for j in absent]
+        else:
+            out[key] = torch.stack([present[j] for j in range(param.shape[0])])
     if missing:
         raise ConversionError(
-            f"{where}: weights missing for {len(missing)} modformer parameters, e.g. "
-            f"{missing[:6]}; is config.json the one this checkpoint was saved with?"
+            f"{where}: {len(missing)} official tensors are missing, e.g. {missing[:6]}; is "
+            "config.json the one this checkpoint was saved with?"
         )
     return out
+
+
+def _stacked(key: str) -> bool:
+    """Whether modformer parameter `key` stacks one official tensor per routed module."""
+    return any(key.endswith("." + name) for name in CHUNK_MODULE_KEYS.values())
+
+
+def _official_name(key: str, row: int | None, router: str) -> str:
+    """The official key that modformer parameter `key` (row `row` if stacked) comes from."""
+    reverse_top = {v: k for k, v in TOP_LEVEL_KEYS.items()}
+    if key in reverse_top:
+        return reverse_top[key]
+    block, _, rest = key.removeprefix("transformer.h.").partition(".")
+    prefix = f"transformer.h.{block}."
+    if row is not None:
+        pattern = {v: k for k, v in CHUNK_MODULE_KEYS.items()}[rest]
+        return prefix + pattern.format(j=row)
+    for official, (suffix, _) in FIXED_BLOCK_KEYS.items():
+        if rest == suffix:
+            return prefix + official
+    router_keys = GRU_ROUTER_KEYS if router == "gru" else MLP_ROUTER_KEYS
+    for owner, module in ROUTER_OWNERS.items():
+        for official, ours in router_keys.items():
+            if rest == f"policy.{module}.{ours}":
+                return f"{prefix}{owner}.router.{official}"
+    return key  # no official counterpart known: name the modformer parameter
 
 
 # ---- entry points ----------------------------------------------------------------------
