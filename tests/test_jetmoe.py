@@ -126,7 +126,9 @@ def test_cli_convert_then_export_round_trips(jetmoe_dir, tmp_path, capsys):
     ours_dir, back_dir, again_dir = tmp_path / "ours", tmp_path / "back", tmp_path / "again"
     assert main(["convert", "jetmoe", str(jetmoe_dir), str(ours_dir)]) == 0
     assert main(["export", "hf", str(ours_dir), str(back_dir)]) == 0
-    assert "JetMoeForCausalLM" in json.loads((back_dir / "config.json").read_text())["architectures"]
+    assert (
+        "JetMoeForCausalLM" in json.loads((back_dir / "config.json").read_text())["architectures"]
+    )
     ours = ModuleFormerForCausalLM.from_pretrained(ours_dir).eval()
     # Plain transformers loads the export: every weight in place, identical logits.
     back, info = JetMoeForCausalLM.from_pretrained(back_dir, output_loading_info=True)
@@ -136,8 +138,9 @@ def test_cli_convert_then_export_round_trips(jetmoe_dir, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(x).logits, reference(x).logits, atol=0, rtol=0)
     # The exported weights are the original ones, bit for bit.
-    original, exported = load_file(jetmoe_dir / "model.safetensors"), load_file(
-        back_dir / "model.safetensors"
+    original, exported = (
+        load_file(jetmoe_dir / "model.safetensors"),
+        load_file(back_dir / "model.safetensors"),
     )
     assert original.keys() == exported.keys()
     assert all(torch.equal(original[k], exported[k]) for k in original)
@@ -205,9 +208,7 @@ def _edit_checkpoint(src, dst, edit_weights=None, edit_config=None):
     ],
     ids=["unknown_key", "missing_key", "bad_shape", "model_type", "rope_type", "dropout", "act"],
 )
-def test_bad_checkpoints_are_clear_errors(
-    jetmoe_dir, tmp_path, edit_weights, edit_config, message
-):
+def test_bad_checkpoints_are_clear_errors(jetmoe_dir, tmp_path, edit_weights, edit_config, message):
     bad = _edit_checkpoint(jetmoe_dir, tmp_path / "bad", edit_weights, edit_config)
     with pytest.raises(ConversionError, match=message):
         load_jetmoe_directory(bad)
@@ -268,7 +269,9 @@ def test_gpt_exports_as_a_native_gpt2(tmp_path, tied):
 
 
 def test_gpt_without_biases_and_other_models_are_clear_errors(tmp_path):
-    no_bias = GPTForCausalLM(GPTConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, bias=False))
+    no_bias = GPTForCausalLM(
+        GPTConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, bias=False)
+    )
     with pytest.raises(ConversionError, match="bias=False"):
         export_hf(no_bias, tmp_path / "a")
     with pytest.raises(ConversionError, match="no native transformers counterpart"):

@@ -272,6 +272,15 @@ def test_forward_and_backward_make_no_host_syncs(monkeypatch):
     assert math.isfinite(out.loss.item())
 
 
+def test_cost_accounting_counts_the_linear_router():
+    from modformer.eval.costs import inference_flops
+
+    model = rope_model(seed=10)
+    report = inference_flops(model, tokens(2, 6, seed=10))
+    n_embd, n_att, n_ffd = 128, 4, 8  # the tiny preset: A is (experts, n_embd), no B
+    assert report.components["router"] == 12 * 2 * 2 * n_embd * (n_att + n_ffd)
+
+
 def test_defaults_are_unchanged_moduleformer():
     config = ModuleFormerConfig.from_preset("tiny")
     assert (config.norm_type, config.expert_mlp, config.router_type, config.attention_type) == (

@@ -110,9 +110,7 @@ _PATTERNS = [(_compile(entry[0]), entry) for entry in KEY_MAP]
 _REVERSE_PATTERNS = [(_compile(entry[1]), entry) for entry in KEY_MAP]
 
 
-def _rename(
-    weights: dict[str, torch.Tensor], to_ours: bool, where: str
-) -> dict[str, torch.Tensor]:
+def _rename(weights: dict[str, torch.Tensor], to_ours: bool, where: str) -> dict[str, torch.Tensor]:
     """Apply `KEY_MAP` (JetMoE -> ours when `to_ours`, else ours -> JetMoE)."""
     patterns = _PATTERNS if to_ours else _REVERSE_PATTERNS
     out: dict[str, torch.Tensor] = {}
@@ -323,7 +321,8 @@ def jetmoe_config_from_moduleformer(config: ModuleFormerConfig):
         raise ConversionError(
             "this ModuleFormer cannot be written as JetMoeForCausalLM: " + "; ".join(problems)
         )
-    if config.aux_loss_type == "mi" or config.switch_z_loss_coef and config.aux_loss_type == "switch":
+    z_loss = config.aux_loss_type == "switch" and config.switch_z_loss_coef > 0
+    if config.aux_loss_type == "mi" or z_loss:
         logger.warning(
             "aux_loss_type=%r (z-loss %s) has no JetMoE equivalent; the export keeps the "
             "weights and writes output_router_logits=false (training setting only)",
@@ -341,7 +340,7 @@ def jetmoe_config_from_moduleformer(config: ModuleFormerConfig):
         activation_function=config.activation_function,
         num_local_experts=config.n_att_experts,
         num_experts_per_tok=config.k_att,
-        output_router_logits=config.aux_loss_type == "switch" and not config.switch_z_loss_coef,
+        output_router_logits=config.aux_loss_type == "switch" and not z_loss,
         aux_loss_coef=config.aux_loss_weight,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,

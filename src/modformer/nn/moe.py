@@ -119,7 +119,9 @@ class TopKRouter(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if router_type not in ROUTER_TYPES:
-            raise ValueError(f"router_type {router_type!r} is unknown; choose one of {ROUTER_TYPES}")
+            raise ValueError(
+                f"router_type {router_type!r} is unknown; choose one of {ROUTER_TYPES}"
+            )
         _check_inserted(num_inserted, num_experts)
         self.num_experts = num_experts
         self.num_inserted = num_inserted

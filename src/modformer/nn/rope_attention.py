@@ -31,7 +31,9 @@ from torch import Tensor
 from modformer.nn.masking import causal_padding_mask
 
 
-def positions_from_mask(key_padding_mask: Tensor | None, length: int, device: torch.device) -> Tensor:
+def positions_from_mask(
+    key_padding_mask: Tensor | None, length: int, device: torch.device
+) -> Tensor:
     """(B or 1, length) long positions: ``cumsum(mask) - 1`` (0 at padding), or
     ``0 .. length-1`` without a mask. Padded slots get 0; their outputs are ignored."""
     if key_padding_mask is None:
@@ -73,7 +75,11 @@ def _attention_mask(key_padding_mask: Tensor | None, Tq: int, Tk: int, device) -
 
 
 def softmax_attention(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
 ) -> Tensor:
     """Causal softmax attention by `F.scaled_dot_product_attention`.
 
@@ -92,7 +98,11 @@ def softmax_attention(
 
 
 def softmax_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
 ) -> Tensor:
     """The equations in fp64 with an explicit mask (same visibility as the fast path)."""
     Tq, Tk, D = q.shape[2], k.shape[2], q.shape[3]

@@ -388,9 +388,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         layer_kv = []
         for i, block in enumerate(self.h):
             memory_kv = (memory.keys[i], memory.values[i]) if memory is not None else None
-            x, routes, kv = block(
-                x, token_mask, key_padding_mask, past_key_values, memory_kv, rope
-            )
+            x, routes, kv = block(x, token_mask, key_padding_mask, past_key_values, memory_kv, rope)
             router_outputs.append(routes)
             layer_kv.append(kv)
         x = self.ln_f(x)
