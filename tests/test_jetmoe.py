@@ -13,7 +13,11 @@ from transformers import GPT2LMHeadModel, JetMoeConfig, JetMoeForCausalLM
 from modformer.cli import main
 from modformer.convert.export import export_hf
 from modformer.convert.gpt2 import ConversionError
-from modformer.convert.jetmoe import KEY_MAP, load_jetmoe_directory
+from modformer.convert.jetmoe import (
+    KEY_MAP,
+    load_jetmoe_directory,
+    moduleformer_config_from_jetmoe,
+)
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 
@@ -151,6 +155,30 @@ def test_cli_convert_then_export_round_trips(jetmoe_dir, tmp_path, capsys):
     assert main(["convert", "jetmoe", str(back_dir), str(again_dir)]) == 0
 
 
+def test_jetmoe_aux_loss_is_switch_pooled(tmp_path):
+    reference = random_jetmoe(seed=6, output_router_logits=True, aux_loss_coef=0.3)
+    reference.save_pretrained(tmp_path)
+    ours = load_jetmoe_directory(tmp_path)
+    assert ours.config.aux_loss_type == "switch_pooled" and ours.config.aux_loss_weight == 0.3
+    x, mask = left_padded_batch()
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    # Labels only where the previous token is real: a padded position's logits are
+    # meaningless (and differ between the two implementations).
+    labels = x.masked_fill(mask == 0, -100)
+    labels[1, 4] = -100
+    for masked in (False, True):
+        with torch.no_grad():
+            if masked:
+                expected = reference(x, attention_mask=mask, position_ids=positions, labels=labels)
+                got = ours(x, attention_mask=mask, labels=labels)
+            else:
+                expected, got = reference(x, labels=x), ours(x, labels=x)
+        torch.testing.assert_close(got.aux_metrics["aux/switch_pooled"], expected.aux_loss)
+        torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=0)
+    # JetMoE without output_router_logits trains with no balance loss.
+    assert moduleformer_config_from_jetmoe(jetmoe_config().to_dict()).aux_loss_type == "none"
+
+
 def test_export_of_a_non_jetmoe_moduleformer_names_the_options(tmp_path):
     model = ModuleFormerForCausalLM(ModuleFormerConfig.from_preset("tiny", vocab_size=VOCAB))
     with pytest.raises(ConversionError, match="norm_type='layer'") as err:
@@ -234,8 +262,6 @@ def test_key_map_covers_every_weight_of_both_models():
 
 
 def load_jetmoe_like(reference: JetMoeForCausalLM) -> ModuleFormerForCausalLM:
-    from modformer.convert.jetmoe import moduleformer_config_from_jetmoe
-
     return ModuleFormerForCausalLM(moduleformer_config_from_jetmoe(reference.config.to_dict()))
 
 

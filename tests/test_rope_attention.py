@@ -235,12 +235,17 @@ def test_explicit_position_ids_replace_the_mask_positions():
         model(x, position_ids=torch.arange(4)[None], use_cache=False)
 
 
-@pytest.mark.parametrize("options", [JETMOE_OPTIONS, {"attention_type": "softmax_rope"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {**JETMOE_OPTIONS, "aux_loss_type": "switch_pooled", "n_ffd_experts": 4},
+        {"attention_type": "softmax_rope"},  # the Table 4 baseline: MI loss, GELU experts
+    ],
+    ids=["jetmoe", "table4_softmax_rope"],
+)
 def test_a_few_training_steps_reduce_the_loss(options):
     torch.manual_seed(8)
-    config = ModuleFormerConfig.from_preset(
-        "tiny", vocab_size=VOCAB, n_layer=2, aux_loss_type="switch", **options
-    )
+    config = ModuleFormerConfig.from_preset("tiny", vocab_size=VOCAB, n_layer=2, **options)
     model = ModuleFormerForCausalLM(config).train()
     x = tokens(1, 8, seed=8).repeat(4, 4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -304,6 +309,7 @@ def test_defaults_are_unchanged_moduleformer():
         ({"final_norm_epsilon": 0.0}, "final_norm_epsilon"),
         ({"attention_type": "softmax_rope", "att_hidden": 6, "n_head": 2}, "even"),
         ({"attention_type": "softmax_rope", "rope_theta": -1.0}, "rope_theta"),
+        ({"aux_loss_type": "switch_pooled"}, "one expert count"),
     ],
 )
 def test_bad_options_name_the_field(overrides, field):

@@ -13,11 +13,11 @@ stores expert weights as (experts, out, in), we store (experts, in, out), so tho
 transposed. Every tensor's shape is checked against the target model, and unknown or
 missing keys are errors. Config values we cannot represent are errors naming the field.
 
-Differences kept on purpose (documented, training only): JetMoE's load-balancing loss
-(``output_router_logits``) pools the switch statistics of all 2 x n_layer routers
-before multiplying them and counts top-k assignments (sum k), while ours (``switch``)
-averages the per-router losses whose assignment shares sum to 1; the import maps it to
-``aux_loss_type="switch"`` with no z-loss and the same weight.
+Training settings: JetMoE's load-balancing loss (on when ``output_router_logits``) is
+our ``aux_loss_type="switch_pooled"`` with weight ``aux_loss_coef``; off, we import
+``"none"``. Our MI and z-losses have no JetMoE counterpart: exporting them writes
+``output_router_logits=false`` with a warning. Not carried over (training only):
+JetMoE's ``padding_idx`` on the embedding (no gradient into the pad row).
 """
 
 from __future__ import annotations
@@ -203,9 +203,8 @@ def moduleformer_config_from_jetmoe(hf: dict, where: str = "config.json") -> Mod
         layer_norm_epsilon=JETMOE_BLOCK_NORM_EPS,
         final_norm_epsilon=jet.rms_norm_eps,
         initializer_range=jet.initializer_range,
-        aux_loss_type="switch" if jet.output_router_logits else "none",
+        aux_loss_type="switch_pooled" if jet.output_router_logits else "none",
         aux_loss_weight=jet.aux_loss_coef,
-        switch_z_loss_coef=0.0,
         norm_type="rms",
         expert_mlp="swiglu",
         router_type="linear",
@@ -321,13 +320,12 @@ def jetmoe_config_from_moduleformer(config: ModuleFormerConfig):
         raise ConversionError(
             "this ModuleFormer cannot be written as JetMoeForCausalLM: " + "; ".join(problems)
         )
-    z_loss = config.aux_loss_type == "switch" and config.switch_z_loss_coef > 0
-    if config.aux_loss_type == "mi" or z_loss:
+    balance = config.aux_loss_type == "switch_pooled"
+    if config.aux_loss_type not in ("switch_pooled", "none"):
         logger.warning(
-            "aux_loss_type=%r (z-loss %s) has no JetMoE equivalent; the export keeps the "
-            "weights and writes output_router_logits=false (training setting only)",
+            "aux_loss_type=%r has no JetMoE equivalent (JetMoE's is 'switch_pooled'); the "
+            "export writes output_router_logits=false (a training setting only)",
             config.aux_loss_type,
-            config.switch_z_loss_coef,
         )
     return JetMoeConfig(
         vocab_size=config.vocab_size,
@@ -340,7 +338,7 @@ def jetmoe_config_from_moduleformer(config: ModuleFormerConfig):
         activation_function=config.activation_function,
         num_local_experts=config.n_att_experts,
         num_experts_per_tok=config.k_att,
-        output_router_logits=config.aux_loss_type == "switch" and not z_loss,
+        output_router_logits=balance,
         aux_loss_coef=config.aux_loss_weight,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,

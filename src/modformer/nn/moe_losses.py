@@ -8,6 +8,7 @@ so a padded batch gives the same value as the same batch without the padding.
 - ``mutual_information_loss``: eq. 7, ``-H(m) + mean_x H(m|x)`` (pretraining).
 - ``switch_load_balancing_loss`` and ``router_z_loss``: the Switch Transformer /
   ST-MoE alternative (the official code adds them as ``switch + 0.1 * z``).
+- ``pooled_switch_loss``: JetMoE's variant, statistics pooled over all routers.
 - ``load_concentration_loss``: eq. 8, ``H(m)`` (fine-tuning; concentrates the load).
 - ``routing_regularization``: eq. 10, ``||A'||^2`` over newly inserted expert embeddings.
 - ``expert_load``: fraction of real tokens that have each expert in their top-k.
@@ -113,6 +114,31 @@ def switch_load_balancing_loss(
     num_experts = logits.shape[-1]
     assignment_share = expert_load(top_k_indices, num_experts, token_mask) / top_k_indices.shape[1]
     return num_experts * (assignment_share * marginal_expert_probs(logits, token_mask)).sum()
+
+
+def pooled_switch_loss(
+    logits: list[torch.Tensor],
+    top_k_indices: list[torch.Tensor],
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """JetMoE's balance loss (transformers' ``load_balancing_loss_func``) over R routers
+    that see the same tokens and have the same N experts: ``N * sum_m f_m * P_m`` with
+
+        f_m = mean_r (fraction of real tokens with m in router r's top-k)   (sums to k)
+        P_m = mean_r (mean router-r probability of m over the real tokens)  (sums to 1)
+
+    The statistics are pooled over the routers before the product (the per-router
+    `switch_load_balancing_loss` averaged over routers differs, and its f sums to 1).
+    """
+    num_experts = logits[0].shape[-1]
+    if any(z.shape[-1] != num_experts for z in logits):
+        raise ValueError(
+            "pooled_switch_loss needs routers with one expert count; got "
+            f"{sorted({z.shape[-1] for z in logits})}"
+        )
+    load = torch.stack([expert_load(i, num_experts, token_mask) for i in top_k_indices])
+    probs = torch.stack([marginal_expert_probs(z, token_mask) for z in logits])
+    return num_experts * (load.mean(0) * probs.mean(0)).sum()
 
 
 def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None):

@@ -91,7 +91,7 @@ MODULEFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "molm-8b-k2": dict(_MOLM, n_layer=48),
 }
 
-AUX_LOSS_TYPES = ("mi", "switch", "none")
+AUX_LOSS_TYPES = ("mi", "switch", "switch_pooled", "none")
 TRAINABLE_SCOPES = (None, "inserted_experts", "inserted_experts+embeddings")
 ROUTER_ACTIVATIONS = ("relu", "gelu")
 
@@ -149,6 +149,8 @@ class ModuleFormerConfig(PreTrainedConfig):
       every query head and the shared keys; positions count real tokens of the
       attention mask; the Table 4 baseline and JetMoE's attention).
     - ``moe_output_bias``: a (n_embd,) bias added to each MoA and SMoE output (JetMoE).
+    - ``aux_loss_type="switch_pooled"``: JetMoE's balance loss, the Switch statistics
+      pooled over all 2 * n_layer routers (`modformer.nn.moe_losses.pooled_switch_loss`).
     """
 
     model_type = "modformer_moduleformer"
@@ -348,6 +350,16 @@ class ModuleFormerConfig(PreTrainedConfig):
             raise ValueError(
                 f"final_norm_epsilon must be positive or None (None = layer_norm_epsilon), "
                 f"got {self.final_norm_epsilon}"
+            )
+        if self.aux_loss_type == "switch_pooled" and (
+            self.n_att_experts != self.n_ffd_experts
+            or self.att_experts_per_layer is not None
+            or self.ffd_experts_per_layer is not None
+        ):
+            raise ValueError(
+                "aux_loss_type 'switch_pooled' (JetMoE) pools the statistics of all routers, "
+                "which needs one expert count: n_att_experts == n_ffd_experts and no "
+                "per-layer counts; use 'switch' otherwise"
             )
         if self.attention_type == "softmax_rope":
             if self.att_head_dim % 2 != 0:

@@ -42,6 +42,7 @@ from modformer.nn.moe_losses import (
     expert_load,
     load_concentration_loss,
     mutual_information_loss,
+    pooled_switch_loss,
     routing_regularization,
     switch_loss,
 )
@@ -440,12 +441,15 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
         if config.aux_loss_type != "none":
             if config.aux_loss_type == "mi":
                 per_router = [mutual_information_loss(z, token_mask) for z in logits]
-            else:
+            elif config.aux_loss_type == "switch":
                 per_router = [
                     switch_loss(r.logits, r.top_k_indices, token_mask, config.switch_z_loss_coef)
                     for routes in router_outputs
                     for r in routes
                 ]
+            else:  # "switch_pooled": JetMoE's one loss over the statistics of all routers
+                indices = [r.top_k_indices for routes in router_outputs for r in routes]
+                per_router = [pooled_switch_loss(logits, indices, token_mask)]
             balance = torch.stack(per_router).mean()
             aux_loss = aux_loss + config.aux_loss_weight * balance
             metrics[f"aux/{config.aux_loss_type}"] = balance.detach()
