@@ -2,7 +2,8 @@
 
 Read top to bottom: `ModuleFormerMemory` is the Transformer-XL history, `ModuleFormerBlock`
 one layer (`x + MoA(LN(x))`, then `x + SMoE(LN(x))`), `ModuleFormerModel` the stack
-(token embeddings only: stick-breaking attention needs no positions), and
+(token embeddings only: stick-breaking attention needs no positions; the softmax_rope
+option rotates queries and keys by positions counted from the attention mask), and
 `ModuleFormerForCausalLM` adds the LM head, the auxiliary routing losses and
 `generate()` support.
 
