@@ -113,7 +113,18 @@ def test_import_matches_transformers_jetmoe(tmp_path, tied):
     )
     assert config.rope_theta == 500.0 and config.final_norm_epsilon == 1e-5
     assert config.tie_word_embeddings == tied
+    shares = ours.lm_head.weight.data_ptr() == ours.transformer.wte.weight.data_ptr()
+    assert shares == tied
     assert_same_logits(reference, ours, atol=1e-4)
+
+
+def test_import_keeps_the_checkpoint_dtype(tmp_path):
+    reference = random_jetmoe(seed=7).to(torch.bfloat16)
+    reference.save_pretrained(tmp_path)
+    ours = load_jetmoe_directory(tmp_path)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    w_q = reference.model.layers[1].self_attention.experts.input_linear.weight
+    assert torch.equal(ours.transformer.h[1].attn.w_q, w_q.transpose(1, 2))
 
 
 def test_import_gives_the_same_greedy_continuations(jetmoe_dir):

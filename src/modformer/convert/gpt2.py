@@ -182,7 +182,7 @@ def gpt2_config_from_modformer(config: GPTConfig):
 
 def export_gpt2(model: GPTForCausalLM, dst: str | Path, tokenizer_dir: Path | None = None) -> Path:
     """Write `model` as a native GPT2LMHeadModel directory (plain transformers loads it)."""
-    from modformer.convert.jetmoe import write_hf_directory
+    from modformer.convert.hf_files import write_hf_directory
 
     state = dict(model.state_dict())
     if model.config.tie_word_embeddings:

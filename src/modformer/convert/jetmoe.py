@@ -25,18 +25,15 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from modformer.convert.gpt2 import ConversionError, _read_weights
+from modformer.convert.hf_files import write_hf_directory
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 from modformer.nn.activations import ACTIVATIONS
-from modformer.utils import TOKENIZER_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -252,15 +249,20 @@ def load_jetmoe_directory(src: str | Path) -> ModuleFormerForCausalLM:
                 f"model.embed_tokens.weight; fix the config (set it to false)"
             )
     state = _rename(weights, to_ours=True, where=str(src))
-    model = ModuleFormerForCausalLM(config)
+    # Built on the meta device and given the checkpoint's tensors (assign): no second
+    # copy of the weights and no random init, which matters at JetMoE-8B's size.
+    with torch.device("meta"):
+        model = ModuleFormerForCausalLM(config)
     expected = dict(model.state_dict())
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     _check_state(state, expected, str(src))
-    dtype = next(iter(state.values())).dtype
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    return model.to(dtype).eval()
+    leftover = [name for name, t in model.state_dict().items() if t.is_meta]
+    if leftover:  # a bug of ours, not of the checkpoint: every weight was checked above
+        raise ConversionError(f"{src}: weights left unset after loading: {leftover[:5]}")
+    return model.to(state["transformer.wte.weight"].dtype).eval()
 
 
 def convert_jetmoe(src: str | Path, dst: str | Path) -> ModuleFormerForCausalLM:
@@ -358,29 +360,6 @@ def jetmoe_state_dict(model: ModuleFormerForCausalLM) -> dict[str, torch.Tensor]
         state.pop("lm_head.weight")
     renamed = _rename(state, to_ours=False, where=type(model).__name__)
     return {k: v.detach().contiguous() for k, v in renamed.items()}
-
-
-def write_hf_directory(
-    config, weights: dict[str, torch.Tensor], dst: str | Path, tokenizer_dir: Path | None
-) -> Path:
-    """config.json + model.safetensors (+ tokenizer files) written atomically to `dst`."""
-    from modformer.train.checkpoint import _replace_dir
-
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        config.save_pretrained(tmp)
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer_dir is not None and tokenizer_dir.is_dir():
-            for name in TOKENIZER_FILES:
-                if (tokenizer_dir / name).is_file():
-                    shutil.copy2(tokenizer_dir / name, tmp / name)
-        _replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
 
 
 def export_jetmoe(
