@@ -286,6 +286,39 @@ def test_cost_accounting_counts_the_linear_router():
     assert report.components["router"] == 12 * 2 * 2 * n_embd * (n_att + n_ffd)
 
 
+def test_pooled_switch_loss_of_a_pruned_router_counts_at_the_unpruned_slots():
+    from modformer.nn.moe_losses import pooled_switch_loss
+
+    g = torch.Generator().manual_seed(11)
+    full = [torch.randn(9, 4, generator=g) for _ in range(2)]
+    full[1][:, 2] = float("-inf")  # router 1's expert 2 is never chosen: prune it
+    top = [z.topk(2, dim=-1).indices for z in full]
+    kept = torch.tensor([0, 1, 3])
+    pruned_logits = [full[0], full[1][:, kept]]
+    pruned_top = [top[0], torch.searchsorted(kept, top[1])]  # choice index among kept
+    mask = torch.ones(9, dtype=torch.bool)
+    mask[:2] = False
+    expected = pooled_switch_loss(full, top, mask)
+    got = pooled_switch_loss(pruned_logits, pruned_top, mask, [None, (kept, 4)])
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="one expert count"):
+        pooled_switch_loss(pruned_logits, pruned_top, mask)
+    # A pruned JetMoE-style model trains with it.
+    model = rope_model(
+        seed=11,
+        n_ffd_experts=4,
+        aux_loss_type="switch_pooled",
+        att_experts_per_layer=[3, 4],
+        att_expert_slots=[[0, 1, 3], [0, 1, 2, 3]],
+        ffd_experts_per_layer=[4, 2],
+        ffd_expert_slots=[[0, 1, 2, 3], [1, 2]],
+    ).train()
+    x = tokens(2, 6, seed=11)
+    out = model(x, labels=x)
+    out.loss.backward()
+    assert torch.isfinite(out.aux_metrics["aux/switch_pooled"])
+
+
 def test_defaults_are_unchanged_moduleformer():
     config = ModuleFormerConfig.from_preset("tiny")
     assert (config.norm_type, config.expert_mlp, config.router_type, config.attention_type) == (

@@ -120,6 +120,7 @@ def pooled_switch_loss(
     logits: list[torch.Tensor],
     top_k_indices: list[torch.Tensor],
     token_mask: torch.Tensor | None = None,
+    slots: list[tuple[torch.Tensor, int] | None] | None = None,
 ) -> torch.Tensor:
     """JetMoE's balance loss (transformers' ``load_balancing_loss_func``) over R routers
     that see the same tokens and have the same N experts: ``N * sum_m f_m * P_m`` with
@@ -129,16 +130,26 @@ def pooled_switch_loss(
 
     The statistics are pooled over the routers before the product (the per-router
     `switch_load_balancing_loss` averaged over routers differs, and its f sums to 1).
+    ``slots[r]`` = (slot of each expert, N) places a pruned router's experts at their
+    unpruned positions (removed experts count 0), so pruning keeps the pooling.
     """
-    num_experts = logits[0].shape[-1]
-    if any(z.shape[-1] != num_experts for z in logits):
+    loads, probs = [], []
+    for r, (z, indices) in enumerate(zip(logits, top_k_indices)):
+        load = expert_load(indices, z.shape[-1], token_mask)
+        prob = marginal_expert_probs(z, token_mask)
+        if slots is not None and slots[r] is not None:
+            where, width = slots[r]
+            load = load.new_zeros(width).index_copy(0, where, load)
+            prob = prob.new_zeros(width).index_copy(0, where, prob)
+        loads.append(load)
+        probs.append(prob)
+    widths = {load.shape[0] for load in loads}
+    if len(widths) != 1:
         raise ValueError(
-            "pooled_switch_loss needs routers with one expert count; got "
-            f"{sorted({z.shape[-1] for z in logits})}"
+            f"pooled_switch_loss needs routers with one expert count; got {sorted(widths)}"
         )
-    load = torch.stack([expert_load(i, num_experts, token_mask) for i in top_k_indices])
-    probs = torch.stack([marginal_expert_probs(z, token_mask) for z in logits])
-    return num_experts * (load.mean(0) * probs.mean(0)).sum()
+    num_experts = widths.pop()
+    return num_experts * (torch.stack(loads).mean(0) * torch.stack(probs).mean(0)).sum()
 
 
 def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None):

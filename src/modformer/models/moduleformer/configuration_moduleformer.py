@@ -351,16 +351,21 @@ class ModuleFormerConfig(PreTrainedConfig):
                 f"final_norm_epsilon must be positive or None (None = layer_norm_epsilon), "
                 f"got {self.final_norm_epsilon}"
             )
-        if self.aux_loss_type == "switch_pooled" and (
-            self.n_att_experts != self.n_ffd_experts
-            or self.att_experts_per_layer is not None
-            or self.ffd_experts_per_layer is not None
-        ):
-            raise ValueError(
-                "aux_loss_type 'switch_pooled' (JetMoE) pools the statistics of all routers, "
-                "which needs one expert count: n_att_experts == n_ffd_experts and no "
-                "per-layer counts; use 'switch' otherwise"
-            )
+        if self.aux_loss_type == "switch_pooled":
+            # A pruned router counts at its unpruned width (n_*_experts), others at theirs.
+            widths = {
+                self.n_att_experts if self.att_expert_slots else self.att_experts_in_layer(i)
+                for i in range(self.n_layer)
+            } | {
+                self.n_ffd_experts if self.ffd_expert_slots else self.ffd_experts_in_layer(i)
+                for i in range(self.n_layer)
+            }
+            if len(widths) != 1:
+                raise ValueError(
+                    f"aux_loss_type 'switch_pooled' (JetMoE) pools the statistics of all "
+                    f"routers, which needs one expert count, but the routers have "
+                    f"{sorted(widths)}; use 'switch' for different counts"
+                )
         if self.attention_type == "softmax_rope":
             if self.att_head_dim % 2 != 0:
                 raise ValueError(

@@ -450,7 +450,12 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
                 ]
             else:  # "switch_pooled": JetMoE's one loss over the statistics of all routers
                 indices = [r.top_k_indices for routes in router_outputs for r in routes]
-                per_router = [pooled_switch_loss(logits, indices, token_mask)]
+                slots = [
+                    None if router.slots is None else (router.slots.slots, router.slots.num_slots)
+                    for layer_routers in routers
+                    for router in layer_routers
+                ]
+                per_router = [pooled_switch_loss(logits, indices, token_mask, slots)]
             balance = torch.stack(per_router).mean()
             aux_loss = aux_loss + config.aux_loss_weight * balance
             metrics[f"aux/{config.aux_loss_type}"] = balance.detach()
