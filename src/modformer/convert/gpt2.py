@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import GPT2Config
 
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
 
@@ -150,9 +151,8 @@ def modformer_state_dict_to_gpt2(state: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-def gpt2_config_from_modformer(config: GPTConfig):
+def gpt2_config_from_modformer(config: GPTConfig) -> GPT2Config:
     """The `GPT2Config` of a GPT config; options GPT-2 cannot represent are errors."""
-    from transformers import GPT2Config
 
     if not config.bias:
         raise ConversionError(

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import JetMoeConfig
 
 from modformer.convert.gpt2 import ConversionError, _read_weights
 from modformer.convert.hf_files import write_hf_directory
@@ -153,8 +154,6 @@ def _read_jetmoe_config(src: Path) -> dict:
 
 def moduleformer_config_from_jetmoe(hf: dict, where: str = "config.json") -> ModuleFormerConfig:
     """The ModuleFormer config of a JetMoE config dict; unrepresentable values are errors."""
-    from transformers import JetMoeConfig
-
     # JetMoeConfig fills the defaults (and the rope_parameters) of keys the file omits.
     known = {k: v for k, v in hf.items() if k not in ("model_type", "architectures")}
     try:
@@ -313,10 +312,8 @@ def _jetmoe_mismatches(config: ModuleFormerConfig) -> list[str]:
     return problems
 
 
-def jetmoe_config_from_moduleformer(config: ModuleFormerConfig):
+def jetmoe_config_from_moduleformer(config: ModuleFormerConfig) -> JetMoeConfig:
     """The `JetMoeConfig` of a JetMoE-compatible ModuleFormer config (else an error)."""
-    from transformers import JetMoeConfig
-
     problems = _jetmoe_mismatches(config)
     if problems:
         raise ConversionError(
