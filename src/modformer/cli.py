@@ -180,6 +180,17 @@ def _convert(sub: argparse._SubParsersAction) -> None:
     g.add_argument("src", help="local Hugging Face GPT-2 directory")
     g.add_argument("dst", help="output model directory")
     g.set_defaults(func=run_convert_gpt2)
+    j = conv.add_parser(
+        "jetmoe",
+        help="import a local JetMoeForCausalLM directory as a ModuleFormer",
+        description="Import a local transformers JetMoE directory (config.json + safetensors) "
+        "into a ModuleFormer with JetMoE's options (RMSNorm, SwiGLU experts, linear router, "
+        "RoPE softmax attention); tokenizer files are copied along. `modformer export hf` "
+        "writes it back.",
+    )
+    j.add_argument("src", help="local JetMoeForCausalLM directory")
+    j.add_argument("dst", help="output model directory")
+    j.set_defaults(func=run_convert_jetmoe)
     m = conv.add_parser(
         "mom",
         help="phase-2 initialisation: a vanilla model's layers become a MoM module pool",
@@ -232,6 +243,14 @@ def run_convert_gpt2(args: argparse.Namespace) -> None:
     print(f"converted {args.src} -> {args.dst} ({n:,} parameters)")
 
 
+def run_convert_jetmoe(args: argparse.Namespace) -> None:
+    from modformer.convert.jetmoe import convert_jetmoe
+
+    model = convert_jetmoe(args.src, args.dst)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.src} -> {args.dst} (JetMoE as ModuleFormer, {n:,} parameters)")
+
+
 def run_convert_mom(args: argparse.Namespace) -> None:
     from modformer.models.loading import resolve_model_dir
     from modformer.models.mom.convert import mom_from_vanilla
@@ -275,6 +294,16 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
         "Turn text into memory-mapped token files plus meta.json and a tokenizer. "
         "Without --inputs, the built-in offline corpus is used (Python stdlib sources, "
         "pydoc topics, C headers).",
+    ),
+    (
+        "export",
+        "modformer.convert.export",
+        "add_export_arguments",
+        "run_export",
+        "write a saved model as a native transformers directory (GPT-2, JetMoE)",
+        "Export a saved model so that plain transformers loads it without modformer: "
+        "`modformer export hf MODEL DST` writes GPT models as GPT2LMHeadModel and "
+        "JetMoE-style ModuleFormers as JetMoeForCausalLM.",
     ),
     (
         "demo",
@@ -406,6 +435,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _eval,
     _generate,
     _convert,
+    _mounted("export"),
     _mounted("finetune"),
     _mounted("lm-eval"),
     _mounted("plot-curves"),
