@@ -220,6 +220,17 @@ def _convert(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="MoM-same ablation: all modules of a chunk identical",
     )
+    m.add_argument(
+        "--router-dim",
+        type=int,
+        help="router width (GRU state / MLP hidden size); default max(8, n_embd // 4), which "
+        "keeps the routers' parameters small beside the layers they route",
+    )
+    m.add_argument(
+        "--share-map",
+        help="policy parameter_sharing: the module each step uses, as H comma-separated "
+        "indices, e.g. '0,0,1,1'",
+    )
     m.add_argument("dst", help="output model directory")
     m.set_defaults(func=run_convert_mom)
     o = conv.add_parser(
@@ -257,6 +268,17 @@ def run_convert_mom(args: argparse.Namespace) -> None:
     from modformer.train.checkpoint import atomic_save_model
 
     src = resolve_model_dir(args.src)  # a model dir, a training out_dir or a HF GPT-2 dir
+    options = {}
+    if args.router_dim is not None:
+        options["router_dim"] = args.router_dim
+    if args.share_map is not None:
+        try:
+            options["share_map"] = [int(m) for m in args.share_map.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--share-map {args.share_map!r}: expected comma-separated module indices, "
+                "e.g. '0,0,1,1'"
+            ) from None
     model = mom_from_vanilla(
         src,
         chunks=args.chunks,
@@ -264,6 +286,7 @@ def run_convert_mom(args: argparse.Namespace) -> None:
         router=args.router,
         policy=args.policy,
         mom_same=args.mom_same,
+        **options,
     )
     atomic_save_model(model, args.dst, tokenizer_dir=Path(src))
     n = sum(p.numel() for p in model.parameters())
