@@ -41,6 +41,7 @@ PREPARE = {
 TRAIN = {
     "modformer train --config cfg.yaml": SHORT_TRAIN,
     "modformer train --config cfg.yaml --resume": SHORT_TRAIN,
+    "modformer export hf runs/tiny exported/gpt2": [],
 }
 DEMO = {
     "modformer demo --stages vanilla": [
@@ -64,6 +65,11 @@ NOT_RUN = {
     "tests/test_train.py::test_ddp_two_cpu_processes_stay_in_sync",
     "modformer convert gpt2 /path/to/local/gpt2 models/gpt2": "needs a GPT-2 download; "
     "tests/test_gpt.py converts a locally made one",
+    "modformer convert mom-official /path/to/official/checkpoint models/mom-official": "needs an "
+    "official checkpoint; tests/test_mom_official.py converts the fixtures",
+    "modformer convert jetmoe /path/to/local/jetmoe models/jetmoe": "needs a JetMoE download; "
+    "tests/test_jetmoe.py converts a locally made one",
+    "modformer export hf models/jetmoe exported/jetmoe": "follows the JetMoE conversion above",
 }
 
 
@@ -152,6 +158,7 @@ def test_readme_training_commands(default_data, monkeypatch, capsys):
     for command, extra in TRAIN.items():
         _run(command, extra, capsys)
     assert (default_data / "runs/tiny/model/config.json").is_file()
+    assert (default_data / "exported/gpt2/config.json").is_file()
 
 
 def test_readme_mixture_of_modules_commands(demo_run, monkeypatch, capsys):

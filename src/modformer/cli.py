@@ -325,7 +325,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "export",
         "modformer.convert.export",
-        "add_export_arguments",
+        "modformer.cli_args:add_export_arguments",
         "run_export",
         "write a saved model as a native transformers directory (GPT-2, JetMoE)",
         "Export a saved model so that plain transformers loads it without modformer: "

@@ -365,3 +365,18 @@ def add_forgetting_arguments(parser: argparse.ArgumentParser) -> None:
         "shared machine; 0: torch's default)",
     )
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="export_kind", required=True, metavar="KIND")
+    hf = sub.add_parser(
+        "hf",
+        help="write a native transformers directory (GPT -> GPT2LMHeadModel, "
+        "JetMoE-style ModuleFormer -> JetMoeForCausalLM)",
+        description="Write a saved model as a native transformers model directory "
+        "(config.json + model.safetensors + tokenizer files) that plain transformers loads "
+        "without modformer or trust_remote_code.",
+    )
+    hf.add_argument("model", help="saved model directory or training out_dir")
+    hf.add_argument("dst", help="output directory")
+    # `modformer export` runs modformer.convert.export.run_export (set by the CLI).
