@@ -88,3 +88,15 @@ def test_cli_generates_more_tokens_than_positions(tmp_path, tiny_data_dir, capsy
     code = main(["generate", str(tmp_path / "m"), "--prompt", "def ", "--max-new-tokens", "40"])
     assert code == 0
     assert capsys.readouterr().out.startswith("def ")
+    # A prompt longer than the context (byte tokens) keeps its tail; greedy text is the
+    # decode of generate_ids' new tokens.
+    from modformer.generation import generate_text
+    from modformer.models.loading import load_model, load_tokenizer
+
+    model, tokenizer = load_model(tmp_path / "m"), load_tokenizer(tmp_path / "m")
+    prompt = "def alpha(x): return x\n" * 3
+    text = generate_text(model, tokenizer, prompt, max_new_tokens=20, greedy=True)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    assert ids.shape[1] > 16
+    new = generate_ids(model, ids, 20, greedy=True)[0, 16:]
+    assert text == tokenizer.decode(new, skip_special_tokens=False)

@@ -108,8 +108,9 @@ def generate_text(
     out = generate_ids(
         model, ids, max_new_tokens, greedy, temperature, top_k, tokenizer.eos_token_id
     )
-    # The prompt may have been cropped to the context: the continuation is the tail.
-    return tokenizer.decode(out[0, -max_new_tokens:], skip_special_tokens=False)
+    window = context_limit(model)
+    kept = ids.shape[1] if window is None else min(ids.shape[1], window)  # prompt as cropped
+    return tokenizer.decode(out[0, kept:], skip_special_tokens=False)
 
 
 @torch.no_grad()
