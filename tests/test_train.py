@@ -236,7 +236,7 @@ def test_ddp_two_cpu_processes_stay_in_sync(tiny_data_dir, tmp_path):
         "--master_port",
         str(_free_port()),  # a fixed port collides with another suite running at once
         "-m",
-        "modformer.cli",
+        "modformer",  # torchrun -m modformer train (src/modformer/__main__.py)
         "train",
     ]
     cmd += [
