@@ -6,7 +6,7 @@ that the (slow) process start-up is paid once for many small trainings.
 SPEC.json: {"results": PATH, "jobs": [...]}, each job one of
   {"op": "train", "name": N, "args": ["key=value", ...], "resume": false}
   {"op": "truncate", "src": DIR, "dst": DIR, "step": S}   (rank 0, see `truncate_run`)
-  {"op": "unused_params"}  {"op": "mixed_precision"}
+  {"op": "unused_params"}  {"op": "mixed_precision"}  {"op": "grad_parity", "arch": A, "overrides": {}}
 Rank 0 writes {name: result} to PATH.
 """
 
@@ -87,6 +87,31 @@ def unused_params(rank: int, world: int) -> dict[str, Any]:
     return {"max_grad_error": max_error, "unused_on_rank": unused_here}
 
 
+def grad_parity(rank: int, world: int, arch: str, overrides: dict[str, Any]) -> float:
+    """The largest difference, relative to the gradient's scale, between FSDP's gradient of
+    each parameter and the mean over ranks of the unsharded model's gradients (routing
+    and auxiliary losses included), each rank on its own batch."""
+    from modformer.models.registry import build_config, build_model
+    from modformer.train.distributed import shard_model
+
+    torch.manual_seed(0)
+    reference = build_model(build_config(arch, "tiny", vocab_size=64, **overrides))
+    sharded = build_model(reference.config)
+    sharded.load_state_dict(reference.state_dict())
+    shard_model(sharded, "fp32")
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
+    reference(input_ids=x, labels=x, use_cache=False).loss.backward()
+    sharded(input_ids=x, labels=x, use_cache=False).loss.backward()
+    worst = 0.0
+    for p_ref, p in zip(reference.parameters(), sharded.parameters()):
+        grad = p_ref.grad if p_ref.grad is not None else torch.zeros_like(p_ref)
+        dist.all_reduce(grad)
+        grad /= world
+        error = (p.grad.full_tensor() - grad).abs().max() / grad.abs().max().clamp_min(1e-12)
+        worst = max(worst, error.item())
+    return worst
+
+
 def mixed_precision() -> dict[str, Any]:
     """bf16 under FSDP: blocks compute with bf16 parameters, the sharded master weights
     and their gradients stay fp32."""
@@ -132,6 +157,10 @@ def main(spec_path: str) -> None:
         elif op == "unused_params":
             results["unused_params"] = unused_params(rank, world)
             results[f"unused_params_rank{rank}"] = results["unused_params"]
+        elif op == "grad_parity":
+            results[f"grad_parity_{job['arch']}"] = grad_parity(
+                rank, world, job["arch"], job["overrides"]
+            )
         elif op == "mixed_precision":
             results["mixed_precision"] = mixed_precision()
         dist.barrier()

@@ -9,6 +9,7 @@ runs most of the small trainings; the kill test adds two more launches.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -119,13 +120,18 @@ def worker(tiny_data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     data = tiny_data_dir
     jobs: list[dict] = []
+    # ModuleFormer with 1 sequence of 4 tokens per rank: most experts unused per rank.
+    shapes = {arch: {} for arch in TINY} | {"moduleformer": {"batch_size": 1, "data.block_size": 4}}
     for arch in TINY:
-        # ModuleFormer with 1 sequence of 4 tokens per rank: most experts unused per rank.
-        shape = {"batch_size": 1, "data.block_size": 4} if arch == "moduleformer" else {}
         for parallel in ("ddp", "fsdp"):
             out = root / f"{arch}_{parallel}"
-            args = run_args(data, out, arch, parallel=parallel, ckpt_interval=2, **shape)
+            args = run_args(data, out, arch, parallel=parallel, ckpt_interval=2, **shapes[arch])
             jobs.append({"op": "train", "name": f"{arch}_{parallel}", "args": args})
+    # bf16 under FSDP (MixedPrecisionPolicy + autocast), with and without grouped GEMMs.
+    for arch in ("gpt", "moduleformer"):
+        out = root / f"{arch}_fsdp_bf16"
+        args = run_args(data, out, arch, parallel="fsdp", precision="bf16", **shapes[arch])
+        jobs.append({"op": "train", "name": out.name, "args": args})
     # Resume 1 -> 2 processes: the 1-process run below is made by the test beforehand.
     one_proc = root / "one_proc"
     resumed_1to2 = root / "resumed_1to2"
@@ -165,6 +171,7 @@ def worker(tiny_data_dir, tmp_path_factory):
             }
         )
     jobs += [{"op": "unused_params"}, {"op": "mixed_precision"}]
+    jobs += [{"op": "grad_parity", "arch": arch, "overrides": TINY[arch]} for arch in TINY]
 
     # The 1-process FSDP-format run (unsharded, DCP checkpoints): 2 x 2 sequences per step.
     cfg = load_train_config(
@@ -197,6 +204,14 @@ def test_fsdp_ends_with_the_loss_of_ddp(worker, arch):
     assert fsdp["params"] == ddp["params"]
 
 
+@pytest.mark.parametrize("arch", list(TINY))
+def test_fsdp_gradients_are_the_mean_of_every_ranks_full_gradients(worker, arch):
+    """One backward, each rank on its own batch (routing and aux losses included): FSDP's
+    reduce-scattered gradient of every parameter against the unsharded model's gradients
+    averaged over ranks."""
+    assert worker[0][f"grad_parity_{arch}"] < 1e-5
+
+
 def test_moduleformer_rank_with_unused_experts_does_not_hang(worker):
     """Each rank routes 4 tokens x top-2 to 16 FFN experts, so experts are unused on a rank
     (rank 0's per-expert load is in the metrics) and FSDP still finished, equal to DDP."""
@@ -220,6 +235,14 @@ def test_bf16_under_fsdp_computes_in_bf16_with_fp32_master_weights(worker):
     assert mp["compute_dtype"] == "torch.bfloat16"
     assert mp["master_dtypes"] == ["torch.float32"] and mp["grad_dtypes"] == ["torch.float32"]
     assert mp["sharded"] is True
+
+
+@pytest.mark.parametrize("arch", ["gpt", "moduleformer"])
+def test_bf16_fsdp_training_tracks_fp32(worker, arch):
+    _, root = worker
+    bf16 = losses(root / f"{arch}_fsdp_bf16")
+    assert len(bf16) == 4 and all(math.isfinite(x) for x in bf16)
+    assert bf16 == pytest.approx(losses(root / f"{arch}_fsdp"), abs=0.05)
 
 
 def test_fsdp_checkpoint_is_sharded_with_every_ranks_rng(worker):
