@@ -17,9 +17,11 @@ All ranks must see the same `out_dir` (one filesystem; on several nodes, a share
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,15 @@ def set_rng_state_json(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+@contextlib.contextmanager
+def _single_process_ok():
+    """A 1-process run reads and writes the same format without a process group; DCP warns
+    that it assumes so, which is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -98,11 +109,12 @@ def save_sharded_checkpoint(
         (tmp / RNG_DIR).mkdir(parents=True)
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save(
-        {"model": model_state, "optim": optim_state},
-        checkpoint_id=str(tmp / DCP_DIR),
-        no_dist=not dist.is_initialized(),  # a 1-process run writes the same format
-    )
+    with _single_process_ok():
+        dcp.save(
+            {"model": model_state, "optim": optim_state},
+            checkpoint_id=str(tmp / DCP_DIR),
+            no_dist=not dist.is_initialized(),
+        )
     (tmp / RNG_DIR / f"rank_{rank:05d}.json").write_text(json.dumps(rng_state_json()))
     _barrier()
     if rank == 0:
@@ -110,6 +122,8 @@ def save_sharded_checkpoint(
         _replace_dir(tmp, dest)
         for old in list_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in ckpt_root.glob(".step_*.tmp-dcp"):  # from a run killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return dest
 
@@ -130,7 +144,8 @@ def load_sharded_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     try:
-        dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not dist.is_initialized())
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not dist.is_initialized())
     except Exception as e:  # missing or truncated shard files, mismatched model
         raise CheckpointError(
             f"checkpoint {ckpt} could not be loaded ({type(e).__name__}: {e}); "
