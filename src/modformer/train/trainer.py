@@ -31,9 +31,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from modformer.config import ConfigError
 from modformer.data.dataset import TokenDataset
-from modformer.eval.lm import evaluate_batches
 from modformer.models.registry import build_config, build_model
-from modformer.surgery import apply_trainable_scope
+from modformer.models.trainable import apply_trainable_scope
 from modformer.train import checkpoint as ckpt_lib
 from modformer.train import dist_checkpoint as dcp_lib
 from modformer.train.config import TrainConfig
@@ -45,6 +44,7 @@ from modformer.train.distributed import (
     resolve_device,
     shard_model,
 )
+from modformer.train.evaluate import evaluate_batches
 
 log = logging.getLogger("modformer.train")
 
