@@ -1,4 +1,4 @@
-"""Configuration of ModuleFormer (SPEC §3; ModuleFormer paper sec. 3-5, Table 1).
+"""Configuration of ModuleFormer (design §3; ModuleFormer paper sec. 3-5, Table 1).
 
 Choices the paper leaves open, and where they come from:
 
