@@ -63,6 +63,8 @@ RUN = {**PREPARE, **TRAIN, **DEMO, **MOM, **MODULEFORMER}
 NOT_RUN = {
     "torchrun --nproc_per_node 2 -m modformer train --config cfg.yaml": "DDP with tiny settings: "
     "tests/test_train.py::test_ddp_two_cpu_processes_stay_in_sync",
+    "torchrun --nproc_per_node 8 -m modformer train --config cfg.yaml --parallel fsdp": "8 "
+    "processes; FSDP2 is tested with tiny settings in tests/test_distributed.py",
     "modformer convert gpt2 /path/to/local/gpt2 models/gpt2": "needs a GPT-2 download; "
     "tests/test_gpt.py converts a locally made one",
     "modformer convert mom-official /path/to/official/checkpoint models/mom-official": "needs an "

@@ -1,5 +1,5 @@
 """Import a local Hugging Face GPT-2 directory (`config.json` + `model.safetensors`) into
-`GPTForCausalLM` (SPEC §1). Nothing is downloaded.
+`GPTForCausalLM` (design §1). Nothing is downloaded.
 
 HF GPT-2 stores `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` as Conv1D, i.e. as
 (in, out) matrices: we transpose them into `nn.Linear`'s (out, in). Keys may carry the

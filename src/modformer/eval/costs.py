@@ -1,4 +1,4 @@
-"""Inference costs of any modformer model (SPEC §2 "Costs", MoM paper Table 1): parameters
+"""Inference costs of any modformer model (design §2 "Costs", MoM paper Table 1): parameters
 (total and active), FLOPs per token counting only the modules each token actually runs,
 and measured peak memory; `modformer cost` prints them side by side.
 

@@ -1,4 +1,4 @@
-"""Token routers for Mixture-of-Modules (SPEC §2) and per-step MoE gates.
+"""Token routers for Mixture-of-Modules (design §2) and per-step MoE gates.
 
 Every router maps a token's hidden state (and, for the GRU router, its router state from
 the previous assembly step) to one logit per choice. `top_k_routing` turns logits into

@@ -1,4 +1,4 @@
-"""Vanilla GPT-2 as a Hugging Face `PreTrainedModel` (SPEC §1).
+"""Vanilla GPT-2 as a Hugging Face `PreTrainedModel` (design §1).
 
 Read top to bottom: `Block` is one pre-LN transformer layer, `GPTModel` the stack with
 embeddings, `GPTForCausalLM` adds the tied LM head, the loss and `generate()` support.

@@ -1,4 +1,4 @@
-"""ModuleFormer as a Hugging Face `PreTrainedModel` (SPEC §3).
+"""ModuleFormer as a Hugging Face `PreTrainedModel` (design §3).
 
 Read top to bottom: `ModuleFormerMemory` is the Transformer-XL history, `ModuleFormerBlock`
 one layer (`x + MoA(LN(x))`, then `x + SMoE(LN(x))`), `ModuleFormerModel` the stack

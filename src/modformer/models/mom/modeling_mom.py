@@ -1,4 +1,4 @@
-"""Mixture-of-Modules as a Hugging Face `PreTrainedModel` (SPEC §2).
+"""Mixture-of-Modules as a Hugging Face `PreTrainedModel` (design §2).
 
 Read top to bottom:
 

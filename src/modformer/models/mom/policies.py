@@ -1,4 +1,4 @@
-"""Assembly policies: who decides which modules a token runs at each step (SPEC §2).
+"""Assembly policies: who decides which modules a token runs at each step (design §2).
 
 A policy answers two questions per assembly step h of a chunk: which attention modules
 (and weights) each token uses on `x_h`, and which FFN modules on `u_h`. The learned
