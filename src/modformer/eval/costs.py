@@ -93,9 +93,6 @@ class FlopReport:
     def per_token_components(self) -> dict[str, float]:
         return {name: flops / self.tokens for name, flops in self.components.items()}
 
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "per_token": self.per_token}
-
 
 class _Tally:
     """FLOPs per component, accumulated as Python ints (exact at any size)."""
