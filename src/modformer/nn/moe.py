@@ -1,7 +1,7 @@
 """Top-k routing, sparse FFN experts and a mixture of attention heads (ModuleFormer sec. 3).
 
-- ``TopKRouter``: ``g(m|x) = TopK(softmax(A act(B x)))`` (eqs. 1-2), softmax in fp32,
-  the k kept gates are not renormalised.
+- ``TopKRouter``: ``g(m|x) = TopK(softmax(A act(B x)))`` (eqs. 1-2), softmax in at
+  least fp32 (fp64 stays fp64), the k kept gates are not renormalised.
 - ``SparseMoE``: ``y = sum_m g(m|x) f_m(x)`` with FFN experts ``D_emb -> D_ffd -> D_emb``.
 - ``MixtureOfAttentionHeads`` (MoA): attention experts with their own ``W_q``/``W_o``
   and keys/values shared by all experts, stick-breaking attention (eqs. 3-5).
@@ -38,7 +38,7 @@ from modformer.nn.grouped import (
     pair_order,
     slot_order,
 )
-from modformer.nn.routers import RouterSlots
+from modformer.nn.routers import RouterSlots, routing_dtype
 from modformer.nn.stick_breaking import stick_breaking_attention
 
 
@@ -46,7 +46,7 @@ from modformer.nn.stick_breaking import stick_breaking_attention
 class RouterOutput:
     """One router's decisions for a flat batch of tokens.
 
-    ``logits`` (tokens, N) fp32 are ``h(x) = A act(B x)``; ``probs`` their softmax (the
+    ``logits`` (tokens, N), in at least fp32, are ``h(x) = A act(B x)``; ``probs`` their softmax (the
     full distribution the auxiliary losses need); ``top_k_gates`` / ``top_k_indices``
     (tokens, k) the kept gates (not renormalised) and their experts.
     """
@@ -80,7 +80,8 @@ class TopKRouter(nn.Module):
     """Eqs. 1-2: ``TopK(softmax(A act(B x)))``.
 
     ``input_proj.weight`` is ``B`` (D_rtr x D_emb) and ``expert_embedding.weight`` is
-    the expert embedding ``A`` (one row per original expert, D_rtr wide). Inserted
+    the expert embedding ``A`` (one row per original expert, D_rtr wide); with
+    ``bias`` (IBM's official gate) ``B x`` becomes ``B x + b``. Inserted
     experts (sec. 4.3) have their rows ``A'`` in ``inserted_expert_embedding``, and the
     logits are ``[A; A'] act(B x)`` (eq. 9).
 
@@ -98,6 +99,7 @@ class TopKRouter(nn.Module):
         activation: str = "relu",
         num_inserted: int = 0,
         slots: RouterSlots | None = None,
+        bias: bool = False,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -106,7 +108,7 @@ class TopKRouter(nn.Module):
         self.num_experts = num_experts
         self.num_inserted = num_inserted
         self.top_k = top_k
-        self.input_proj = nn.Linear(n_embd, hidden_size, bias=False)
+        self.input_proj = nn.Linear(n_embd, hidden_size, bias=bias)
         self.act = get_activation(activation)
         self.expert_embedding = nn.Linear(hidden_size, num_experts - num_inserted, bias=False)
         self.inserted_expert_embedding = (
@@ -126,9 +128,10 @@ class TopKRouter(nn.Module):
         """x: (tokens, n_embd)."""
         hidden, weight = self.act(self.input_proj(x)), self.expert_embedding_weight()
         if self.slots is None:
-            logits = F.linear(hidden, weight).float()
+            logits = F.linear(hidden, weight)
         else:  # a pruned router: logits at the unpruned layout, -inf in empty slots
-            logits = self.slots.linear(hidden, weight).float()
+            logits = self.slots.linear(hidden, weight)
+        logits = logits.to(routing_dtype(logits.dtype))
         probs = torch.softmax(logits, dim=-1)
         top_k_gates, top_k_indices = probs.topk(self.top_k, dim=-1)
         if self.slots is not None:
@@ -175,13 +178,21 @@ class SparseMoE(nn.Module):
         router_activation: str = "relu",
         num_inserted: int = 0,
         slots: RouterSlots | None = None,
+        router_bias: bool = False,
     ):
         super().__init__()
         self.num_experts = num_experts
         self.num_inserted = num_inserted
         self.top_k = top_k
         self.router = TopKRouter(
-            n_embd, num_experts, top_k, router_hidden, router_activation, num_inserted, slots
+            n_embd,
+            num_experts,
+            top_k,
+            router_hidden,
+            router_activation,
+            num_inserted,
+            slots,
+            bias=router_bias,
         )
         original = num_experts - num_inserted
         self.w_in = nn.Parameter(torch.randn(original, n_embd, hidden_size) * 0.02)
@@ -224,7 +235,8 @@ class MixtureOfAttentionHeads(nn.Module):
     Expert m has its own ``W_q[m]`` (D_emb x D_att, split into ``n_head`` heads of
     ``D_att / n_head``) and ``W_o[m]`` (D_att x D_emb); the keys and values
     ``x W_k``, ``x W_v`` are shared by all experts (the identity when ``D_att == D_emb``
-    and one head, as in the paper and the official code). For each token the output is
+    and one head, as in the paper and the official code; ``kv_bias`` gives the
+    projections biases, as IBM's code has). For each token the output is
     ``sum_{m in top-k} g_m * W_o[m]^T attn(q_m, K, V)``.
 
     Efficient form: K/V are computed once per token (``project_kv``, so the caller can
@@ -246,6 +258,8 @@ class MixtureOfAttentionHeads(nn.Module):
         block_size: int = 128,
         num_inserted: int = 0,
         slots: RouterSlots | None = None,
+        router_bias: bool = False,
+        kv_bias: bool = False,
     ):
         super().__init__()
         if att_hidden % n_head != 0:
@@ -258,7 +272,14 @@ class MixtureOfAttentionHeads(nn.Module):
         self.att_hidden = att_hidden
         self.block_size = block_size
         self.router = TopKRouter(
-            n_embd, num_experts, top_k, router_hidden, router_activation, num_inserted, slots
+            n_embd,
+            num_experts,
+            top_k,
+            router_hidden,
+            router_activation,
+            num_inserted,
+            slots,
+            bias=router_bias,
         )
         original = num_experts - num_inserted
         self.w_q = nn.Parameter(torch.randn(original, n_embd, att_hidden) * 0.02)
@@ -266,9 +287,14 @@ class MixtureOfAttentionHeads(nn.Module):
         self.w_q_inserted = _inserted_weight(num_inserted, n_embd, att_hidden)
         self.w_o_inserted = _inserted_weight(num_inserted, att_hidden, n_embd)
         self.shared_kv_is_identity = att_hidden == n_embd and n_head == 1
+        if kv_bias and self.shared_kv_is_identity:
+            raise ValueError(
+                "kv_bias=True needs K/V projections, but with att_hidden == n_embd and one "
+                "head they are the identity; set kv_bias=False"
+            )
         # W_k and W_v side by side; None when both are the identity.
         self.kv_proj = (
-            None if self.shared_kv_is_identity else nn.Linear(n_embd, 2 * att_hidden, bias=False)
+            None if self.shared_kv_is_identity else nn.Linear(n_embd, 2 * att_hidden, bias=kv_bias)
         )
 
     def expert_parameters(self) -> list[nn.Parameter]:
