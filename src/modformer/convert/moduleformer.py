@@ -15,6 +15,10 @@ How IBM's model maps onto ours (everything else is the same computation):
 | aux loss summed over the 2 * n_layer routers, times ``aux_loss_weight`` | ours is the mean: ``aux_loss_weight`` times 2 * n_layer |
 | with ``use_cache`` every call keeps all previous keys/values (unbounded) | ``use_history=True``, ``history_length=-1`` (unbounded) |
 | ``block_size`` (training segment length) | ``n_positions`` |
+| ``bos``/``eos``/``pad_token_id`` outside the vocabulary (IBM defaults them to 50256) | None, with a warning |
+
+IBM's aux losses also count padded tokens; ours leave them out (SPEC §3): the same on
+unpadded batches.
 
 Not representable, so refused with a message: ``gate_type`` "linear" and "gmm". Training
 only, refused unless ``drop_training_options``: ``sample_topk > 0`` (sampled top-k
