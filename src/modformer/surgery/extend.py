@@ -148,7 +148,7 @@ def apply_trainable_scope(model: nn.Module) -> dict[str, int]:
     and frozen parameter counts. Models without a scope are left as they are.
 
     "inserted_experts": only the inserted experts and A' train. "+embeddings": the token
-    embedding too (tied to the LM head, which then trains with it).
+    embedding too, and the LM head (tied to the embedding, or its own matrix when untied).
     """
     config = getattr(model, "config", None)
     scope = getattr(config, "trainable_scope", None)
@@ -159,13 +159,14 @@ def apply_trainable_scope(model: nn.Module) -> dict[str, int]:
                 "or None (train everything)"
             )
         require_moduleformer(model, f"trainable_scope={scope!r}")
-        embedding = model.get_input_embeddings().weight
+        embeddings = {id(model.get_input_embeddings().weight)}
+        embeddings.add(id(model.get_output_embeddings().weight))  # the same one when tied
         trainable_embedding = scope == SCOPE_INSERTED_AND_EMBEDDINGS
         found = False
         for name, param in model.named_parameters():
             inserted = is_inserted_parameter(name)
             found |= inserted
-            param.requires_grad_(inserted or (trainable_embedding and param is embedding))
+            param.requires_grad_(inserted or (trainable_embedding and id(param) in embeddings))
         if not found:
             raise SurgeryError(
                 f"trainable_scope={scope!r} but the model has no inserted experts, so nothing "
