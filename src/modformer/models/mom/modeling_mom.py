@@ -67,7 +67,7 @@ class RoutingStep:
     attn_index / ffn_index: (B, T, k) long pool indices; the value num_attn_modules /
         num_ffn_modules means SKIP. For the `moe` policy FFN indices count over the
         H * E pool (expert e of step h is h * E + e).
-    attn_weight / ffn_weight: (B, T, k) fp32 weights r_k.
+    attn_weight / ffn_weight: (B, T, k) weights r_k, in at least fp32.
     A token runs `(attn_index < num_attn_modules).sum(-1)` attention modules here.
     """
 
