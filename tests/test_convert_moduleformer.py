@@ -56,7 +56,7 @@ def edited_copy(
 ) -> Path:
     """A copy of fixture `name` with config fields overridden and weights edited."""
     dst = tmp_path / f"edited_{name}"
-    dst.mkdir()
+    dst.mkdir(parents=True)
     hf = json.loads((FIXTURES / name / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps({**hf, **(config or {})}))
     state = load_file(FIXTURES / name / "model.safetensors")
@@ -173,6 +173,7 @@ def test_a_pickle_that_needs_code_is_refused(tmp_path):
         (dict(gate_type="gmm"), "gate_type='gmm'"),
         (dict(sample_topk=1), "sample_topk=1"),
         (dict(moe_pdrop=0.1), "moe_pdrop=0.1"),
+        (dict(embd_pdrop=0.1), "embd_pdrop=0.1 != resid_pdrop=0.0"),
         (dict(activation_function="swish9"), "activation_function='swish9'"),
         (dict(k_att=9), "k_att"),
     ],
@@ -190,6 +191,23 @@ def test_training_only_options_can_be_dropped_explicitly(tmp_path):
     with torch.no_grad():
         logits = model(ref["input_ids"], use_cache=False).logits
     torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
+
+
+def test_a_tied_checkpoint_imports_tied(tmp_path):
+    def tie(state):
+        return {**state, "lm_head.weight": state["transformer.wte.weight"].clone()}
+
+    src = edited_copy(tmp_path, "two_heads_kv", config=dict(tie_word_embeddings=True), weights=tie)
+    model = load_moduleformer_directory(src)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = reference("two_heads_kv")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    expected = model.transformer(ids, use_cache=False).last_hidden_state @ model.lm_head.weight.T
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    untied = edited_copy(tmp_path / "u", "two_heads_kv", config=dict(tie_word_embeddings=True))
+    with pytest.raises(ConversionError, match="lm_head.weight differs"):
+        load_moduleformer_directory(untied)
 
 
 def _drop(key):
