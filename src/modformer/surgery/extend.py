@@ -160,7 +160,9 @@ def apply_trainable_scope(model: nn.Module) -> dict[str, int]:
             )
         require_moduleformer(model, f"trainable_scope={scope!r}")
         embeddings = {id(model.get_input_embeddings().weight)}
-        embeddings.add(id(model.get_output_embeddings().weight))  # the same one when tied
+        head = model.get_output_embeddings()
+        if head is not None:
+            embeddings.add(id(head.weight))  # the same tensor when tied
         trainable_embedding = scope == SCOPE_INSERTED_AND_EMBEDDINGS
         found = False
         for name, param in model.named_parameters():
