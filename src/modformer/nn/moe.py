@@ -46,9 +46,10 @@ from modformer.nn.stick_breaking import stick_breaking_attention
 class RouterOutput:
     """One router's decisions for a flat batch of tokens.
 
-    ``logits`` (tokens, N), in at least fp32, are ``h(x) = A act(B x)``; ``probs`` their softmax (the
+    ``logits`` (tokens, N) are ``h(x) = A act(B x)``; ``probs`` their softmax (the
     full distribution the auxiliary losses need); ``top_k_gates`` / ``top_k_indices``
-    (tokens, k) the kept gates (not renormalised) and their experts.
+    (tokens, k) the kept gates (not renormalised) and their experts. All floats are in
+    at least fp32 (fp64 in an fp64 model).
     """
 
     logits: torch.Tensor
