@@ -84,18 +84,27 @@ def test_logits_match_the_official_code(name):
     torch.testing.assert_close(padded[real], ref["padded_logits"][real], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "left-padded"])
 @pytest.mark.parametrize("name", NAMES)
-def test_cached_generate_equals_an_argmax_loop_of_full_forwards(name):
+def test_cached_generate_equals_an_argmax_loop_of_full_forwards(name, padded):
     model = load_moduleformer_directory(FIXTURES / name)
-    prompt = reference(name)["input_ids"][:, :5]
+    ref = reference(name)
+    prompt = ref["input_ids"][:, :7]  # row 1 starts with 3 padding tokens
+    mask = ref["attention_mask"][:, :7] if padded else torch.ones_like(prompt)
     with torch.no_grad():
         generated = model.generate(
-            prompt, max_new_tokens=7, do_sample=False, use_cache=True, pad_token_id=0
+            prompt,
+            attention_mask=mask,
+            max_new_tokens=7,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
         )
         ids = prompt
         for _ in range(7):
-            next_token = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, next_token], dim=1)
+            logits = model(ids, attention_mask=mask, use_cache=False).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     assert torch.equal(generated, ids)
 
 

@@ -14,7 +14,7 @@ How IBM's model maps onto ours (everything else is the same computation):
 | every LayerNorm has eps 1e-5 (its ``layer_norm_epsilon`` is unused) | ``layer_norm_epsilon=1e-5`` |
 | aux loss summed over the 2 * n_layer routers, times ``aux_loss_weight`` | ours is the mean: ``aux_loss_weight`` times 2 * n_layer |
 | with ``use_cache`` every call keeps all previous keys/values (unbounded) | ``use_history=True``, ``history_length=-1`` (unbounded) |
-| ``block_size`` (training segment length) | ``n_positions`` |
+| ``block_size + history_length`` (the context IBM's attention masks are built for) | ``n_positions`` (nominal only: stick-breaking has no length limit) |
 | ``bos``/``eos``/``pad_token_id`` outside the vocabulary (IBM defaults them to 50256) | None, with a warning |
 
 IBM's aux losses also count padded tokens; ours leave them out (SPEC §3): the same on
@@ -196,7 +196,7 @@ def ibm_config_to_modformer(
     try:
         return ModuleFormerConfig(
             vocab_size=vocab_size,
-            n_positions=hf.get("block_size", 512),
+            n_positions=hf.get("block_size", 512) + hf.get("history_length", 512),
             n_embd=n_embd,
             n_layer=n_layer,
             n_head=n_head,
