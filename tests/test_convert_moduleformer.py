@@ -219,6 +219,15 @@ def test_a_tied_checkpoint_imports_tied(tmp_path):
         load_moduleformer_directory(untied)
 
 
+def test_cli_drop_training_options(tmp_path, capsys):
+    src = edited_copy(tmp_path, "two_heads_kv", config=dict(sample_topk=1))
+    dst = tmp_path / "imported"
+    assert main(["convert", "moduleformer", str(src), str(dst)]) == 2
+    assert "--drop-training-options" in capsys.readouterr().err
+    assert main(["convert", "moduleformer", str(src), str(dst), "--drop-training-options"]) == 0
+    assert (dst / "config.json").is_file()
+
+
 def _drop(key):
     return lambda state: {k: v for k, v in state.items() if k != key}
 
