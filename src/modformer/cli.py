@@ -165,9 +165,11 @@ def run_generate(args: argparse.Namespace) -> str:
 def _convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert checkpoints (gpt2, IBM ModuleFormer -> modformer; vanilla -> MoM)",
+        help="convert checkpoints (gpt2, IBM ModuleFormer, official MoM -> modformer; "
+        "vanilla -> MoM)",
         description="Convert checkpoints. `gpt2` imports a local Hugging Face GPT-2 directory; "
-        "`moduleformer` an IBM ModuleFormer / MoLM directory; "
+        "`moduleformer` an IBM ModuleFormer / MoLM directory; `mom-official` a checkpoint of "
+        "the official MoM code; "
         "`mom` turns a vanilla model into a Mixture-of-Modules model (phase-2 initialisation). "
         "Run `modformer convert KIND --help` for the options of each.",
     )
@@ -237,6 +239,17 @@ def _convert(sub: argparse._SubParsersAction) -> None:
     )
     m.add_argument("dst", help="output model directory")
     m.set_defaults(func=run_convert_mom)
+    o = conv.add_parser(
+        "mom-official",
+        help="import a checkpoint of the official MoM code (gzhch/Mixture-of-Modules)",
+        description="Import a local directory saved by the official Mixture-of-Modules code "
+        "(config.json with model_type gpt2-mot, and model.safetensors or pytorch_model.bin) into "
+        "a modformer MoM model directory. Pickles load with torch.load(weights_only=True); a "
+        "file that needs code to unpickle is refused. Tokenizer files are copied along.",
+    )
+    o.add_argument("src", help="local directory of an official GPT2MoTLMHeadModel")
+    o.add_argument("dst", help="output model directory")
+    o.set_defaults(func=run_convert_mom_official)
 
 
 def run_convert_gpt2(args: argparse.Namespace) -> None:
@@ -274,6 +287,16 @@ def run_convert_mom(args: argparse.Namespace) -> None:
         mom_same=args.mom_same,
     )
     atomic_save_model(model, args.dst, tokenizer_dir=Path(src))
+    n = sum(p.numel() for p in model.parameters())
+    print(
+        f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"
+    )
+
+
+def run_convert_mom_official(args: argparse.Namespace) -> None:
+    from modformer.convert.mom_official import convert_mom_official
+
+    model = convert_mom_official(args.src, args.dst)
     n = sum(p.numel() for p in model.parameters())
     print(
         f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"
