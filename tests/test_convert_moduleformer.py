@@ -7,6 +7,7 @@ random checkpoints saved by IBM's own class, with the logits that class computed
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -22,8 +23,11 @@ from modformer.nn.moe_losses import mutual_information_loss
 
 
 def _fixture_root() -> Path | None:
-    """``shared/fixtures/official/moduleformer`` beside the repository (or beside a folder
-    holding it, as for a git worktree)."""
+    """``shared/fixtures/official/moduleformer`` under $MODFORMER_SHARED_DIR, else beside
+    the repository (as CI clones it) or beside a folder holding it (a git worktree)."""
+    if os.environ.get("MODFORMER_SHARED_DIR"):
+        root = Path(os.environ["MODFORMER_SHARED_DIR"]) / "fixtures" / "official" / "moduleformer"
+        return root if root.is_dir() else None
     for parent in Path(__file__).resolve().parents[1:]:
         root = parent / "shared" / "fixtures" / "official" / "moduleformer"
         if root.is_dir():

@@ -42,8 +42,7 @@ from typing import Any
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
-from modformer.convert.checkpoint_files import read_checkpoint_weights
-from modformer.convert.gpt2 import ConversionError
+from modformer.convert.checkpoint_files import ConversionError, read_checkpoint_weights
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 from modformer.models.moduleformer.configuration_moduleformer import UNBOUNDED_HISTORY
 from modformer.nn.activations import ACTIVATIONS
