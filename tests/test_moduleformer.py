@@ -493,6 +493,7 @@ def test_molm_presets_match_table_1(preset, total, active):
         (dict(history_length=0), "history_length"),
         (dict(history_length=-2), "history_length"),
         (dict(att_hidden=128, n_head=1, kv_bias=True), "kv_bias"),
+        (dict(router_type="linear", router_bias=True), "router_bias"),
         (dict(n_inserted_ffd_experts=9), "n_inserted_ffd_experts"),
         (dict(aux_loss_weight=-1.0), "aux_loss_weight"),
         (dict(n_head=0), "n_head"),

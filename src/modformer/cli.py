@@ -208,6 +208,17 @@ def _convert(sub: argparse._SubParsersAction) -> None:
         "(sample_topk, moe_pdrop, embd_pdrop != resid_pdrop); they are left out",
     )
     ibm.set_defaults(func=run_convert_moduleformer)
+    j = conv.add_parser(
+        "jetmoe",
+        help="import a local JetMoeForCausalLM directory as a ModuleFormer",
+        description="Import a local transformers JetMoE directory (config.json + safetensors) "
+        "into a ModuleFormer with JetMoE's options (RMSNorm, SwiGLU experts, linear router, "
+        "RoPE softmax attention); tokenizer files are copied along. `modformer export hf` "
+        "writes it back.",
+    )
+    j.add_argument("src", help="local JetMoeForCausalLM directory")
+    j.add_argument("dst", help="output model directory")
+    j.set_defaults(func=run_convert_jetmoe)
     m = conv.add_parser(
         "mom",
         help="phase-2 initialisation: a vanilla model's layers become a MoM module pool",
@@ -236,6 +247,17 @@ def _convert(sub: argparse._SubParsersAction) -> None:
         "--mom-same",
         action="store_true",
         help="MoM-same ablation: all modules of a chunk identical",
+    )
+    m.add_argument(
+        "--router-dim",
+        type=int,
+        help="router width (GRU state / MLP hidden size); default max(8, n_embd // 4), which "
+        "keeps the routers' parameters small beside the layers they route",
+    )
+    m.add_argument(
+        "--share-map",
+        help="policy parameter_sharing: the module each step uses, as H comma-separated "
+        "indices, e.g. '0,0,1,1'",
     )
     m.add_argument("dst", help="output model directory")
     m.set_defaults(func=run_convert_mom)
@@ -272,12 +294,31 @@ def run_convert_moduleformer(args: argparse.Namespace) -> None:
     )
 
 
+def run_convert_jetmoe(args: argparse.Namespace) -> None:
+    from modformer.convert.jetmoe import convert_jetmoe
+
+    model = convert_jetmoe(args.src, args.dst)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.src} -> {args.dst} (JetMoE as ModuleFormer, {n:,} parameters)")
+
+
 def run_convert_mom(args: argparse.Namespace) -> None:
     from modformer.models.loading import resolve_model_dir
     from modformer.models.mom.convert import mom_from_vanilla
     from modformer.train.checkpoint import atomic_save_model
 
     src = resolve_model_dir(args.src)  # a model dir, a training out_dir or a HF GPT-2 dir
+    options = {}
+    if args.router_dim is not None:
+        options["router_dim"] = args.router_dim
+    if args.share_map is not None:
+        try:
+            options["share_map"] = [int(m) for m in args.share_map.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--share-map {args.share_map!r}: expected comma-separated module indices, "
+                "e.g. '0,0,1,1'"
+            ) from None
     model = mom_from_vanilla(
         src,
         chunks=args.chunks,
@@ -285,6 +326,7 @@ def run_convert_mom(args: argparse.Namespace) -> None:
         router=args.router,
         policy=args.policy,
         mom_same=args.mom_same,
+        **options,
     )
     atomic_save_model(model, args.dst, tokenizer_dir=Path(src))
     n = sum(p.numel() for p in model.parameters())
@@ -315,6 +357,16 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
         "Turn text into memory-mapped token files plus meta.json and a tokenizer. "
         "Without --inputs, the built-in offline corpus is used (Python stdlib sources, "
         "pydoc topics, C headers).",
+    ),
+    (
+        "export",
+        "modformer.convert.export",
+        "add_export_arguments",
+        "run_export",
+        "write a saved model as a native transformers directory (GPT-2, JetMoE)",
+        "Export a saved model so that plain transformers loads it without modformer: "
+        "`modformer export hf MODEL DST` writes GPT models as GPT2LMHeadModel and "
+        "JetMoE-style ModuleFormers as JetMoeForCausalLM.",
     ),
     (
         "demo",
@@ -446,6 +498,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _eval,
     _generate,
     _convert,
+    _mounted("export"),
     _mounted("finetune"),
     _mounted("lm-eval"),
     _mounted("plot-curves"),

@@ -276,10 +276,11 @@ def _moduleformer_flops(
         for module, route in zip((block.attn, block.mlp), routes):
             router = module.router
             # The expert embedding [A; A'] (inserted rows included).
-            embedding = _router_output_flops(
-                router.input_proj.out_features, router.num_experts, router.slots
-            )
-            tally.add("router", n, _linear_flops(router.input_proj) + embedding)
+            # A linear router (JetMoE) has no input projection: A reads x itself.
+            proj = router.input_proj
+            width = router.expert_embedding.in_features
+            embedding = _router_output_flops(width, router.num_experts, router.slots)
+            tally.add("router", n, (0 if proj is None else _linear_flops(proj)) + embedding)
             # top-k picks k distinct experts for every real token (padding picks none).
             pairs = n * route.top_k_indices.shape[1]
             params = sum(p.numel() for p in module.expert_parameters())
