@@ -284,6 +284,7 @@ def _jetmoe_mismatches(config: ModuleFormerConfig) -> list[str]:
         router_type="linear",
         attention_type="softmax_rope",
         moe_output_bias=True,
+        kv_bias=False,
         layer_norm_epsilon=JETMOE_BLOCK_NORM_EPS,
         n_inserted_att_experts=0,
         n_inserted_ffd_experts=0,
