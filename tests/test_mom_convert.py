@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from modformer.convert.mom import mom_config_from_gpt, mom_from_vanilla
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
 from modformer.models.mom import MoMConfig, MoMForCausalLM
-from modformer.models.mom.convert import mom_config_from_gpt, mom_from_vanilla
 
 VOCAB = 61
 
@@ -167,7 +167,7 @@ def test_learned_routers_train_and_gradients_reach_every_picked_module():
 def test_router_width_scales_with_the_model_so_parameters_stay_near_the_source():
     """The demo's comparison: MoM K2H3S [1-2-1] from the tiny GPT (d=128, 4096 tokens)
     within 5% of the source's parameters (the fixed default width 256 gave +44%)."""
-    from modformer.models.mom.convert import phase2_router_dim
+    from modformer.convert.mom import phase2_router_dim
 
     gpt = GPTForCausalLM(GPTConfig.from_preset("tiny", vocab_size=4096))
     source = gpt.num_parameters()

@@ -303,8 +303,8 @@ def run_convert_jetmoe(args: argparse.Namespace) -> None:
 
 
 def run_convert_mom(args: argparse.Namespace) -> None:
+    from modformer.convert.mom import mom_from_vanilla
     from modformer.models.loading import resolve_model_dir
-    from modformer.models.mom.convert import mom_from_vanilla
     from modformer.train.checkpoint import atomic_save_model
 
     src = resolve_model_dir(args.src)  # a model dir, a training out_dir or a HF GPT-2 dir

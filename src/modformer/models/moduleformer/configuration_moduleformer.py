@@ -127,7 +127,7 @@ class ModuleFormerConfig(PreTrainedConfig):
     ``trainable_scope`` records which parameters training may change
     ("inserted_experts": the inserted experts and their rows A' only; with
     "+embeddings" also the token embedding, which the tied LM head shares; None: all);
-    `modformer.surgery.apply_trainable_scope` sets ``requires_grad`` from it.
+    `modformer.models.trainable.apply_trainable_scope` sets ``requires_grad`` from it.
 
     History (Transformer-XL, sec. 3.2): with ``use_history`` the model returns the
     detached keys/values of the segment it just processed as ``memory``; passing it to
