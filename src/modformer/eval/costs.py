@@ -77,7 +77,8 @@ class FlopReport:
     total: FLOPs of the whole batch; tokens: real (unpadded) tokens in it;
     components: FLOPs per entry of `COMPONENTS`; attention: "causal" or "dense";
     active_parameters: parameters the average token touched on this forward (every
-    shared parameter, plus each routed module or expert a token ran at least once).
+    shared parameter, plus each routed module or expert a token ran at least once; an
+    untied input embedding counts one row, a tied one in full as the LM head).
     """
 
     total: int
@@ -301,6 +302,9 @@ def _report(
 ) -> FlopReport:
     n = int(real.sum())
     tally.add("lm_head", n, _linear_flops(model.lm_head))
+    embedding = model.get_input_embeddings().weight
+    if model.lm_head.weight is not embedding:  # untied: a token reads one embedding row
+        active -= embedding.numel() - embedding.shape[1]
     return FlopReport(
         total=sum(tally.flops.values()),
         tokens=n,

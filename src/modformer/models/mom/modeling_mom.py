@@ -78,7 +78,7 @@ class RoutingStep:
         num_ffn_modules means SKIP (with `router_width="chunk"` also a choice beyond
         the pool, which runs no module either). For the `moe` policy FFN indices count over the
         H * E pool (expert e of step h is h * E + e).
-    attn_weight / ffn_weight: (B, T, k) fp32 weights r_k.
+    attn_weight / ffn_weight: (B, T, k) weights r_k, in at least fp32.
     A token runs `(attn_index < num_attn_modules).sum(-1)` attention modules here.
     """
 
