@@ -17,6 +17,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.flops import FlopReport
 from modformer.models.gpt.configuration_gpt import GPTConfig
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
@@ -145,6 +146,20 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
+
+    def count_flops(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        real: torch.Tensor,
+        attention: str,
+    ) -> FlopReport:
+        """Matmul FLOPs of one inference forward, by component, from its routing decisions
+        (`real`: (B, T) bool, the unpadded tokens). Conventions: `modformer.models.flops`;
+        call it through `modformer.eval.costs.inference_flops`, which checks the inputs."""
+        from modformer.models.gpt.flops import gpt_flops
+
+        return gpt_flops(self, input_ids, attention_mask, real, attention)
 
     def forward(
         self,

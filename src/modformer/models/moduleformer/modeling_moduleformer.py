@@ -36,6 +36,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.flops import FlopReport
 from modformer.models.moduleformer.configuration_moduleformer import (
     UNBOUNDED_HISTORY,
     ModuleFormerConfig,
@@ -508,6 +509,20 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
                 ffd_route.top_k_indices, ffd_route.logits.shape[-1], token_mask
             )
         return aux_loss, metrics
+
+    def count_flops(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        real: torch.Tensor,
+        attention: str,
+    ) -> FlopReport:
+        """Matmul FLOPs of one inference forward, by component, from its routing decisions
+        (`real`: (B, T) bool, the unpadded tokens). Conventions: `modformer.models.flops`;
+        call it through `modformer.eval.costs.inference_flops`, which checks the inputs."""
+        from modformer.models.moduleformer.flops import moduleformer_flops
+
+        return moduleformer_flops(self, input_ids, attention_mask, real, attention)
 
     def forward(
         self,

@@ -45,6 +45,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.flops import FlopReport
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
 from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
@@ -634,6 +635,20 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
     def set_skip_criterion(self, criterion: SkipCriterion | None) -> None:
         """See `MoMModel.set_skip_criterion`."""
         self.transformer.set_skip_criterion(criterion)
+
+    def count_flops(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        real: torch.Tensor,
+        attention: str,
+    ) -> FlopReport:
+        """Matmul FLOPs of one inference forward, by component, from its routing decisions
+        (`real`: (B, T) bool, the unpadded tokens). Conventions: `modformer.models.flops`;
+        call it through `modformer.eval.costs.inference_flops`, which checks the inputs."""
+        from modformer.models.mom.flops import mom_flops
+
+        return mom_flops(self, input_ids, attention_mask, real, attention)
 
     def forward(
         self,
