@@ -38,6 +38,7 @@ totals is not stated. Compare relative figures (+x% against the dense baseline),
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -139,3 +140,22 @@ def finish_report(
         attention=attention,
         active_parameters=active,
     )
+
+
+class FlopCounting:
+    """Mixin of modformer's causal LMs: `count_flops` runs the family's FLOP counter, the
+    function its class names in `flop_counter` (each family's `flops.py`)."""
+
+    flop_counter: Callable[..., FlopReport]
+
+    def count_flops(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        real: torch.Tensor,
+        attention: str,
+    ) -> FlopReport:
+        """Matmul FLOPs of one inference forward, by component, from its routing decisions
+        (`real`: (B, T) bool, the unpadded tokens). Conventions: the module docstring; call
+        it through `modformer.eval.costs.inference_flops`, which checks the inputs."""
+        return type(self).flop_counter(self, input_ids, attention_mask, real, attention)

@@ -17,8 +17,9 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from modformer.models.flops import FlopReport
+from modformer.models.flops import FlopCounting
 from modformer.models.gpt.configuration_gpt import GPTConfig
+from modformer.models.gpt.flops import gpt_flops
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
     cache_field,
@@ -132,7 +133,8 @@ class GPTModel(GPTPreTrainedModel):
         )
 
 
-class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
+class GPTForCausalLM(FlopCounting, GPTPreTrainedModel, GenerationMixin):
+    flop_counter = staticmethod(gpt_flops)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: GPTConfig):
@@ -146,20 +148,6 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
-
-    def count_flops(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        real: torch.Tensor,
-        attention: str,
-    ) -> FlopReport:
-        """Matmul FLOPs of one inference forward, by component, from its routing decisions
-        (`real`: (B, T) bool, the unpadded tokens). Conventions: `modformer.models.flops`;
-        call it through `modformer.eval.costs.inference_flops`, which checks the inputs."""
-        from modformer.models.gpt.flops import gpt_flops
-
-        return gpt_flops(self, input_ids, attention_mask, real, attention)
 
     def forward(
         self,

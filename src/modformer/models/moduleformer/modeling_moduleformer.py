@@ -36,11 +36,12 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from modformer.models.flops import FlopReport
+from modformer.models.flops import FlopCounting
 from modformer.models.moduleformer.configuration_moduleformer import (
     UNBOUNDED_HISTORY,
     ModuleFormerConfig,
 )
+from modformer.models.moduleformer.flops import moduleformer_flops
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
     cache_field,
@@ -431,7 +432,8 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         )
 
 
-class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
+class ModuleFormerForCausalLM(FlopCounting, ModuleFormerPreTrainedModel, GenerationMixin):
+    flop_counter = staticmethod(moduleformer_flops)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: ModuleFormerConfig):
@@ -509,20 +511,6 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
                 ffd_route.top_k_indices, ffd_route.logits.shape[-1], token_mask
             )
         return aux_loss, metrics
-
-    def count_flops(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        real: torch.Tensor,
-        attention: str,
-    ) -> FlopReport:
-        """Matmul FLOPs of one inference forward, by component, from its routing decisions
-        (`real`: (B, T) bool, the unpadded tokens). Conventions: `modformer.models.flops`;
-        call it through `modformer.eval.costs.inference_flops`, which checks the inputs."""
-        from modformer.models.moduleformer.flops import moduleformer_flops
-
-        return moduleformer_flops(self, input_ids, attention_mask, real, attention)
 
     def forward(
         self,

@@ -4,6 +4,8 @@ chunk step (SKIP costs nothing); routers run for every token at every decision."
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -18,9 +20,11 @@ from modformer.models.flops import (
     weight_flops,
 )
 from modformer.models.gpt.flops import count_block_flops
-from modformer.models.mom.modeling_mom import MoMChunk, RoutingStep
 from modformer.models.mom.policies import AssemblyPolicy, LearnedPolicy, MoEPolicy
 from modformer.nn.routers import GRURouter, LinearRouter, MLPRouter
+
+if TYPE_CHECKING:  # the modeling file imports this one
+    from modformer.models.mom.modeling_mom import MoMChunk, RoutingStep
 
 
 def _gate_flops(router: nn.Module, step: int) -> int:
@@ -110,8 +114,9 @@ def mom_flops(model, input_ids, attention_mask, real, attention) -> FlopReport:
     )
     tally = FlopTally()
     routed_params, touched_params = 0, 0.0
+    chunks = {id(chunk) for chunk in model.transformer.chunks}
     for layer in model.transformer.h:
-        if isinstance(layer, MoMChunk):
+        if id(layer) in chunks:
             steps = [s for s in out.routing if s.chunk == layer.chunk_index]
             params, touched = _count_mom_chunk(tally, layer, steps, real, attention)
             routed_params += params

@@ -45,9 +45,10 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from modformer.models.flops import FlopReport
+from modformer.models.flops import FlopCounting
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
+from modformer.models.mom.flops import mom_flops
 from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
@@ -617,7 +618,8 @@ class MoMModel(MoMPreTrainedModel):
         )
 
 
-class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
+class MoMForCausalLM(FlopCounting, MoMPreTrainedModel, GenerationMixin):
+    flop_counter = staticmethod(mom_flops)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: MoMConfig):
@@ -635,20 +637,6 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
     def set_skip_criterion(self, criterion: SkipCriterion | None) -> None:
         """See `MoMModel.set_skip_criterion`."""
         self.transformer.set_skip_criterion(criterion)
-
-    def count_flops(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        real: torch.Tensor,
-        attention: str,
-    ) -> FlopReport:
-        """Matmul FLOPs of one inference forward, by component, from its routing decisions
-        (`real`: (B, T) bool, the unpadded tokens). Conventions: `modformer.models.flops`;
-        call it through `modformer.eval.costs.inference_flops`, which checks the inputs."""
-        from modformer.models.mom.flops import mom_flops
-
-        return mom_flops(self, input_ids, attention_mask, real, attention)
 
     def forward(
         self,
