@@ -154,3 +154,12 @@ def test_every_option_of_every_subcommand_has_help():
             missing.append(f"{path} {name}")
     assert seen > 150  # the walk reached every subcommand
     assert not missing, "options without help text: " + ", ".join(missing)
+
+
+def test_cli_choices_agree_with_the_library():
+    """cli_args repeats a few torch-side constants as argparse choices (it must not import
+    torch); they must stay equal."""
+    from modformer import cli_args
+    from modformer.models.flops import ATTENTION_MODES
+
+    assert cli_args.ATTENTION_MODES == ATTENTION_MODES

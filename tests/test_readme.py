@@ -72,6 +72,10 @@ NOT_RUN = {
     "modformer convert jetmoe /path/to/local/jetmoe models/jetmoe": "needs a JetMoE download; "
     "tests/test_jetmoe.py converts a locally made one",
     "modformer export hf models/jetmoe exported/jetmoe": "follows the JetMoE conversion above",
+    "modformer convert moduleformer /path/to/local/MoLM-350M-4B models/molm": "needs an IBM "
+    "checkpoint; tests/test_convert_moduleformer.py converts locally made ones",
+    "modformer convert moduleformer SRC DST --history-length 512": "placeholders (the same "
+    "conversion with an option)",
 }
 
 

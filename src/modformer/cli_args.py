@@ -14,7 +14,9 @@ from modformer.eval.finetune_config import DEFAULT_SEPARATOR, FinetuneConfig
 
 NORMS = ("max", "sum")  # how a layer's usage counts are normalised (usage, prune, reports)
 DEFAULT_KL_EPSILON = 1e-6  # smoothing of the per-domain distributions in routing reports
-ATTENTION_MODES = ("causal", "dense")  # how `modformer cost` counts attention scores
+# How `modformer cost` counts attention scores: modformer.models.flops.ATTENTION_MODES, which
+# imports torch (tests/test_package.py checks the two agree).
+ATTENTION_MODES = ("causal", "dense")
 SPEC_SYNTAX = "[LABEL=]ARCH:PRESET[:KaHb][:key=value...]"  # `modformer cost --config`
 DEFAULT_OLD_DOMAINS = ("prose", "c")  # the forgetting experiment's pretraining domains
 DEFAULT_NEW_DOMAIN = "python"

@@ -294,15 +294,6 @@ class MoMConfig(PreTrainedConfig):
             None if ffn is None else ffn[chunk_index],
         )
 
-    def ffn_pool_size(self, num_modules: int) -> int:
-        """FFN modules stored for a chunk of `num_modules` (before `mom_same` tying)."""
-        experts = self.num_experts if self.num_experts is not None else num_modules
-        if self.policy == "moe":
-            return self.H * experts
-        if self.policy == "moe_share":
-            return experts
-        return num_modules
-
     # ---- validation (run by @strict on construction; messages name the field) ----------
 
     def validate_architecture(self):
