@@ -3,7 +3,8 @@
 They live here, torch-free, so that `modformer SUB --help` (and building the whole
 parser) starts in a fraction of a second; each library module re-exports its
 `add_*_arguments`. The choices and defaults shown in the help are defined here once and
-imported by the library modules that check them.
+imported by the library modules that check them (ATTENTION_MODES is the one copy: its
+owner, modformer.models.flops, imports torch; a test keeps the two equal).
 """
 
 from __future__ import annotations
