@@ -21,3 +21,12 @@ class Experiment:
 EXPERIMENTS: dict[str, Experiment] = {}
 
 SCALES = ("full", "quick")  # quick: a few steps per arm, to check the plumbing
+
+EXPERIMENTS["mom-vs-vanilla"] = Experiment(
+    "modformer.experiments.mom_vs_vanilla",
+    "MoM_E/I/P vs vanilla continued, vanilla at equal FLOPs, parameter sharing (MoM Table 1)",
+)
+EXPERIMENTS["mom-two-phase"] = Experiment(
+    "modformer.experiments.mom_two_phase",
+    "two-phase MoM vs MoM from scratch, MoM-same, vanilla for all steps (MoM Table 2)",
+)

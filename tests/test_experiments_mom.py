@@ -1,0 +1,123 @@
+"""The MoM reproduction experiments (mom-vs-vanilla, mom-two-phase) at quick scale on the
+tiny prepared data: every arm for every seed, matched costs as named, shared phase-1
+models trained once, and resumption that trains nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modformer.experiments import mom_two_phase, mom_vs_vanilla
+from modformer.experiments.common import run_experiment
+
+SEEDS = [0, 1]
+
+
+@pytest.fixture()
+def mom_data(tiny_data_dir, monkeypatch):
+    monkeypatch.setenv(mom_vs_vanilla.DATA_ENV, str(tiny_data_dir))
+    return tiny_data_dir
+
+
+def by_arm(payload: dict) -> dict[str, list[dict]]:
+    arms: dict[str, list[dict]] = {}
+    for r in payload["results"]:
+        arms.setdefault(r["arm"], []).append(r)
+    return arms
+
+
+def test_share_map_runs_each_module_in_depth_order():
+    assert mom_vs_vanilla.share_map(4, 9) == [0, 0, 0, 1, 1, 2, 2, 3, 3]
+    assert mom_vs_vanilla.share_map(4, 4) == [0, 1, 2, 3]
+
+
+def test_data_env_must_name_a_prepared_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv(mom_vs_vanilla.DATA_ENV, str(tmp_path))
+    with pytest.raises(ValueError, match="not a prepared data directory"):
+        mom_vs_vanilla.data_dir(tmp_path)
+
+
+def test_mom_vs_vanilla_quick(mom_data, tmp_path, monkeypatch):
+    out = tmp_path / "mom-vs-vanilla"
+    payload = run_experiment("mom-vs-vanilla", out, SEEDS, "quick")
+    arms = by_arm(payload)
+    assert set(arms) == set(mom_vs_vanilla.ARM_ORDER)
+    assert all(sorted(r["seed"] for r in rows) == SEEDS for rows in arms.values())
+    s = mom_vs_vanilla.SCALES["quick"]
+    for seed in SEEDS:
+        row = {a: next(r for r in rows if r["seed"] == seed) for a, rows in arms.items()}
+        base = row["vanilla_cont"]
+        assert base["steps"] == s.phase2_steps
+        # MoM adds only its routers; parameter sharing reuses the vanilla weights exactly.
+        for arm in mom_vs_vanilla.MOM_ARMS:
+            assert row[arm]["steps"] == base["steps"]
+            assert row[arm]["train_tokens"] == base["train_tokens"]
+            assert 0 < row[arm]["total_params"] / base["total_params"] - 1 < 0.05
+            # Equal FLOPs: the vanilla arm's steps follow the MoM arm's FLOPs per token.
+            flops = row[f"vanilla_flops_{arm}"]
+            ratio = row[arm]["flops_per_token"] / base["flops_per_token"]
+            assert flops["extra"]["flops_ratio"] == pytest.approx(ratio)
+            assert flops["steps"] == max(1, round(s.phase2_steps * ratio))
+            assert flops["total_params"] == base["total_params"]
+        assert row["param_sharing"]["total_params"] == base["total_params"]
+        assert row["param_sharing"]["flops_per_token"] > base["flops_per_token"]
+        # MoM_E (H=1) is cheaper per token than vanilla, MoM_P (K2H6) dearer than MoM_I.
+        assert row["mom_e"]["flops_per_token"] < base["flops_per_token"]
+        assert row["mom_p"]["flops_per_token"] > row["mom_i"]["flops_per_token"]
+    md = (out / "results.md").read_text()
+    assert "| vanilla_cont | 2 |" in md and "| mom_p_lr_half | 2 |" in md
+    stored = json.loads((out / "results.json").read_text())
+    assert (
+        stored["experiment"] == "mom-vs-vanilla"
+        and "mom_p vs vanilla_cont" in stored["comparisons"]
+    )
+
+    # Resumed: every arm is stored, nothing trains again.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored arm was trained again")
+
+    monkeypatch.setattr(mom_vs_vanilla, "train_and_measure", no_training)
+    again = run_experiment("mom-vs-vanilla", out, SEEDS, "quick")
+    assert again["results"] == payload["results"]
+
+
+def test_mom_two_phase_quick(mom_data, tmp_path, monkeypatch):
+    out = tmp_path / "mom-two-phase"
+    # Seed 0's phase-1 model and two-phase MoM_P exist already (as mom-vs-vanilla leaves
+    # them in the shared directory): the experiment must reuse them, not train them again.
+    p1 = mom_vs_vanilla.phase1(out, "quick", 0)
+    mom_vs_vanilla.mom_p_arm(out, "quick", 0, p1)
+    trained = []
+    for module in (mom_vs_vanilla, mom_two_phase):
+        real = module.train_and_measure
+
+        def spy(arm, *args, real=real, **kwargs):
+            trained.append(arm)
+            return real(arm, *args, **kwargs)
+
+        monkeypatch.setattr(module, "train_and_measure", spy)
+    payload = run_experiment("mom-two-phase", out, SEEDS, "quick")
+    own = ["vanilla_all", "mom_scratch_p1", "mom_scratch_all"]
+    assert sorted(trained) == sorted(
+        [*own, *own, "vanilla_phase1", "mom_p", "mom_same", "mom_same"]
+    )
+    arms = by_arm(payload)
+    assert set(arms) == set(mom_two_phase.ARM_ORDER)
+    s = mom_vs_vanilla.SCALES["quick"]
+    tokens = {a: {r["train_tokens"] for r in rows} for a, rows in arms.items()}
+    all_tokens = (s.phase1_steps + s.phase2_steps) * s.batch_size * s.block_size
+    for arm in ("vanilla_all", "mom_scratch_all", "two_phase", "mom_same"):
+        assert tokens[arm] == {all_tokens}, arm
+    p1_tokens = s.phase1_steps * s.batch_size * s.block_size
+    assert tokens["mom_scratch_p1"] == tokens["vanilla_phase1"] == {p1_tokens}
+    params = {a: rows[0]["total_params"] for a, rows in arms.items()}
+    # From scratch and converted MoM_P have the same shape; MoM-same stores 1 of 4 modules.
+    assert params["mom_scratch_all"] == params["two_phase"]
+    assert params["mom_same"] < params["vanilla_all"] < params["two_phase"]
+    # The phase-1 models and mom_p live in the shared directory, not in this experiment's.
+    shared = mom_vs_vanilla.shared_dir(out, "quick")
+    assert (shared / "arms" / "phase1" / "seed_1.json").is_file()
+    assert (shared / "arms" / "mom_p" / "seed_1.json").is_file()
+    md = (out / "results.md").read_text()
+    assert "(1) vs (2)" in md and "| mom_same | 2 |" in md
