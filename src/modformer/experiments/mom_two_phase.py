@@ -103,8 +103,7 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
                       "n_positions": max(256, s.block_size)},
     }  # fmt: skip
     results: list[ArmResult] = []
-    # From-scratch arms first: they do not need the phase-1 models, which mom_vs_vanilla
-    # may be training at the same time (the shared arms wait on a lock).
+    phase1_rows: list[ArmResult] = []
     for seed in seeds:
         for arm, steps, model in (
             ("vanilla_all", all_steps, vanilla_model),
@@ -119,8 +118,8 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
                     ),
                 )
             )  # fmt: skip
-    phase1_rows = []
-    for seed in seeds:
+        # The phase-1 model and MoM_P are shared with mom_vs_vanilla (which may be
+        # training them at the same time: the shared arms wait on a lock).
         p1 = phase1(out_dir, scale, seed)
         p1_row = run_arm(shared_dir(out_dir, scale), "phase1", seed, None)
         phase1_rows.append(p1_row)
@@ -131,7 +130,9 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
             out_dir, "mom_same", seed, scale, p1, mom_name=MOM_ARMS["mom_p"], mom_same=True
         )
         results.append(with_phase1_tokens(same, "mom_same", scale))
-    return finish(
-        out_dir, NAME, scale, seeds, results, phase1_rows, "vanilla_all", ARM_ORDER, MATCHED,
-        start, extra_tables=PAPER_COMPARISONS,
-    )  # fmt: skip
+        # After every seed, so a stopped run leaves its tables so far.
+        payload = finish(
+            out_dir, NAME, scale, seeds[: len(phase1_rows)], results, phase1_rows,
+            "vanilla_all", ARM_ORDER, MATCHED, start, extra_tables=PAPER_COMPARISONS,
+        )  # fmt: skip
+    return payload

@@ -304,6 +304,13 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
     start = time.perf_counter()
     results: list[ArmResult] = []
     phase1_models = {}
+    done: list[int] = []
+
+    def write() -> dict:  # after every seed, so a stopped run leaves its tables so far
+        rows = [run_arm(shared_dir(out_dir, scale), "phase1", seed, None) for seed in done]
+        return finish(out_dir, NAME, scale, done, results, rows, "vanilla_cont", ARM_ORDER,
+                      MATCHED, start)  # fmt: skip
+
     # Seed by seed the arms the claims need; the lever arm after all seeds have them.
     for seed in seeds:
         p1 = phase1_models[seed] = phase1(out_dir, scale, seed)
@@ -332,6 +339,8 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
                 H=PARAM_SHARING_H, share_map=share_map(4, PARAM_SHARING_H),
             )
         )  # fmt: skip
+        done.append(seed)
+        write()
     # The lever for a MoM that does not beat its baseline, on one arm: restarting
     # phase 2 at the phase-1 peak learning rate may undo phase 1; halve it.
     for seed in seeds:
@@ -341,9 +350,8 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
                 mom_name=MOM_ARMS["mom_p"], lr=s.lr / 2,
             )
         )  # fmt: skip
-    phase1_rows = [run_arm(shared_dir(out_dir, scale), "phase1", seed, None) for seed in seeds]
-    return finish(out_dir, NAME, scale, seeds, results, phase1_rows, "vanilla_cont", ARM_ORDER,
-                  MATCHED, start)  # fmt: skip
+        write()
+    return write()
 
 
 def finish(
@@ -362,8 +370,9 @@ def finish(
         results_table(results, baseline, order),
         "What each arm is matched on:\n" + "\n".join(f"- `{a}`: {matched[a]}" for a in order),
     ]
+    present = {r.arm for r in results}
     comparisons = {f"{a} vs {baseline}": asdict(compare(results, a, baseline)) for a in order
-                   if a != baseline}  # fmt: skip
+                   if a != baseline and a in present}  # fmt: skip
     for title, (other, arms) in (extra_tables or {}).items():
         parts += [f"## {title}", results_table(results, other, [other, *arms])]
         comparisons.update({f"{a} vs {other}": asdict(compare(results, a, other)) for a in arms})
