@@ -1,6 +1,6 @@
-"""The MoM reproduction experiments (mom-vs-vanilla, mom-two-phase) at quick scale on the
-tiny prepared data: every arm for every seed, matched costs as named, shared phase-1
-models trained once, and resumption that trains nothing."""
+"""The MoM reproduction experiments (mom-vs-vanilla, mom-two-phase, mom-routing) at quick
+scale on the tiny prepared data: every arm for every seed, matched costs as named, shared
+phase-1 models trained once, resumption that trains nothing, routing statistics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from modformer.experiments import mom_two_phase, mom_vs_vanilla
+from modformer.experiments import mom_routing, mom_two_phase, mom_vs_vanilla
 from modformer.experiments.common import run_experiment
 
 SEEDS = [0, 1]
@@ -30,6 +30,12 @@ def by_arm(payload: dict) -> dict[str, list[dict]]:
 def test_share_map_runs_each_module_in_depth_order():
     assert mom_vs_vanilla.share_map(4, 9) == [0, 0, 0, 1, 1, 2, 2, 3, 3]
     assert mom_vs_vanilla.share_map(4, 4) == [0, 1, 2, 3]
+
+
+def test_depth_module_is_the_depth_ordered_stacks_module():
+    assert [mom_routing.depth_module(h, 4, 4) for h in range(4)] == [0, 1, 2, 3]
+    assert [mom_routing.depth_module(h, 4, 6) for h in range(6)] == [0, 0, 1, 2, 2, 3]
+    assert mom_routing.depth_module(0, 4, 1) == 0
 
 
 def test_data_env_must_name_a_prepared_directory(tmp_path, monkeypatch):
@@ -80,6 +86,19 @@ def test_mom_vs_vanilla_quick(mom_data, tmp_path, monkeypatch):
     monkeypatch.setattr(mom_vs_vanilla, "train_and_measure", no_training)
     again = run_experiment("mom-vs-vanilla", out, SEEDS, "quick")
     assert again["results"] == payload["results"]
+
+    # mom-routing reads these models (re-running mom-vs-vanilla, which trains nothing).
+    routing = run_experiment("mom-routing", tmp_path / "mom-routing", SEEDS, "quick")
+    rows = routing["rows"]
+    assert sorted((r["arm"], r["seed"]) for r in rows) == sorted(
+        (a, s) for a in mom_vs_vanilla.MOM_ARMS for s in SEEDS
+    )
+    for r in rows:
+        assert r["chance"] == pytest.approx(1 / 5)  # 4 modules + SKIP
+        assert 0 <= r["diagonal_mass"] <= 1
+        # K >= 2 distinct picks hold at most one SKIP: never all SKIP.
+        assert r["all_skip_rate"] == 0 and 0 <= r["skip_rate"] <= 1 / r["K"]
+    assert "depth-order diagonal mass" in (tmp_path / "mom-routing" / "results.md").read_text()
 
 
 def test_mom_two_phase_quick(mom_data, tmp_path, monkeypatch):

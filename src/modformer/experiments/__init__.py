@@ -30,3 +30,7 @@ EXPERIMENTS["mom-two-phase"] = Experiment(
     "modformer.experiments.mom_two_phase",
     "two-phase MoM vs MoM from scratch, MoM-same, vanilla for all steps (MoM Table 2)",
 )
+EXPERIMENTS["mom-routing"] = Experiment(
+    "modformer.experiments.mom_routing",
+    "depth-order diagonal mass, SKIP and all-SKIP rates of mom-vs-vanilla's MoMs (Fig. 6)",
+)

@@ -212,9 +212,10 @@ def measured_result(arm: str, seed: int, s: Scale, data: Path, model_dir: Path, 
     )  # fmt: skip
 
 
-def shared_arm(root: Path, arm: str, seed: int, fn) -> ArmResult:
-    """`run_arm` under a file lock, so the two MoM experiments can run at once and the
-    second waits for (then reuses) an arm the first is training."""
+def locked_arm(root: Path, arm: str, seed: int, fn) -> ArmResult:
+    """`run_arm` under a file lock, so several processes can run the MoM experiments at
+    once (both experiments, or one experiment with its seeds in another order): a process
+    waits for, then reuses, an arm another one is training."""
     import fcntl
 
     root.mkdir(parents=True, exist_ok=True)
@@ -236,7 +237,7 @@ def phase1(out_dir: Path, scale: str, seed: int) -> Path:
                        "n_positions": max(256, s.block_size)},
         )  # fmt: skip
 
-    shared_arm(root, "phase1", seed, fn)
+    locked_arm(root, "phase1", seed, fn)
     return run_dir / "model"
 
 
@@ -254,7 +255,7 @@ def mom_init(phase1_model: Path, init_dir: Path, mom_name: str | None, **overrid
 def phase2_arm(
     root: Path, arm: str, seed: int, scale: str, phase1_model: Path, steps: int | None = None,
     mom_name: str | None = None, extra=None, lr: float | None = None,
-    warmup_steps: int | None = None, shared: bool = False, **overrides: Any
+    warmup_steps: int | None = None, **overrides: Any
 ) -> ArmResult:  # fmt: skip
     """Phase 2 from the seed's phase-1 model: a MoM (mom_name or overrides given) or the
     vanilla model itself, trained `steps` (default: the scale's phase-2 steps)."""
@@ -271,14 +272,14 @@ def phase2_arm(
             init_from=str(init),
         )  # fmt: skip
 
-    return (shared_arm if shared else run_arm)(root, arm, seed, fn)
+    return locked_arm(root, arm, seed, fn)
 
 
 def mom_p_arm(out_dir: Path, scale: str, seed: int, phase1_model: Path) -> ArmResult:
     """Two-phase MoM_P K2H6S (shared with mom_two_phase)."""
     return phase2_arm(
         shared_dir(out_dir, scale), "mom_p", seed, scale, phase1_model,
-        mom_name=MOM_ARMS["mom_p"], shared=True,
+        mom_name=MOM_ARMS["mom_p"],
     )  # fmt: skip
 
 

@@ -1,0 +1,114 @@
+"""Routing structure of the trained MoM models (MoM paper Fig. 6, App. D.2, at CPU scale):
+`modformer reproduce mom-routing`. No training: it reads the MoM_E / MoM_I / MoM_P models
+of `mom-vs-vanilla` (running that experiment first; its stored arms are not retrained).
+
+Per model and seed, on the first `val_fraction` of each domain's validation windows:
+
+- depth-order diagonal mass: the fraction of a chunk step's picks that are the module a
+  depth-ordered stack would run there (module ``h * N // H`` at step h of H, so module h
+  when H = N), averaged over steps and over attention and FFN; chance (uniform routing
+  over the N modules and SKIP) is ``1 / (N + 1)``;
+- SKIP rate: the fraction of picks that are SKIP;
+- all-SKIP rate: the fraction of (token, step) decisions whose K picks are all SKIP (the
+  K picks are distinct choices, so only K = 1 can pick SKIP alone: for K >= 2 it is 0 by
+  construction, and we measure it anyway).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from modformer.experiments import mom_vs_vanilla
+from modformer.experiments.common import write_outputs
+from modformer.experiments.mom_vs_vanilla import MOM_ARMS, SCALES, data_dir, shared_dir
+
+NAME = "mom-routing"
+
+
+def depth_module(step: int, num_modules: int, steps: int) -> int:
+    """The module a depth-ordered stack runs at chunk step `step` of `steps`."""
+    return step * num_modules // steps
+
+
+@torch.no_grad()
+def routing_structure(model_dir: Path, data: Path, block_size: int, batch_size: int,
+                      val_fraction: float) -> dict[str, float]:  # fmt: skip
+    """Diagonal mass, its chance level, SKIP and all-SKIP rates of one MoM model."""
+    from modformer.data.dataset import TokenDataset
+    from modformer.models.loading import load_model
+
+    model = load_model(model_dir).eval()
+    base = getattr(model, "base_model", model)
+    config = base.config
+    if not config.skip:
+        raise ValueError(f"{model_dir} has no SKIP module; this analysis needs a K..H..S MoM")
+    val = TokenDataset(data, "val")
+    diag = picks = skips = all_skip = decisions = 0.0
+    pool_sizes = set()
+    for name, (first, end) in val.domain_ranges.items():
+        batches = max(1, math.ceil((end - first) * val_fraction / (block_size * batch_size)))
+        iterator = val.iter_sequential(block_size, batch_size, domain=name)
+        for _, x in zip(range(batches), iterator):
+            out = base(input_ids=x, use_cache=False, return_routing=True)
+            for route in out.routing:
+                for index, n in ((route.attn_index, route.num_attn_modules),
+                                 (route.ffn_index, route.num_ffn_modules)):  # fmt: skip
+                    index = index.reshape(x.numel(), -1)  # (tokens, K); SKIP is index n
+                    pool_sizes.add(n)
+                    diag += (index == depth_module(route.step, n, config.H)).sum().item()
+                    skips += (index == n).sum().item()
+                    picks += index.numel()
+                    all_skip += (index == n).all(dim=-1).sum().item()
+                    decisions += index.shape[0]
+    (n,) = pool_sizes  # one routed chunk in these models
+    return {
+        "diagonal_mass": diag / picks,
+        "chance": 1 / (n + 1),
+        "skip_rate": skips / picks,
+        "all_skip_rate": all_skip / decisions,
+        "K": config.K,
+        "H": config.H,
+    }
+
+
+def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
+    start = time.perf_counter()
+    exp1 = out_dir.parent / mom_vs_vanilla.NAME
+    mom_vs_vanilla.run(exp1, seeds, scale)  # trains only what is not stored yet
+    s, data = SCALES[scale], data_dir(out_dir)
+    rows = []
+    for arm, mom_name in MOM_ARMS.items():
+        root = shared_dir(exp1, scale) if arm == "mom_p" else exp1
+        for seed in seeds:
+            model_dir = root / "runs" / arm / f"seed_{seed}" / "model"
+            m = routing_structure(model_dir, data, s.block_size, s.eval_batch_size,
+                                  s.val_fraction)  # fmt: skip
+            rows.append({"arm": arm, "mom": mom_name, "seed": seed, **m})
+    lines = [
+        f"# {NAME} ({scale}; models of {mom_vs_vanilla.NAME}, val: first "
+        f"{s.val_fraction:.0%} of each domain)",
+        "",
+        "| arm | seeds | depth-order diagonal mass (mean +- sd) | chance | SKIP rate | all-SKIP rate |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, mom_name in MOM_ARMS.items():
+        r = [row for row in rows if row["arm"] == arm]
+        d = [row["diagonal_mass"] for row in r]
+        mean = sum(d) / len(d)
+        sd = (sum((v - mean) ** 2 for v in d) / (len(d) - 1)) ** 0.5 if len(d) > 1 else math.nan
+        skip = sum(row["skip_rate"] for row in r) / len(r)
+        every = sum(row["all_skip_rate"] for row in r) / len(r)
+        lines.append(
+            f"| {arm} ({mom_name}) | {len(r)} | {mean:.3f} +- {sd:.3f} | {r[0]['chance']:.3f} "
+            f"| {skip:.3f} | {every:.4f} |"
+        )
+    seconds = time.perf_counter() - start
+    lines += ["", f"Wall time of this run: {seconds:.0f} s"]
+    payload = {"scale": scale, "seeds": list(seeds), "rows": rows, "wall_seconds": seconds}
+    write_outputs(out_dir, NAME, payload, "\n".join(lines))
+    return payload
