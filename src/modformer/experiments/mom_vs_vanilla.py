@@ -300,6 +300,15 @@ MATCHED = {
 }
 
 
+# Each MoM arm against its own matched control (paired by seed): title -> (baseline, arms).
+EQUAL_COST_TABLES = {
+    f"{arm} vs vanilla at equal training FLOPs": (f"vanilla_flops_{arm}", [arm]) for arm in MOM_ARMS
+} | {
+    "mom_p vs parameter sharing (equal params, similar FLOPs)": ("param_sharing", ["mom_p"]),
+    "lever: mom_p with half the phase-2 peak lr vs mom_p": ("mom_p", ["mom_p_lr_half"]),
+}
+
+
 def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
     s = SCALES[scale]
     start = time.perf_counter()
@@ -310,7 +319,7 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
     def write() -> dict:  # after every seed, so a stopped run leaves its tables so far
         rows = [run_arm(shared_dir(out_dir, scale), "phase1", seed, None) for seed in done]
         return finish(out_dir, NAME, scale, done, results, rows, "vanilla_cont", ARM_ORDER,
-                      MATCHED, start)  # fmt: skip
+                      MATCHED, start, extra_tables=EQUAL_COST_TABLES)  # fmt: skip
 
     # Seed by seed the arms the claims need; the lever arm after all seeds have them.
     for seed in seeds:
@@ -375,6 +384,9 @@ def finish(
     comparisons = {f"{a} vs {baseline}": asdict(compare(results, a, baseline)) for a in order
                    if a != baseline and a in present}  # fmt: skip
     for title, (other, arms) in (extra_tables or {}).items():
+        arms = [a for a in arms if a in present]
+        if other not in present or not arms:
+            continue  # not trained yet (a table written before the last seed or arm)
         parts += [f"## {title}", results_table(results, other, [other, *arms])]
         comparisons.update({f"{a} vs {other}": asdict(compare(results, a, other)) for a in arms})
     parts.append(
