@@ -20,4 +20,16 @@ class Experiment:
 
 EXPERIMENTS: dict[str, Experiment] = {}
 
+# ModuleFormer paper (docs/results.md, "## ModuleFormer").
+EXPERIMENTS["moduleformer-vs-dense"] = Experiment(
+    "modformer.experiments.moduleformer_vs_dense",
+    "ModuleFormer vs dense GPTs of equal active compute and equal total parameters and a "
+    "dense ModuleFormer; inference latency/throughput ratios (Tables 2-3)",
+)
+EXPERIMENTS["moduleformer-balance"] = Experiment(
+    "modformer.experiments.moduleformer_balance",
+    "MI vs Switch vs no balance loss (usage entropy, dead experts) and stick-breaking vs "
+    "softmax+RoPE with length extrapolation at 2x (Table 4)",
+)
+
 SCALES = ("full", "quick")  # quick: a few steps per arm, to check the plumbing
