@@ -7,8 +7,11 @@ import json
 import pytest
 import torch
 
+from conftest import make_text_inputs
+from modformer.data.prepare import prepare
 from modformer.experiments.common import run_experiment
 from modformer.experiments.moduleformer_balance import usage_summary
+from modformer.experiments.moduleformer_specialisation import divergences
 from modformer.experiments.moduleformer_vs_dense import DATA_ENV
 
 
@@ -17,6 +20,24 @@ def tiny_data(tiny_data_dir, monkeypatch):
     monkeypatch.setenv(DATA_ENV, str(tiny_data_dir))
     torch.set_num_threads(1)
     return tiny_data_dir
+
+
+@pytest.fixture(scope="module")
+def two_domain_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two_domains")
+    inputs = [
+        f"{name}={make_text_inputs(root / name, n_docs=20, seed=i)}"
+        for i, name in enumerate(("a", "b"))
+    ]
+    prepare(root / "prepared", inputs=inputs, tokenizer="byte", progress=False)
+    return root / "prepared"
+
+
+@pytest.fixture
+def two_domains(two_domain_dir, monkeypatch):
+    monkeypatch.setenv(DATA_ENV, str(two_domain_dir))
+    torch.set_num_threads(1)
+    return two_domain_dir
 
 
 def test_usage_summary_counts_entropy_dead_and_rare_experts():
@@ -62,9 +83,9 @@ def test_moduleformer_vs_dense_quick(tiny_data, tmp_path):
     ] == stored["val_loss"]
 
 
-def test_moduleformer_balance_quick(tiny_data, tmp_path):
+def test_moduleformer_balance_quick(two_domains, tmp_path):
     out = tmp_path / "balance"
-    payload = run_experiment("moduleformer-balance", out, [0, 1], "quick")
+    payload = run_experiment("moduleformer-balance", out, [0], "quick")  # pairing: vs-dense
     rows = {(r["arm"], r["seed"]): r for r in payload["results"]}
     assert {a for a, _ in rows} == {"mi", "switch", "none", "softmax_rope"}
     for (arm, _), r in rows.items():
@@ -80,3 +101,34 @@ def test_bad_data_dir_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_ENV, str(tmp_path))
     with pytest.raises(ValueError, match="not a prepared data directory"):
         run_experiment("moduleformer-balance", tmp_path / "out", [0], "quick")
+
+
+def test_divergences_between_domains_and_split_half_floor():
+    c = lambda *v: torch.tensor(v)  # noqa: E731
+    halves = {
+        "a": [
+            {"layer0/ffd": c(9, 1), "layer0/att": c(1, 1)},
+            {"layer0/ffd": c(8, 2), "layer0/att": c(1, 1)},
+        ],
+        "b": [
+            {"layer0/ffd": c(1, 9), "layer0/att": c(1, 1)},
+            {"layer0/ffd": c(2, 8), "layer0/att": c(1, 1)},
+        ],
+    }
+    d = divergences(halves)
+    assert d["between"] > 10 * d["noise_floor"] > 0
+    same = {"a": halves["a"], "b": halves["a"]}
+    assert divergences(same)["between"] == pytest.approx(divergences(same)["noise_floor"])
+    with pytest.raises(ValueError, match="at least two domains"):
+        divergences({"a": halves["a"]})
+
+
+def test_moduleformer_specialisation_quick(two_domains, tmp_path):
+    out = tmp_path / "moduleformer-specialisation"
+    payload = run_experiment("moduleformer-specialisation", out, [0, 1], "quick")
+    rows = {(r["arm"], r["seed"]) for r in payload["rows"]}
+    assert rows == {(a, s) for a in ("mi", "switch", "untrained") for s in (0, 1)}
+    assert all(r["between"] >= 0 and r["noise_floor"] >= 0 for r in payload["rows"])
+    # The trained models are the balance experiment's (trained here into its directory).
+    assert (tmp_path / "moduleformer-balance" / "arms" / "mi" / "seed_1.json").is_file()
+    assert "noise floor" in (out / "results.md").read_text()

@@ -31,5 +31,10 @@ EXPERIMENTS["moduleformer-balance"] = Experiment(
     "MI vs Switch vs no balance loss (usage entropy, dead experts) and stick-breaking vs "
     "softmax+RoPE with length extrapolation at 2x (Table 4)",
 )
+EXPERIMENTS["moduleformer-specialisation"] = Experiment(
+    "modformer.experiments.moduleformer_specialisation",
+    "per-domain FFN-expert KL of the MI and Switch models of moduleformer-balance against a "
+    "split-half noise floor and an untrained model (Fig. 2)",
+)
 
 SCALES = ("full", "quick")  # quick: a few steps per arm, to check the plumbing
