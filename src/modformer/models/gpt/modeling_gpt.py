@@ -17,6 +17,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.export_code import PortableModelMixin
 from modformer.models.gpt.configuration_gpt import GPTConfig
 from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss, keep_positions
 from modformer.nn.attention import CausalSelfAttention
@@ -48,13 +49,17 @@ class Block(nn.Module):
         return x
 
 
-class GPTPreTrainedModel(PreTrainedModel):
+class GPTPreTrainedModel(PortableModelMixin, PreTrainedModel):
     config_class = GPTConfig
     config: GPTConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["Block"]
     _supports_sdpa = True
     _supports_cache_class = True
+
+    @classmethod
+    def auto_classes(cls) -> dict[str, type]:
+        return {"AutoModel": GPTModel, "AutoModelForCausalLM": GPTForCausalLM}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

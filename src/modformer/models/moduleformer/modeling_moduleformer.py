@@ -35,6 +35,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.export_code import PortableModelMixin
 from modformer.models.moduleformer.configuration_moduleformer import ModuleFormerConfig
 from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss, keep_positions
 from modformer.nn.moe import MixtureOfAttentionHeads, RouterOutput, SparseMoE
@@ -153,12 +154,16 @@ class ModuleFormerBlock(nn.Module):
         return x, (att_route, ffd_route), (keys, values)
 
 
-class ModuleFormerPreTrainedModel(PreTrainedModel):
+class ModuleFormerPreTrainedModel(PortableModelMixin, PreTrainedModel):
     config_class = ModuleFormerConfig
     config: ModuleFormerConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["ModuleFormerBlock"]
     _supports_cache_class = True
+
+    @classmethod
+    def auto_classes(cls) -> dict[str, type]:
+        return {"AutoModel": ModuleFormerModel, "AutoModelForCausalLM": ModuleFormerForCausalLM}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

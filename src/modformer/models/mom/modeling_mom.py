@@ -42,6 +42,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.export_code import PortableModelMixin
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
 from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
@@ -451,13 +452,17 @@ class MoMChunk(nn.Module):
 # ---- models ----------------------------------------------------------------------------
 
 
-class MoMPreTrainedModel(PreTrainedModel):
+class MoMPreTrainedModel(PortableModelMixin, PreTrainedModel):
     config_class = MoMConfig
     config: MoMConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["Block", "MoMChunk"]
     _supports_sdpa = True
     _supports_cache_class = True
+
+    @classmethod
+    def auto_classes(cls) -> dict[str, type]:
+        return {"AutoModel": MoMModel, "AutoModelForCausalLM": MoMForCausalLM}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
