@@ -223,6 +223,7 @@ def run_convert_gpt2(args: argparse.Namespace) -> None:
 
 def run_convert_mom(args: argparse.Namespace) -> None:
     from modformer.models.loading import resolve_model_dir
+    from modformer.models.model_card import Provenance
     from modformer.models.mom.convert import mom_from_vanilla
     from modformer.train.checkpoint import atomic_save_model
 
@@ -235,7 +236,7 @@ def run_convert_mom(args: argparse.Namespace) -> None:
         policy=args.policy,
         mom_same=args.mom_same,
     )
-    atomic_save_model(model, args.dst, tokenizer_dir=Path(src))
+    atomic_save_model(model, args.dst, Path(src), Provenance(method="convert", source=str(src)))
     n = sum(p.numel() for p in model.parameters())
     print(
         f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"
@@ -419,8 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from modformer.models.model_card import cli_command
+
     try:
-        args.func(args)
+        with cli_command(sys.argv[1:] if argv is None else argv):  # for the model cards
+            args.func(args)
     except (ValueError, FileNotFoundError, CheckpointError, StrictDataclassError) as e:
         # Our errors carry the problem and the fix; a traceback would bury them.
         if args.verbose:

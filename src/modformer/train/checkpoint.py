@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from modformer.models.model_card import Provenance, write_model_card
 from modformer.utils import TOKENIZER_FILES
 
 CKPT_RE = re.compile(r"^step_(\d{6,})$")
@@ -41,14 +42,19 @@ def save_model_files(model: PreTrainedModel, dest: Path, tokenizer_dir: Path | N
 
 
 def atomic_save_model(
-    model: PreTrainedModel, dest: str | Path, tokenizer_dir: Path | None = None
+    model: PreTrainedModel,
+    dest: str | Path,
+    tokenizer_dir: Path | None = None,
+    provenance: Provenance | None = None,
 ) -> Path:
-    """Save into a temp dir next to `dest`, then swap it in by rename."""
+    """Save into a temp dir next to `dest`, then swap it in by rename. Beside the model:
+    its remote code (save_pretrained) and a model card README.md from `provenance`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         save_model_files(model, tmp, tokenizer_dir)
+        write_model_card(model, tmp, provenance, path=dest)
         _replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

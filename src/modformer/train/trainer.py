@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from modformer.config import ConfigError
 from modformer.data.dataset import TokenDataset
 from modformer.eval.lm import evaluate_batches
+from modformer.models.model_card import Provenance
 from modformer.models.registry import build_config, build_model
 from modformer.surgery import apply_trainable_scope
 from modformer.train import checkpoint as ckpt_lib
@@ -382,7 +383,15 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
     metrics.write(final)
     save(cfg.max_steps)
     if info.is_main:
-        ckpt_lib.atomic_save_model(model, out_dir / "model", tokenizer_dir=tokenizer_dir)
+        provenance = Provenance(
+            method="train",
+            source=cfg.model.init_from,
+            data=cfg.data.dir,
+            steps=cfg.max_steps,
+            tokens=cfg.max_steps * tokens_per_step,
+            val_loss=last_eval.get("val_loss"),
+        )
+        ckpt_lib.atomic_save_model(model, out_dir / "model", tokenizer_dir, provenance)
         n_params = sum(p.numel() for p in model.parameters())
         final.update({"params": n_params, "tokens_trained": cfg.max_steps * tokens_per_step})
         (out_dir / "final.json").write_text(json.dumps(final, indent=2))

@@ -17,6 +17,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.classification import SequenceClassificationMixin
 from modformer.models.export_code import PortableModelMixin
 from modformer.models.gpt.configuration_gpt import GPTConfig
 from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss, keep_positions
@@ -59,7 +60,11 @@ class GPTPreTrainedModel(PortableModelMixin, PreTrainedModel):
 
     @classmethod
     def auto_classes(cls) -> dict[str, type]:
-        return {"AutoModel": GPTModel, "AutoModelForCausalLM": GPTForCausalLM}
+        return {
+            "AutoModel": GPTModel,
+            "AutoModelForCausalLM": GPTForCausalLM,
+            "AutoModelForSequenceClassification": GPTForSequenceClassification,
+        }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -169,3 +174,9 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         return ModformerCausalLMOutput(
             loss=loss, lm_loss=loss, logits=logits, past_key_values=out.past_key_values
         )
+
+
+class GPTForSequenceClassification(SequenceClassificationMixin, GPTPreTrainedModel):
+    """`GPTModel` with a `score` head on the last real token (models/classification.py)."""
+
+    base_model_class = GPTModel

@@ -35,6 +35,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.classification import SequenceClassificationMixin
 from modformer.models.export_code import PortableModelMixin
 from modformer.models.moduleformer.configuration_moduleformer import ModuleFormerConfig
 from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss, keep_positions
@@ -163,7 +164,11 @@ class ModuleFormerPreTrainedModel(PortableModelMixin, PreTrainedModel):
 
     @classmethod
     def auto_classes(cls) -> dict[str, type]:
-        return {"AutoModel": ModuleFormerModel, "AutoModelForCausalLM": ModuleFormerForCausalLM}
+        return {
+            "AutoModel": ModuleFormerModel,
+            "AutoModelForCausalLM": ModuleFormerForCausalLM,
+            "AutoModelForSequenceClassification": ModuleFormerForSequenceClassification,
+        }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -456,3 +461,11 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
             past_key_values=out.past_key_values,
             memory=out.memory,
         )
+
+
+class ModuleFormerForSequenceClassification(
+    SequenceClassificationMixin, ModuleFormerPreTrainedModel
+):
+    """`ModuleFormerModel` with a `score` head on the last real token (models/classification.py)."""
+
+    base_model_class = ModuleFormerModel

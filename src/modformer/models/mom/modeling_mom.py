@@ -42,6 +42,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.classification import SequenceClassificationMixin
 from modformer.models.export_code import PortableModelMixin
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
@@ -462,7 +463,11 @@ class MoMPreTrainedModel(PortableModelMixin, PreTrainedModel):
 
     @classmethod
     def auto_classes(cls) -> dict[str, type]:
-        return {"AutoModel": MoMModel, "AutoModelForCausalLM": MoMForCausalLM}
+        return {
+            "AutoModel": MoMModel,
+            "AutoModelForCausalLM": MoMForCausalLM,
+            "AutoModelForSequenceClassification": MoMForSequenceClassification,
+        }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -667,3 +672,9 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
             past_key_values=out.past_key_values,
             routing=out.routing,
         )
+
+
+class MoMForSequenceClassification(SequenceClassificationMixin, MoMPreTrainedModel):
+    """`MoMModel` with a `score` head on the last real token (models/classification.py)."""
+
+    base_model_class = MoMModel
