@@ -23,8 +23,6 @@ CARD_FILE = "README.md"
 METHODS = ("train", "convert", "prune", "extend", "finetune")
 FLOPS_TOKENS = 128  # sequence length of the forward the FLOPs are counted on
 FLOPS_SEED = 0
-# Config keys that say nothing about the architecture.
-_HF_KEYS = {"architectures", "auto_map", "transformers_version", "dtype", "model_type"}
 _SUMMARY_KEYS = (
     "vocab_size",
     "n_positions",
@@ -108,7 +106,7 @@ def model_card(model: PreTrainedModel, path: str | Path, provenance: Provenance 
     name = Path(path).name
     auto_class = _auto_class_name(model) or "AutoModel"
     total, active, flops, seq_len = _costs(model)
-    fields = {k: v for k, v in config.to_dict().items() if k not in _HF_KEYS}
+    fields = config.to_dict()
     summary = ", ".join(f"{k}={fields[k]}" for k in _SUMMARY_KEYS if fields.get(k) is not None)
 
     lines = [
@@ -181,13 +179,7 @@ def model_card(model: PreTrainedModel, path: str | Path, provenance: Provenance 
         f"model = {auto_class}.from_pretrained({quoted}, trust_remote_code=True)",
         "```",
         "",
-        "<details><summary>Full configuration</summary>",
-        "",
-        "```json",
-        json.dumps(fields, indent=2, sort_keys=True, default=str),
-        "```",
-        "",
-        "</details>",
+        "The full configuration is in config.json.",
         "",
     ]
     return "\n".join(lines)
