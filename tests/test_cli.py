@@ -199,3 +199,7 @@ def test_convert_mom_cli(tiny_data_dir, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(dst)
     assert isinstance(model, MoMForCausalLM) and model.config.H == 3
     assert (dst / "tokenizer.json").is_file()
+    card = (dst / "README.md").read_text()  # the model card names how it was made
+    assert "- made by: convert\n" in card and f"- from: `{src}`\n" in card
+    command = f"modformer convert mom --from {src} --chunks '[2]' --config K2H3S {dst}"
+    assert f"- command: `{command}`\n" in card

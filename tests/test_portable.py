@@ -314,3 +314,14 @@ def test_last_token_pooling_and_losses():
     torch.testing.assert_close(loss, torch.tensor(((2.0 - 1.5) ** 2 + 0.0) / 2))
     with pytest.raises(ValueError, match="problem_type 'ranking' is unknown"):
         sequence_classification_loss(logits, labels, "ranking", 3)
+
+
+def test_load_classifier_refuses_a_directory_without_a_head(tmp_path):
+    """An older finetune output (a causal LM plus a side head file) gets the fix."""
+    from modformer.eval.downstream import CLASSIFIER_META_FILE, load_classifier
+
+    _model("gpt").save_pretrained(tmp_path / "model")
+    task = {"text_columns": ["text"], "label_column": "label", "labels": ["a", "b"]}
+    (tmp_path / CLASSIFIER_META_FILE).write_text(json.dumps(task))
+    with pytest.raises(ValueError, match="without a classification head.*fine-tune it again"):
+        load_classifier(tmp_path)

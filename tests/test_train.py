@@ -130,6 +130,17 @@ def test_training_learns_and_writes_outputs(tiny_data_dir, tmp_path):
     model = GPTForCausalLM.from_pretrained(out / "model")
     assert (out / "model" / "tokenizer.json").is_file()
     assert sum(p.numel() for p in model.parameters()) == final["params"]
+    card = (out / "model" / "README.md").read_text()  # the model card
+    for line in (
+        "- made by: train",
+        f"- training data: `{tiny_data_dir}`",
+        "- training steps: 60",
+        f"- training tokens: {final['tokens_trained']:,}",
+        f"- final validation loss: {final['val_loss']:.4f}",
+        f"- total parameters: {final['params']:,}",
+    ):
+        assert line + "\n" in card
+    assert "- from:" not in card and "- command:" not in card  # a fresh model, not the CLI
 
 
 def test_grad_accumulation_matches_larger_batch(tiny_data_dir, tmp_path):
