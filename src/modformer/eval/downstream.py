@@ -11,7 +11,10 @@ interface every one of them shares is used:
   reads. Calling the stack directly, rather than the causal-LM forward with a hook on the
   LM head, skips the vocabulary projection, which would otherwise cost a large share of
   each step for nothing. Routing auxiliary losses are therefore not added while
-  fine-tuning a classifier.
+  fine-tuning a classifier. The head and the stack form the architecture's Hugging Face
+  ``...ForSequenceClassification`` (models/classification.py), saved with
+  ``save_pretrained`` (labels in its config) and loaded with
+  ``AutoModelForSequenceClassification``, with or without modformer.
 - **Summarisation** fine-tunes the causal LM itself on ``document + separator + summary +
   eos`` with the loss on the summary tokens only (labels -100 elsewhere), so the model's
   own loss (with any routing auxiliary loss) is optimised; summaries are generated
@@ -1026,7 +1029,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--save-model",
         action="store_true",
-        help="also save the fine-tuned model (and for classify the head) in --out",
+        help="also save the fine-tuned model in --out/model (classify: its "
+        "...ForSequenceClassification, for AutoModelForSequenceClassification)",
     )
     group = parser.add_argument_group("classify")
     group.add_argument(
