@@ -47,7 +47,14 @@ from modformer.models.export_code import PortableModelMixin
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
 from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
-from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss, keep_positions
+from modformer.models.outputs import (
+    ModformerCausalLMOutput,
+    cache_field,
+    causal_lm_loss,
+    keep_positions,
+    output_cache,
+    resolve_cache,
+)
 from modformer.nn.activations import get_activation
 from modformer.nn.grouped import (
     Dispatch,
@@ -547,16 +554,18 @@ class MoMModel(MoMPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         return_routing: bool = False,
         compute_aux: bool = False,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoMModelOutput:
         """`use_cache` defaults to config.use_cache outside training (a training forward
         needs no cache). `compute_aux` computes the balance loss (when its weight is > 0)
         and puts module loads into `aux_metrics` (the causal-LM model sets it with labels)."""
+        past_key_values = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -604,7 +613,7 @@ class MoMModel(MoMPreTrainedModel):
             aux_metrics["mom/balance_loss"] = aux_loss.detach()
         return MoMModelOutput(
             last_hidden_state=x,
-            past_key_values=cache,
+            **cache_field(cache),
             aux_loss=aux_loss,
             aux_metrics=aux_metrics,
             routing=tuple(ctx.routing) if return_routing else None,
@@ -635,17 +644,19 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_routing: bool = False,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoMCausalLMOutput:
         """With `labels`: `loss` = lm_loss + balance loss (when balance_loss_weight > 0),
         and `aux_metrics` holds each chunk's module loads (`mom/chunk{c}/attn_load`,
         `.../ffn_load`: fraction of picks per choice, SKIP last, averaged over steps)."""
+        past_key_values = resolve_cache(cache, past_key_values)
         out = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -669,7 +680,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
             aux_loss=out.aux_loss,
             aux_metrics=out.aux_metrics,
             logits=logits,
-            past_key_values=out.past_key_values,
+            **cache_field(output_cache(out)),
             routing=out.routing,
         )
 
