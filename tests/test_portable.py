@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,10 @@ for path, auto_name, resave in json.loads(sys.argv[1]):
             entry["generated"] = model.generate(
                 torch.tensor(PROMPT), max_new_tokens=6, do_sample=False, use_cache=True
             ).tolist()
+            uncached = model.generate(
+                torch.tensor(PROMPT), max_new_tokens=6, do_sample=False, use_cache=False
+            ).tolist()
+            assert uncached == entry["generated"], (uncached, entry["generated"])
     if resave:
         model.save_pretrained(resave)
     results[path] = entry
@@ -123,6 +128,8 @@ def _run_without_modformer(jobs: list[tuple[str, str, str | None]], tmp_path: Pa
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    # As the suite does in-process (conftest), a transformers deprecation is a failure.
+    assert not re.search(r"deprecat|will be removed", done.stderr, re.IGNORECASE), done.stderr
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULTS"))
     return json.loads(line.removeprefix("RESULTS"))
 
@@ -130,7 +137,8 @@ def _run_without_modformer(jobs: list[tuple[str, str, str | None]], tmp_path: Pa
 def test_every_architecture_loads_without_modformer(tmp_path):
     """save_pretrained and atomic_save_model of each architecture (and its classifier)
     load in a Python that cannot import modformer: identical logits, identical cached
-    greedy continuations; a model loaded that way re-saves the same files."""
+    greedy continuations (equal to uncached ones there too); a model loaded that way
+    re-saves the same files."""
     jobs, expected = [], {}
     for arch in CAUSAL:
         model = _model(arch)
