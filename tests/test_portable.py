@@ -321,10 +321,12 @@ def test_classifier_round_trip_the_hf_way(arch, tmp_path):
 
 def test_last_token_pooling_and_losses():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert last_token_indices(None, mask, 5, None, torch.device("cpu")).tolist() == [2, 4, 4]
+    cpu = torch.device("cpu")
+    assert last_token_indices(None, mask, (3, 5), None, cpu).tolist() == [2, 4, 4]
     ids = torch.tensor([[4, 5, 0, 0], [4, 5, 6, 7]])
-    assert last_token_indices(ids, None, 4, 0, torch.device("cpu")).tolist() == [1, 3]
-    assert last_token_indices(ids, None, 4, None, torch.device("cpu")).tolist() == [3, 3]
+    assert last_token_indices(ids, None, (2, 4), 0, cpu).tolist() == [1, 3]
+    assert last_token_indices(ids, None, (2, 4), None, cpu).tolist() == [3, 3]
+    assert last_token_indices(None, None, (2, 4), 0, cpu).tolist() == [3, 3]  # embeddings
 
     logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, 3.0]])
     labels = torch.tensor([0, 2])

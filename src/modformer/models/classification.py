@@ -30,18 +30,19 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 def last_token_indices(
     input_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
-    seq_len: int,
+    shape: tuple[int, int],
     pad_token_id: int | None,
     device: torch.device,
 ) -> torch.Tensor:
-    """(B,) index of the last real token of each row (see the module docstring)."""
+    """(B,) index of the last real token of each row of a (B, T) batch (see the module
+    docstring)."""
+    batch, seq_len = shape
     positions = torch.arange(seq_len, device=device)
     if attention_mask is not None:
         real = attention_mask.to(device).bool()
     elif input_ids is not None and pad_token_id is not None:
         real = input_ids.to(device) != pad_token_id
     else:
-        batch = input_ids.shape[0] if input_ids is not None else 1
         return torch.full((batch,), seq_len - 1, dtype=torch.long, device=device)
     # argmax of position * real is the rightmost real position (0 for an empty row).
     return (positions * real).argmax(dim=-1)
@@ -117,7 +118,7 @@ class SequenceClassificationMixin:
         )
         hidden = out.last_hidden_state
         last = last_token_indices(
-            input_ids, attention_mask, hidden.shape[1], self.config.pad_token_id, hidden.device
+            input_ids, attention_mask, hidden.shape[:2], self.config.pad_token_id, hidden.device
         )
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         logits = self.score(self.dropout(pooled))
