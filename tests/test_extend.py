@@ -136,7 +136,7 @@ def test_bad_input():
         extend_model(mom, 1)
     # A scope with nothing to train is refused rather than freezing the whole model.
     plain = moduleformer(trainable_scope="inserted_experts")
-    with pytest.raises(SurgeryError, match="no inserted experts"):
+    with pytest.raises(ValueError, match="no inserted experts"):
         apply_trainable_scope(plain)
     assert apply_trainable_scope(gpt)["frozen"] == 0  # no scope: left as it is
 

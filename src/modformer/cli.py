@@ -165,7 +165,7 @@ def run_generate(args: argparse.Namespace) -> str:
 def _convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert checkpoints (gpt2 -> modformer, vanilla -> MoM)",
+        help="convert checkpoints (gpt2 -> modformer, vanilla -> MoM, official MoM)",
         description="Convert checkpoints. `gpt2` imports a local Hugging Face GPT-2 directory; "
         "`mom` turns a vanilla model into a Mixture-of-Modules model (phase-2 initialisation). "
         "Run `modformer convert KIND --help` for the options of each.",
@@ -180,6 +180,17 @@ def _convert(sub: argparse._SubParsersAction) -> None:
     g.add_argument("src", help="local Hugging Face GPT-2 directory")
     g.add_argument("dst", help="output model directory")
     g.set_defaults(func=run_convert_gpt2)
+    j = conv.add_parser(
+        "jetmoe",
+        help="import a local JetMoeForCausalLM directory as a ModuleFormer",
+        description="Import a local transformers JetMoE directory (config.json + safetensors) "
+        "into a ModuleFormer with JetMoE's options (RMSNorm, SwiGLU experts, linear router, "
+        "RoPE softmax attention); tokenizer files are copied along. `modformer export hf` "
+        "writes it back.",
+    )
+    j.add_argument("src", help="local JetMoeForCausalLM directory")
+    j.add_argument("dst", help="output model directory")
+    j.set_defaults(func=run_convert_jetmoe)
     m = conv.add_parser(
         "mom",
         help="phase-2 initialisation: a vanilla model's layers become a MoM module pool",
@@ -209,8 +220,30 @@ def _convert(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="MoM-same ablation: all modules of a chunk identical",
     )
+    m.add_argument(
+        "--router-dim",
+        type=int,
+        help="router width (GRU state / MLP hidden size); default max(8, n_embd // 4), which "
+        "keeps the routers' parameters small beside the layers they route",
+    )
+    m.add_argument(
+        "--share-map",
+        help="policy parameter_sharing: the module each step uses, as H comma-separated "
+        "indices, e.g. '0,0,1,1'",
+    )
     m.add_argument("dst", help="output model directory")
     m.set_defaults(func=run_convert_mom)
+    o = conv.add_parser(
+        "mom-official",
+        help="import a checkpoint of the official MoM code (gzhch/Mixture-of-Modules)",
+        description="Import a local directory saved by the official Mixture-of-Modules code "
+        "(config.json with model_type gpt2-mot, and model.safetensors or pytorch_model.bin) into "
+        "a modformer MoM model directory. Pickles load with torch.load(weights_only=True); a "
+        "file that needs code to unpickle is refused. Tokenizer files are copied along.",
+    )
+    o.add_argument("src", help="local directory of an official GPT2MoTLMHeadModel")
+    o.add_argument("dst", help="output model directory")
+    o.set_defaults(func=run_convert_mom_official)
 
 
 def run_convert_gpt2(args: argparse.Namespace) -> None:
@@ -221,13 +254,32 @@ def run_convert_gpt2(args: argparse.Namespace) -> None:
     print(f"converted {args.src} -> {args.dst} ({n:,} parameters)")
 
 
+def run_convert_jetmoe(args: argparse.Namespace) -> None:
+    from modformer.convert.jetmoe import convert_jetmoe
+
+    model = convert_jetmoe(args.src, args.dst)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.src} -> {args.dst} (JetMoE as ModuleFormer, {n:,} parameters)")
+
+
 def run_convert_mom(args: argparse.Namespace) -> None:
+    from modformer.convert.mom import mom_from_vanilla
     from modformer.models.loading import resolve_model_dir
     from modformer.models.model_card import Provenance
-    from modformer.models.mom.convert import mom_from_vanilla
     from modformer.train.checkpoint import atomic_save_model
 
     src = resolve_model_dir(args.src)  # a model dir, a training out_dir or a HF GPT-2 dir
+    options = {}
+    if args.router_dim is not None:
+        options["router_dim"] = args.router_dim
+    if args.share_map is not None:
+        try:
+            options["share_map"] = [int(m) for m in args.share_map.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--share-map {args.share_map!r}: expected comma-separated module indices, "
+                "e.g. '0,0,1,1'"
+            ) from None
     model = mom_from_vanilla(
         src,
         chunks=args.chunks,
@@ -235,8 +287,19 @@ def run_convert_mom(args: argparse.Namespace) -> None:
         router=args.router,
         policy=args.policy,
         mom_same=args.mom_same,
+        **options,
     )
     atomic_save_model(model, args.dst, Path(src), Provenance(method="convert", source=str(src)))
+    n = sum(p.numel() for p in model.parameters())
+    print(
+        f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"
+    )
+
+
+def run_convert_mom_official(args: argparse.Namespace) -> None:
+    from modformer.convert.mom_official import convert_mom_official
+
+    model = convert_mom_official(args.src, args.dst)
     n = sum(p.numel() for p in model.parameters())
     print(
         f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"
@@ -255,6 +318,16 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
         "Turn text into memory-mapped token files plus meta.json and a tokenizer. "
         "Without --inputs, the built-in offline corpus is used (Python stdlib sources, "
         "pydoc topics, C headers).",
+    ),
+    (
+        "export",
+        "modformer.convert.export",
+        "add_export_arguments",
+        "run_export",
+        "write a saved model as a native transformers directory (GPT-2, JetMoE)",
+        "Export a saved model so that plain transformers loads it without modformer: "
+        "`modformer export hf MODEL DST` writes GPT models as GPT2LMHeadModel and "
+        "JetMoE-style ModuleFormers as JetMoeForCausalLM.",
     ),
     (
         "demo",
@@ -386,6 +459,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _eval,
     _generate,
     _convert,
+    _mounted("export"),
     _mounted("finetune"),
     _mounted("lm-eval"),
     _mounted("plot-curves"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import GPT2Config
 
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
 
@@ -135,3 +136,57 @@ def convert_gpt2(src: str | Path, dst: str | Path) -> GPTForCausalLM:
     model = load_gpt2_directory(src)
     atomic_save_model(model, dst, Path(src), Provenance(method="convert", source=str(src)))
     return model
+
+
+# ---------------------------------------------------------------- export
+
+
+def modformer_state_dict_to_gpt2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `gpt2_state_dict_to_modformer`: our `GPTForCausalLM` state dict in
+    HF GPT-2's layout (Conv1D weights transposed back to (in, out))."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if name.endswith(CONV1D_SUFFIXES):
+            value = value.t()
+        out[name] = value.detach().contiguous()
+    return out
+
+
+def gpt2_config_from_modformer(config: GPTConfig) -> GPT2Config:
+    """The `GPT2Config` of a GPT config; options GPT-2 cannot represent are errors."""
+
+    if not config.bias:
+        raise ConversionError(
+            "bias=False is not representable as GPT2LMHeadModel (GPT-2 has biases in every "
+            "linear layer and LayerNorm)"
+        )
+    return GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_inner=config.n_inner,
+        activation_function=config.activation_function,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        initializer_range=config.initializer_range,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        tie_word_embeddings=config.tie_word_embeddings,
+        architectures=["GPT2LMHeadModel"],
+    )
+
+
+def export_gpt2(model: GPTForCausalLM, dst: str | Path, tokenizer_dir: Path | None = None) -> Path:
+    """Write `model` as a native GPT2LMHeadModel directory (plain transformers loads it)."""
+    from modformer.convert.hf_files import write_hf_directory
+
+    state = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    weights = modformer_state_dict_to_gpt2(state)
+    return write_hf_directory(gpt2_config_from_modformer(model.config), weights, dst, tokenizer_dir)

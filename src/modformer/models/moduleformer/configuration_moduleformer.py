@@ -22,6 +22,8 @@ from transformers import PreTrainedConfig
 
 from modformer.models.gpt.configuration_gpt import apply_preset
 from modformer.nn.activations import ACTIVATIONS
+from modformer.nn.moe import ATTENTION_TYPES, EXPERT_MLPS, ROUTER_TYPES
+from modformer.nn.norms import NORM_TYPES
 from modformer.nn.routers import check_slot_lists
 
 _MOLM = dict(
@@ -89,7 +91,7 @@ MODULEFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "molm-8b-k2": dict(_MOLM, n_layer=48),
 }
 
-AUX_LOSS_TYPES = ("mi", "switch", "none")
+AUX_LOSS_TYPES = ("mi", "switch", "switch_pooled", "none")
 TRAINABLE_SCOPES = (None, "inserted_experts", "inserted_experts+embeddings")
 ROUTER_ACTIVATIONS = ("relu", "gelu")
 
@@ -121,7 +123,7 @@ class ModuleFormerConfig(PreTrainedConfig):
     ``trainable_scope`` records which parameters training may change
     ("inserted_experts": the inserted experts and their rows A' only; with
     "+embeddings" also the token embedding, which the tied LM head shares; None: all);
-    `modformer.surgery.apply_trainable_scope` sets ``requires_grad`` from it.
+    `modformer.models.trainable.apply_trainable_scope` sets ``requires_grad`` from it.
 
     History (Transformer-XL, sec. 3.2): with ``use_history`` the model returns the
     detached keys/values of the segment it just processed as ``memory``; passing it to
@@ -130,6 +132,25 @@ class ModuleFormerConfig(PreTrainedConfig):
 
     ``n_positions`` is only the nominal context for generation: there are no position
     embeddings and stick-breaking attention has no length limit.
+
+    JetMoE-style options (ModuleFormer's successor; `modformer convert jetmoe`). The
+    defaults are ModuleFormer as above:
+
+    - ``norm_type``: "layer" (LayerNorm) or "rms" (RMSNorm), every norm of the model;
+      ``final_norm_epsilon`` is the last norm's eps (None: ``layer_norm_epsilon``; JetMoE
+      fixes its block norms at 1e-6 and gives only the final one ``rms_norm_eps``).
+    - ``expert_mlp``: "gelu" (``act(x W_1) W_2``, act = ``activation_function``) or
+      "swiglu" (``(act(x W_g) * x W_u) W_2``; JetMoE uses act = "silu").
+    - ``router_type``: "mlp" (eqs. 1-2, ``A act(B x)``, gates not renormalised) or
+      "linear" (JetMoE: ``A x`` without bias, top-k of the logits, gates = softmax of
+      the k kept logits); ``router_hidden`` / ``router_activation`` are unused then.
+    - ``attention_type``: "stick_breaking" (sec. 3.2) or "softmax_rope" (causal softmax
+      attention with rotary embeddings of base ``rope_theta`` on the full head_dim of
+      every query head and the shared keys; positions count real tokens of the
+      attention mask; the Table 4 baseline and JetMoE's attention).
+    - ``moe_output_bias``: a (n_embd,) bias added to each MoA and SMoE output (JetMoE).
+    - ``aux_loss_type="switch_pooled"``: JetMoE's balance loss, the Switch statistics
+      pooled over all 2 * n_layer routers (`modformer.nn.moe_losses.pooled_switch_loss`).
     """
 
     model_type = "modformer_moduleformer"
@@ -172,6 +193,14 @@ class ModuleFormerConfig(PreTrainedConfig):
     use_history: bool = False
     history_length: int | None = None
     attention_block_size: int = 128
+    # JetMoE-style options (see the class docstring); the defaults are ModuleFormer's.
+    norm_type: str = "layer"
+    final_norm_epsilon: float | None = None
+    expert_mlp: str = "gelu"
+    router_type: str = "mlp"
+    attention_type: str = "stick_breaking"
+    rope_theta: float = 10000.0
+    moe_output_bias: bool = False
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -307,3 +336,41 @@ class ModuleFormerConfig(PreTrainedConfig):
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name, choices in (
+            ("norm_type", NORM_TYPES),
+            ("expert_mlp", EXPERT_MLPS),
+            ("router_type", ROUTER_TYPES),
+            ("attention_type", ATTENTION_TYPES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name} {getattr(self, name)!r} is unknown; choose one of {list(choices)}"
+                )
+        if self.final_norm_epsilon is not None and self.final_norm_epsilon <= 0:
+            raise ValueError(
+                f"final_norm_epsilon must be positive or None (None = layer_norm_epsilon), "
+                f"got {self.final_norm_epsilon}"
+            )
+        if self.aux_loss_type == "switch_pooled":
+            # A pruned router counts at its unpruned width (n_*_experts), others at theirs.
+            widths = {
+                self.n_att_experts if self.att_expert_slots else self.att_experts_in_layer(i)
+                for i in range(self.n_layer)
+            } | {
+                self.n_ffd_experts if self.ffd_expert_slots else self.ffd_experts_in_layer(i)
+                for i in range(self.n_layer)
+            }
+            if len(widths) != 1:
+                raise ValueError(
+                    f"aux_loss_type 'switch_pooled' (JetMoE) pools the statistics of all "
+                    f"routers, which needs one expert count, but the routers have "
+                    f"{sorted(widths)}; use 'switch' for different counts"
+                )
+        if self.attention_type == "softmax_rope":
+            if self.att_head_dim % 2 != 0:
+                raise ValueError(
+                    f"attention_type 'softmax_rope' rotates pairs of dimensions: the head "
+                    f"size att_hidden / n_head = {self.att_head_dim} must be even"
+                )
+            if self.rope_theta <= 0:
+                raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
