@@ -42,14 +42,32 @@ def _configs() -> dict[str, object]:
         "moduleformer": ModuleFormerConfig.from_preset(
             "tiny", **shape, n_layer=2, attention_block_size=8
         ),
+        # JetMoE's options: RMSNorm, SwiGLU experts, linear router, softmax + RoPE (their
+        # code lives in other nn/ files, which the bundle must pick up)
+        "moduleformer_jetmoe": ModuleFormerConfig.from_preset(
+            "tiny",
+            **shape,
+            n_layer=2,
+            norm_type="rms",
+            expert_mlp="swiglu",
+            router_type="linear",
+            attention_type="softmax_rope",
+            tie_word_embeddings=False,
+        ),
     }
 
 
-CAUSAL = {"gpt": GPTForCausalLM, "mom": MoMForCausalLM, "moduleformer": ModuleFormerForCausalLM}
+CAUSAL = {
+    "gpt": GPTForCausalLM,
+    "mom": MoMForCausalLM,
+    "moduleformer": ModuleFormerForCausalLM,
+    "moduleformer_jetmoe": ModuleFormerForCausalLM,
+}
 CLASSIFIERS = {
     "gpt": GPTForSequenceClassification,
     "mom": MoMForSequenceClassification,
     "moduleformer": ModuleFormerForSequenceClassification,
+    "moduleformer_jetmoe": ModuleFormerForSequenceClassification,
 }
 
 
@@ -182,6 +200,7 @@ def test_bundle_is_the_models_import_graph_and_nothing_else(tmp_path):
     for needed in ("modeling_moduleformer.py", "configuration_moduleformer.py", "moe.py"):
         assert needed in files
     assert {"stick_breaking.py", "routers.py", "classification.py", "export_code.py"} <= files
+    assert {"norms.py", "rope_attention.py"} <= files  # JetMoE's options, added to nn/ later
     # ...and nothing the model does not import (trainer, CLI, costs, the card writer).
     assert not files & {"trainer.py", "cli.py", "checkpoint.py", "costs.py", "model_card.py"}
     for file in tmp_path.glob("*.py"):
