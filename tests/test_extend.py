@@ -81,6 +81,19 @@ def test_extend_adds_experts_and_freezes_the_rest():
     assert not any(".mlp." in name for name in names)
 
 
+def test_untied_ibm_layout_extends_and_trains_its_head_with_the_embeddings():
+    model = moduleformer(tie_word_embeddings=False, router_bias=True, kv_bias=True)
+    extended = extend_model(model, 1, train_embeddings=True)
+    original = model.state_dict()
+    for name, value in extended.state_dict().items():
+        if not is_inserted_parameter(name):
+            assert torch.equal(value, original[name]), name  # biases and head copied
+    names = trainable_names(extended)
+    assert {"transformer.wte.weight", "lm_head.weight"} <= names
+    assert not any("bias" in name for name in names)
+    assert "lm_head.weight" not in trainable_names(extend_model(model, 1))
+
+
 def test_extend_options_and_determinism():
     model = moduleformer()
     a = extend_model(model, 2, seed=5, router_init_std=0.0, routing_reg_weight=0.5)

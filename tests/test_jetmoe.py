@@ -213,6 +213,10 @@ def test_export_of_a_non_jetmoe_moduleformer_names_the_options(tmp_path):
     )
     with pytest.raises(ConversionError, match="n_att_experts=4 != n_ffd_experts=8"):
         export_hf(ModuleFormerForCausalLM(near), tmp_path / "out")
+    # IBM's biased K/V projections have no place in JetMoE's kv_proj.
+    ibm_kv = ModuleFormerConfig(**{**near.to_dict(), "n_ffd_experts": 4, "kv_bias": True})
+    with pytest.raises(ConversionError, match="kv_bias=True"):
+        export_hf(ModuleFormerForCausalLM(ibm_kv), tmp_path / "out")
 
 
 def _edit_checkpoint(src, dst, edit_weights=None, edit_config=None):

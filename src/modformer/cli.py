@@ -165,8 +165,11 @@ def run_generate(args: argparse.Namespace) -> str:
 def _convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert checkpoints (gpt2 -> modformer, vanilla -> MoM, official MoM)",
+        help="convert checkpoints (gpt2, IBM ModuleFormer, official MoM -> modformer; "
+        "vanilla -> MoM)",
         description="Convert checkpoints. `gpt2` imports a local Hugging Face GPT-2 directory; "
+        "`moduleformer` an IBM ModuleFormer / MoLM directory; `mom-official` a checkpoint of "
+        "the official MoM code; "
         "`mom` turns a vanilla model into a Mixture-of-Modules model (phase-2 initialisation). "
         "Run `modformer convert KIND --help` for the options of each.",
     )
@@ -180,6 +183,31 @@ def _convert(sub: argparse._SubParsersAction) -> None:
     g.add_argument("src", help="local Hugging Face GPT-2 directory")
     g.add_argument("dst", help="output model directory")
     g.set_defaults(func=run_convert_gpt2)
+    ibm = conv.add_parser(
+        "moduleformer",
+        help="import a local IBM ModuleFormer / MoLM directory (github.com/IBM/ModuleFormer)",
+        description="Import a local directory written by IBM's ModuleFormer code (model_type "
+        "'moduleformer': config.json + safetensors or pytorch_model.bin, read with "
+        "weights_only) into a modformer ModuleFormer directory with the same logits; tokenizer "
+        "files are copied along. IBM's aux_loss_weight is multiplied by 2 * n_layer (IBM sums "
+        "the per-router losses, modformer averages them).",
+    )
+    ibm.add_argument("src", help="local IBM ModuleFormer / MoLM directory")
+    ibm.add_argument("dst", help="output model directory")
+    ibm.add_argument(
+        "--history-length",
+        type=int,
+        default=-1,
+        help="keys/values the imported model remembers across segments in Transformer-XL "
+        "training (default: -1 = unbounded, as IBM's code)",
+    )
+    ibm.add_argument(
+        "--drop-training-options",
+        action="store_true",
+        help="import although config.json sets training-only options modformer lacks "
+        "(sample_topk, moe_pdrop, embd_pdrop != resid_pdrop); they are left out",
+    )
+    ibm.set_defaults(func=run_convert_moduleformer)
     j = conv.add_parser(
         "jetmoe",
         help="import a local JetMoeForCausalLM directory as a ModuleFormer",
@@ -252,6 +280,18 @@ def run_convert_gpt2(args: argparse.Namespace) -> None:
     model = convert_gpt2(args.src, args.dst)
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {args.src} -> {args.dst} ({n:,} parameters)")
+
+
+def run_convert_moduleformer(args: argparse.Namespace) -> None:
+    from modformer.convert.moduleformer import convert_moduleformer
+
+    model = convert_moduleformer(
+        args.src, args.dst, args.drop_training_options, args.history_length
+    )
+    print(
+        f"converted {args.src} -> {args.dst} ({model.total_parameters():,} parameters, "
+        f"{model.active_parameters():,} active per token)"
+    )
 
 
 def run_convert_jetmoe(args: argparse.Namespace) -> None:

@@ -1,5 +1,5 @@
 """Import a local Hugging Face GPT-2 directory (`config.json` + `model.safetensors`) into
-`GPTForCausalLM` (SPEC §1). Nothing is downloaded.
+`GPTForCausalLM` (design §1). Nothing is downloaded.
 
 HF GPT-2 stores `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` as Conv1D, i.e. as
 (in, out) matrices: we transpose them into `nn.Linear`'s (out, in). Keys may carry the
@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import GPT2Config
 
+from modformer.convert.checkpoint_files import ConversionError, read_checkpoint_weights
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
 
 CONV1D_SUFFIXES = (
@@ -24,10 +24,6 @@ CONV1D_SUFFIXES = (
     "mlp.c_proj.weight",
 )
 BUFFER_SUFFIXES = ("attn.bias", "attn.masked_bias")
-
-
-class ConversionError(ValueError):
-    """The source checkpoint cannot be converted; the message says why and what to do."""
 
 
 def _read_config(src: Path) -> GPTConfig:
@@ -68,25 +64,6 @@ def _read_config(src: Path) -> GPTConfig:
     )
 
 
-def _read_weights(src: Path) -> dict[str, torch.Tensor]:
-    st = src / "model.safetensors"
-    if st.is_file():
-        try:
-            return load_file(st)
-        except Exception as e:
-            raise ConversionError(f"{st} is unreadable or truncated ({e})") from None
-    if (src / "model.safetensors.index.json").is_file():
-        index = json.loads((src / "model.safetensors.index.json").read_text())
-        weights: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            weights.update(load_file(src / shard))
-        return weights
-    bin_path = src / "pytorch_model.bin"
-    if bin_path.is_file():
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
-    raise ConversionError(f"{src} has no model.safetensors (or pytorch_model.bin)")
-
-
 def gpt2_state_dict_to_modformer(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename and transpose an HF GPT-2 state dict into `GPTForCausalLM`'s layout."""
     out: dict[str, torch.Tensor] = {}
@@ -109,7 +86,7 @@ def load_gpt2_directory(src: str | Path) -> GPTForCausalLM:
         )
     config = _read_config(src)
     model = GPTForCausalLM(config)
-    state = gpt2_state_dict_to_modformer(_read_weights(src))
+    state = gpt2_state_dict_to_modformer(read_checkpoint_weights(src))
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

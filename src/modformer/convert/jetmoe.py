@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import JetMoeConfig
 
-from modformer.convert.gpt2 import ConversionError, _read_weights
+from modformer.convert.checkpoint_files import ConversionError, read_checkpoint_weights
 from modformer.convert.hf_files import write_hf_directory
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 from modformer.nn.activations import ACTIVATIONS
@@ -238,7 +238,7 @@ def load_jetmoe_directory(src: str | Path) -> ModuleFormerForCausalLM:
     if not src.is_dir():
         raise ConversionError(f"{src} is not a directory; pass a local JetMoeForCausalLM directory")
     config = moduleformer_config_from_jetmoe(_read_jetmoe_config(src), str(src / "config.json"))
-    weights = _read_weights(src)
+    weights = read_checkpoint_weights(src)
     if config.tie_word_embeddings:
         head = weights.pop("lm_head.weight", None)
         embedding = weights.get("model.embed_tokens.weight")
@@ -285,6 +285,7 @@ def _jetmoe_mismatches(config: ModuleFormerConfig) -> list[str]:
         router_type="linear",
         attention_type="softmax_rope",
         moe_output_bias=True,
+        kv_bias=False,
         layer_norm_epsilon=JETMOE_BLOCK_NORM_EPS,
         n_inserted_att_experts=0,
         n_inserted_ffd_experts=0,

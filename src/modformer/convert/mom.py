@@ -1,4 +1,4 @@
-"""Phase-2 initialisation: a MoM model from a trained vanilla GPT (SPEC §2; paper sec. 3.4).
+"""Phase-2 initialisation: a MoM model from a trained vanilla GPT (design §2; paper sec. 3.4).
 
 Layer l of the vanilla model becomes module l - l0 of the chunk that covers it (l0 = the
 chunk's first layer): its ln_1 + attention become an attention module, its ln_2 + MLP an

@@ -1,7 +1,7 @@
 """The model card (``README.md``) written beside every model the project saves.
 
 `atomic_save_model` writes it from the model itself (architecture, total and active
-parameters, FLOPs per token counted by `modformer.eval.costs`) and from what the caller
+parameters, FLOPs per token as `modformer cost` counts them) and from what the caller
 knows of how the model was made (`Provenance`). A field nobody knows is left out, never
 guessed. The command is the ``modformer`` command line when the save happens inside
 `modformer.cli.main` (`cli_command`), unless the caller gives one.
@@ -85,21 +85,27 @@ def _auto_class_name(model: PreTrainedModel) -> str | None:
 
 
 def _costs(model: PreTrainedModel) -> tuple[int, float | None, float | None, int]:
-    """(total parameters, active parameters, FLOPs per token, tokens counted on)."""
-    from modformer.eval.costs import SUPPORTED_MODELS, inference_flops
-
+    """(total parameters, active parameters, FLOPs per token, tokens counted on): the
+    model's own `count_flops` (models/flops.py, what `modformer cost` reports) on one
+    forward of seeded random ids, in eval mode without gradients."""
     total = sum(p.numel() for p in model.parameters())
-    if not isinstance(model, SUPPORTED_MODELS):
+    if not callable(getattr(model, "count_flops", None)):
         return total, None, None, 0
     seq_len = min(FLOPS_TOKENS, getattr(model.config, "n_positions", FLOPS_TOKENS))
     generator = torch.Generator().manual_seed(FLOPS_SEED)
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=generator)
+    ids = ids.to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
     try:
-        report = inference_flops(model, ids)
+        with torch.no_grad():
+            report = model.count_flops(ids, None, torch.ones_like(ids, dtype=torch.bool), "causal")
     except (RuntimeError, ValueError) as error:
         # The card must never cost the model it describes: say why the figures are missing.
         log.warning("model card: no FLOPs / active parameters (counting failed: %s)", error)
         return total, None, None, 0
+    finally:
+        model.train(was_training)
     return total, report.active_parameters, report.per_token, seq_len
 
 
@@ -143,7 +149,7 @@ def model_card(model: PreTrainedModel, path: str | Path, provenance: Provenance 
         )
     if flops is not None:
         lines.append(
-            f"- inference FLOPs per token: {_count(flops)} (`modformer.eval.costs`: matmuls, "
+            f"- inference FLOPs per token: {_count(flops)} (as `modformer cost` counts: matmuls, "
             f"causal attention, one forward of {seq_len} random token ids, seed "
             f"{FLOPS_SEED}; routed models count the modules their routers picked)"
         )

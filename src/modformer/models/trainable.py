@@ -37,7 +37,7 @@ def apply_trainable_scope(model: nn.Module) -> dict[str, int]:
     and frozen parameter counts. Models without a scope are left as they are.
 
     "inserted_experts": only the inserted experts and A' train. "+embeddings": the token
-    embedding too (tied to the LM head, which then trains with it).
+    embedding too, and the LM head (tied to the embedding, or its own matrix when untied).
     """
     scope = getattr(getattr(model, "config", None), "trainable_scope", None)
     if scope is not None:
@@ -46,13 +46,16 @@ def apply_trainable_scope(model: nn.Module) -> dict[str, int]:
                 f"trainable_scope {scope!r} is unknown; choose one of {list(TRAINABLE_SCOPES)} "
                 "or None (train everything)"
             )
-        embedding = model.get_input_embeddings().weight
+        embeddings = {id(model.get_input_embeddings().weight)}
+        head = model.get_output_embeddings()
+        if head is not None:
+            embeddings.add(id(head.weight))  # the same tensor when tied
         trainable_embedding = scope == SCOPE_INSERTED_AND_EMBEDDINGS
         found = False
         for name, param in model.named_parameters():
             inserted = is_inserted_parameter(name)
             found |= inserted
-            param.requires_grad_(inserted or (trainable_embedding and param is embedding))
+            param.requires_grad_(inserted or (trainable_embedding and id(param) in embeddings))
         if not found:
             raise TrainableScopeError(
                 f"trainable_scope={scope!r} but the model has no inserted experts, so nothing "

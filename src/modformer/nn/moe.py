@@ -1,8 +1,9 @@
 """Top-k routing, sparse FFN experts and a mixture of attention heads (ModuleFormer sec. 3).
 
-- ``TopKRouter``: ``g(m|x) = TopK(softmax(A act(B x)))`` (eqs. 1-2), softmax in fp32,
-  the k kept gates are not renormalised. ``router_type="linear"`` is JetMoE's gate
-  instead: ``logits = A x``, top-k of the logits, softmax over the k kept logits.
+- ``TopKRouter``: ``g(m|x) = TopK(softmax(A act(B x)))`` (eqs. 1-2), softmax in at
+  least fp32 (fp64 stays fp64), the k kept gates are not renormalised.
+  ``router_type="linear"`` is JetMoE's gate instead: ``logits = A x``, top-k of the
+  logits, softmax over the k kept logits.
 - ``SparseMoE``: ``y = sum_m g(m|x) f_m(x)`` with FFN experts ``D_emb -> D_ffd -> D_emb``
   (``expert_mlp="swiglu"``: JetMoE's gated experts ``(act(x W_g) * x W_u) W_o``).
 - ``MixtureOfAttentionHeads`` (MoA): attention experts with their own ``W_q``/``W_o``
@@ -43,7 +44,7 @@ from modformer.nn.grouped import (
     slot_order,
 )
 from modformer.nn.rope_attention import apply_rotary, softmax_attention
-from modformer.nn.routers import RouterSlots
+from modformer.nn.routers import RouterSlots, routing_dtype
 from modformer.nn.stick_breaking import stick_breaking_attention
 
 ROUTER_TYPES = ("mlp", "linear")
@@ -55,10 +56,10 @@ ATTENTION_TYPES = ("stick_breaking", "softmax_rope")
 class RouterOutput:
     """One router's decisions for a flat batch of tokens.
 
-    ``logits`` (tokens, N) fp32 are ``h(x) = A act(B x)``; ``probs`` their softmax (the
+    ``logits`` (tokens, N) are ``h(x) = A act(B x)``; ``probs`` their softmax (the
     full distribution the auxiliary losses need); ``top_k_gates`` / ``top_k_indices``
     (tokens, k) the kept gates (renormalised to sum to 1 only for the linear router)
-    and their experts.
+    and their experts. All floats are in at least fp32 (fp64 in an fp64 model).
     """
 
     logits: torch.Tensor
@@ -90,7 +91,8 @@ class TopKRouter(nn.Module):
     """Eqs. 1-2: ``TopK(softmax(A act(B x)))``.
 
     ``input_proj.weight`` is ``B`` (D_rtr x D_emb) and ``expert_embedding.weight`` is
-    the expert embedding ``A`` (one row per original expert, D_rtr wide). Inserted
+    the expert embedding ``A`` (one row per original expert, D_rtr wide); with
+    ``bias`` (IBM's official gate) ``B x`` becomes ``B x + b``. Inserted
     experts (sec. 4.3) have their rows ``A'`` in ``inserted_expert_embedding``, and the
     logits are ``[A; A'] act(B x)`` (eq. 9).
 
@@ -114,6 +116,7 @@ class TopKRouter(nn.Module):
         num_inserted: int = 0,
         slots: RouterSlots | None = None,
         router_type: str = "mlp",
+        bias: bool = False,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -122,6 +125,8 @@ class TopKRouter(nn.Module):
             raise ValueError(
                 f"router_type {router_type!r} is unknown; choose one of {ROUTER_TYPES}"
             )
+        if bias and router_type != "mlp":
+            raise ValueError(f"bias=True needs the 'mlp' router's B; got {router_type!r}")
         _check_inserted(num_inserted, num_experts)
         self.num_experts = num_experts
         self.num_inserted = num_inserted
@@ -130,7 +135,7 @@ class TopKRouter(nn.Module):
         if router_type == "linear":  # A x: the expert embedding reads x itself
             self.input_proj, self.act, hidden_size = None, nn.Identity(), n_embd
         else:
-            self.input_proj = nn.Linear(n_embd, hidden_size, bias=False)
+            self.input_proj = nn.Linear(n_embd, hidden_size, bias=bias)
             self.act = get_activation(activation)
         self.expert_embedding = nn.Linear(hidden_size, num_experts - num_inserted, bias=False)
         self.inserted_expert_embedding = (
@@ -151,9 +156,10 @@ class TopKRouter(nn.Module):
         hidden = x if self.input_proj is None else self.act(self.input_proj(x))
         weight = self.expert_embedding_weight()
         if self.slots is None:
-            logits = F.linear(hidden, weight).float()
+            logits = F.linear(hidden, weight)
         else:  # a pruned router: logits at the unpruned layout, -inf in empty slots
-            logits = self.slots.linear(hidden, weight).float()
+            logits = self.slots.linear(hidden, weight)
+        logits = logits.to(routing_dtype(logits.dtype))
         probs = torch.softmax(logits, dim=-1)
         if self.renormalize:  # JetMoE: top-k of the logits, softmax over the kept ones
             kept_logits, top_k_indices = logits.topk(self.top_k, dim=-1)
@@ -217,6 +223,7 @@ class SparseMoE(nn.Module):
         router_type: str = "mlp",
         expert_mlp: str = "gelu",
         output_bias: bool = False,
+        router_bias: bool = False,
     ):
         super().__init__()
         if expert_mlp not in EXPERT_MLPS:
@@ -234,6 +241,7 @@ class SparseMoE(nn.Module):
             num_inserted,
             slots,
             router_type=router_type,
+            bias=router_bias,
         )
         original = num_experts - num_inserted
         in_width = 2 * hidden_size if self.gated else hidden_size
@@ -285,7 +293,8 @@ class MixtureOfAttentionHeads(nn.Module):
     Expert m has its own ``W_q[m]`` (D_emb x D_att, split into ``n_head`` heads of
     ``D_att / n_head``) and ``W_o[m]`` (D_att x D_emb); the keys and values
     ``x W_k``, ``x W_v`` are shared by all experts (the identity when ``D_att == D_emb``
-    and one head, as in the paper and the official code). For each token the output is
+    and one head, as in the paper and the official code; ``kv_bias`` gives the
+    projections biases, as IBM's code has). For each token the output is
     ``sum_{m in top-k} g_m * W_o[m]^T attn(q_m, K, V)``.
 
     Efficient form: K/V are computed once per token (``project_kv``, so the caller can
@@ -317,6 +326,8 @@ class MixtureOfAttentionHeads(nn.Module):
         router_type: str = "mlp",
         attention_type: str = "stick_breaking",
         output_bias: bool = False,
+        router_bias: bool = False,
+        kv_bias: bool = False,
     ):
         super().__init__()
         if att_hidden % n_head != 0:
@@ -342,6 +353,7 @@ class MixtureOfAttentionHeads(nn.Module):
             num_inserted,
             slots,
             router_type=router_type,
+            bias=router_bias,
         )
         original = num_experts - num_inserted
         self.w_q = nn.Parameter(torch.randn(original, n_embd, att_hidden) * 0.02)
@@ -349,9 +361,14 @@ class MixtureOfAttentionHeads(nn.Module):
         self.w_q_inserted = _inserted_weight(num_inserted, n_embd, att_hidden)
         self.w_o_inserted = _inserted_weight(num_inserted, att_hidden, n_embd)
         self.shared_kv_is_identity = att_hidden == n_embd and n_head == 1
+        if kv_bias and self.shared_kv_is_identity:
+            raise ValueError(
+                "kv_bias=True needs K/V projections, but with att_hidden == n_embd and one "
+                "head they are the identity; set kv_bias=False"
+            )
         # W_k and W_v side by side; None when both are the identity.
         self.kv_proj = (
-            None if self.shared_kv_is_identity else nn.Linear(n_embd, 2 * att_hidden, bias=False)
+            None if self.shared_kv_is_identity else nn.Linear(n_embd, 2 * att_hidden, bias=kv_bias)
         )
         self.output_bias = _output_bias(output_bias, n_embd)
 

@@ -1,4 +1,4 @@
-"""Auxiliary losses and statistics of top-k routers (ModuleFormer sec. 4, SPEC §3).
+"""Auxiliary losses and statistics of top-k routers (ModuleFormer sec. 4, design §3).
 
 Every function takes one router's fp32 ``logits`` of shape (tokens, experts) (the
 probabilities are ``softmax(logits)``) and an optional ``token_mask`` (tokens,) bool,

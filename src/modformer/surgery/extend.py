@@ -1,4 +1,4 @@
-"""Expert insertion for continual learning (ModuleFormer sec. 4.3, SPEC §3), and the
+"""Expert insertion for continual learning (ModuleFormer sec. 4.3, design §3), and the
 helpers the other surgery modules share.
 
 `extend_model` adds ``N_new`` freshly initialised experts to every layer (attention and/or

@@ -1,4 +1,4 @@
-"""ModuleFormer as a Hugging Face `PreTrainedModel` (SPEC §3).
+"""ModuleFormer as a Hugging Face `PreTrainedModel` (design §3).
 
 Read top to bottom: `ModuleFormerMemory` is the Transformer-XL history, `ModuleFormerBlock`
 one layer (`x + MoA(LN(x))`, then `x + SMoE(LN(x))`), `ModuleFormerModel` the stack
@@ -38,7 +38,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modformer.models.classification import SequenceClassificationMixin
 from modformer.models.export_code import PortableModelMixin
-from modformer.models.moduleformer.configuration_moduleformer import ModuleFormerConfig
+from modformer.models.flops import FlopCounting
+from modformer.models.moduleformer.configuration_moduleformer import (
+    UNBOUNDED_HISTORY,
+    ModuleFormerConfig,
+)
+from modformer.models.moduleformer.flops import moduleformer_flops
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
     cache_field,
@@ -130,6 +135,8 @@ class ModuleFormerBlock(nn.Module):
             router_type=config.router_type,
             attention_type=config.attention_type,
             output_bias=config.moe_output_bias,
+            router_bias=config.router_bias,
+            kv_bias=config.kv_bias,
         )
         self.ln_2 = make_norm(config.norm_type, config.n_embd, config.layer_norm_epsilon)
         self.mlp = SparseMoE(
@@ -145,6 +152,7 @@ class ModuleFormerBlock(nn.Module):
             router_type=config.router_type,
             expert_mlp=config.expert_mlp,
             output_bias=config.moe_output_bias,
+            router_bias=config.router_bias,
         )
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -228,12 +236,17 @@ class ModuleFormerPreTrainedModel(PortableModelMixin, PreTrainedModel):
 
     def active_parameters(self) -> int:
         """Parameters one token touches: everything shared, plus k/N of each layer's
-        expert weights (it runs k of the N experts). Embeddings count in full."""
+        expert weights (it runs k of the N experts). A tied embedding counts in full (the
+        LM head uses all of it); an untied input embedding one row (the token's own)."""
         expert_fraction: dict[int, float] = {}
         for module in self.modules():
             if isinstance(module, (SparseMoE, MixtureOfAttentionHeads)):
                 for p in module.expert_parameters():
                     expert_fraction[id(p)] = module.top_k / module.num_experts
+        embedding = self.get_input_embeddings().weight
+        output = self.get_output_embeddings()
+        if output is None or output.weight is not embedding:
+            expert_fraction[id(embedding)] = 1 / embedding.shape[0]
         return round(sum(p.numel() * expert_fraction.get(id(p), 1.0) for p in self.parameters()))
 
 
@@ -319,8 +332,11 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         key_padding_mask: torch.Tensor | None,
         seq_len: int,
     ) -> ModuleFormerMemory:
-        """Detached last ``history_length`` (default: ``seq_len``) keys/values per layer."""
+        """Detached last ``history_length`` (default: ``seq_len``; unbounded: all the
+        memory and the current segment) keys/values per layer."""
         keep = self.config.history_length or seq_len
+        if keep == UNBOUNDED_HISTORY:
+            keep = layer_kv[0][0].shape[2]
         keys = tuple(k[:, :, -keep:].detach() for k, _ in layer_kv)
         values = tuple(v[:, :, -keep:].detach() for _, v in layer_kv)
         mask = None if key_padding_mask is None else key_padding_mask[:, -keep:]
@@ -426,7 +442,8 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         )
 
 
-class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
+class ModuleFormerForCausalLM(FlopCounting, ModuleFormerPreTrainedModel, GenerationMixin):
+    flop_counter = staticmethod(moduleformer_flops)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: ModuleFormerConfig):
