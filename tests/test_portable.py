@@ -16,10 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from modformer.eval.costs import inference_flops
+from modformer.invocation import cli_command
 from modformer.models.classification import last_token_indices, sequence_classification_loss
 from modformer.models.export_code import RemoteCodeError, _parse, _Source
 from modformer.models.gpt import GPTConfig, GPTForCausalLM, GPTForSequenceClassification
-from modformer.models.model_card import CARD_FILE, Provenance, cli_command
+from modformer.models.model_card import CARD_FILE, Provenance
 from modformer.models.moduleformer import (
     ModuleFormerConfig,
     ModuleFormerForCausalLM,

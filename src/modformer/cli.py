@@ -1,7 +1,8 @@
 """The `modformer` command: data, training, evaluation, conversion, surgery and analysis.
 
 Each subcommand is a thin layer over the library; `modformer CMD --help` explains every
-option.
+option. Building the parser imports no torch or transformers (the argparse definitions are
+torch-free and every command imports what it needs when it runs), so `--help` is quick.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from huggingface_hub.errors import StrictDataclassError
-
+from modformer import __version__
 from modformer.config import ConfigError
-from modformer.train.checkpoint import CheckpointError
 from modformer.utils import retain_freed_memory
 
 
@@ -41,7 +42,8 @@ def run_train(args: argparse.Namespace) -> dict:
 
     cfg = train_config_from_args(args)
     final = train(cfg, resume=args.resume)
-    if "val_loss" in final:
+    # Under torchrun every rank returns; one line is enough (RANK is torchrun's).
+    if "val_loss" in final and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"final val loss {final['val_loss']:.4f}  ppl {final['val_ppl']:.2f}  -> {cfg.out_dir}/model"
         )
@@ -348,6 +350,8 @@ def run_convert_mom_official(args: argparse.Namespace) -> None:
 
 # Subcommands that live in their own module as `add_*_arguments(parser)` + `run_*(args)`:
 # (name, module, add-arguments function, run function, one-line help, description).
+# The add-arguments function is looked up in `module`, or given as "other.module:function"
+# when `module` imports torch (its argparse definitions then live in modformer.cli_args).
 MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "prepare",
@@ -362,7 +366,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "export",
         "modformer.convert.export",
-        "add_export_arguments",
+        "modformer.cli_args:add_export_arguments",
         "run_export",
         "write a saved model as a native transformers directory (GPT-2, JetMoE)",
         "Export a saved model so that plain transformers loads it without modformer: "
@@ -381,7 +385,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "finetune",
         "modformer.eval.downstream",
-        "add_finetune_arguments",
+        "modformer.cli_args:add_finetune_arguments",
         "run_finetune",
         "fine-tune and score a model on local classification or summarisation data",
         "Fine-tune a saved model on a local GLUE-style file (CSV/TSV/JSONL; single "
@@ -411,7 +415,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "usage",
         "modformer.analysis.usage",
-        "add_usage_arguments",
+        "modformer.cli_args:add_usage_arguments",
         "run_usage",
         "module/expert usage statistics of a ModuleFormer or MoM model",
         "Count how often each expert/module is in a token's top-k on a prepared split "
@@ -420,7 +424,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "routing-report",
         "modformer.analysis.routing_report",
-        "add_routing_report_arguments",
+        "modformer.cli_args:add_routing_report_arguments",
         "run_routing_report",
         "routing heatmaps, MoM transitions, per-domain expert KL",
         "Usage heatmaps, MoM step-to-step transitions and per-domain expert "
@@ -438,7 +442,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "cost",
         "modformer.eval.costs",
-        "add_cost_arguments",
+        "modformer.cli_args:add_cost_arguments",
         "run_cost",
         "params, FLOPs/token, peak memory (and val loss) per model: MoM Table 1",
         "Inference costs of saved models and/or random-init preset configs: total "
@@ -448,7 +452,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "prune",
         "modformer.surgery.prune",
-        "add_prune_arguments",
+        "modformer.cli_args:add_prune_arguments",
         "run_prune",
         "remove rarely used experts / modules (ModuleFormer, MoM) and their router rows",
         "Count each expert's (or MoM module's) activation frequency on a data set, "
@@ -458,7 +462,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "extend",
         "modformer.surgery.extend",
-        "add_extend_arguments",
+        "modformer.cli_args:add_extend_arguments",
         "run_extend",
         "insert new experts for continual learning, freezing the old ones",
         "Add N fresh experts per layer to a ModuleFormer, extend the router's expert "
@@ -468,27 +472,47 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "forgetting",
         "modformer.surgery.forgetting",
-        "add_forgetting_arguments",
+        "modformer.cli_args:add_forgetting_arguments",
         "run_forgetting",
         "the continual-learning experiment (ModuleFormer Tables 5-6 at CPU scale)",
         "Pretrain without one domain, then learn it by full fine-tuning, by expert "
         "insertion at several routing-regulariser weights, and with a dense model; report old- "
         "and new-domain validation loss before and after.",
     ),
+    (
+        "reproduce",
+        "modformer.experiments.common",
+        "modformer.cli_args:add_reproduce_arguments",
+        "run_reproduce",
+        "run one of the papers' experiments with seeds and baselines (docs/results.md)",
+        "Train every arm of one experiment for each seed on the built-in corpus, evaluate on "
+        "the whole validation split, compare each arm with its baseline (paired over seeds: "
+        "mean +- sd, difference +- SE) and write results.json and results.md. Resumable.",
+    ),
 ]
 
 
+def _function(module: str, name: str) -> Callable:
+    """`name` in `module`, or the function a "module:function" `name` points to."""
+    if ":" in name:
+        module, name = name.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _mounted(name: str) -> Callable[[argparse._SubParsersAction], None]:
-    """The parser-adding function of one MOUNTED subcommand; its module is imported only
-    when the parser is built, not when `modformer` is imported."""
+    """The parser-adding function of one MOUNTED subcommand. Only its argparse definitions
+    are imported to build the parser; the module with its run function (and torch) is
+    imported when the command runs."""
     entry = next(e for e in MOUNTED if e[0] == name)
     _, module, add, run, help_, description = entry
 
+    def run_command(args: argparse.Namespace) -> Any:
+        return _function(module, run)(args)
+
     def add_parser(sub: argparse._SubParsersAction) -> None:
-        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_, description=description)
-        getattr(mod, add)(p)
-        p.set_defaults(func=getattr(mod, run))
+        _function(module, add)(p)
+        p.set_defaults(func=run_command)
 
     return add_parser
 
@@ -511,16 +535,30 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _mounted("extend"),
     _mounted("forgetting"),
     _mounted("demo"),
+    _mounted("reproduce"),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modformer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--version", action="version", version=f"modformer {__version__}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
     return parser
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what is wrong and how to fix it (imported only on the
+    error path: the checkpoint module imports torch)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from modformer.train.checkpoint import CheckpointError
+
+    return (ValueError, FileNotFoundError, CheckpointError, StrictDataclassError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -534,15 +572,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from modformer.models.model_card import cli_command
+    from modformer.invocation import cli_command
 
     try:
         with cli_command(sys.argv[1:] if argv is None else argv):  # for the model cards
             args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError, StrictDataclassError) as e:
+    except Exception as e:
         # Our errors carry the problem and the fix; a traceback would bury them.
-        if args.verbose:
+        if args.verbose or not isinstance(e, _user_error_types()):
             raise
+        from huggingface_hub.errors import StrictDataclassError
+
         # `@strict` configs wrap the validator's ValueError: show the validator's message.
         message = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ else e
         print(f"modformer {args.command}: error: {message}", file=sys.stderr)

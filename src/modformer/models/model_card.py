@@ -4,21 +4,20 @@
 parameters, FLOPs per token as `modformer cost` counts them) and from what the caller
 knows of how the model was made (`Provenance`). A field nobody knows is left out, never
 guessed. The command is the ``modformer`` command line when the save happens inside
-`modformer.cli.main` (`cli_command`), unless the caller gives one.
+`modformer.cli.main` (`modformer.invocation`), unless the caller gives one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import shlex
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
+
+from modformer.invocation import running_command
 
 log = logging.getLogger("modformer.model_card")
 
@@ -39,8 +38,6 @@ _SUMMARY_KEYS = (
     "n_ffd_experts",
     "k_ffd",
 )
-
-_cli_command: str | None = None
 
 
 @dataclass
@@ -64,17 +61,6 @@ class Provenance:
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in METHODS:
             raise ValueError(f"provenance method {self.method!r} is unknown; use one of {METHODS}")
-
-
-@contextlib.contextmanager
-def cli_command(argv: Sequence[str]) -> Iterator[None]:
-    """While active, cards record ``modformer ARGV`` as the command that made the model."""
-    global _cli_command
-    previous, _cli_command = _cli_command, shlex.join(["modformer", *argv])
-    try:
-        yield
-    finally:
-        _cli_command = previous
 
 
 def _auto_class_name(model: PreTrainedModel) -> str | None:
@@ -156,7 +142,7 @@ def model_card(model: PreTrainedModel, path: str | Path, provenance: Provenance 
     made = []
     if provenance.method is not None:
         made.append(f"- made by: {provenance.method}")
-    command = provenance.command or _cli_command
+    command = provenance.command or running_command()
     if command is not None:
         made.append(f"- command: `{command}`")
     if provenance.source is not None:
