@@ -156,10 +156,13 @@ def test_existing_run_needs_resume(tiny_data_dir, tmp_path):
 def test_corrupt_checkpoint_is_a_clear_error(tiny_data_dir, tmp_path):
     cfg = load_train_config(None, tiny_args(tiny_data_dir, tmp_path / "r", steps=2))
     train(cfg)
-    state = tmp_path / "r" / "checkpoints" / "step_000002" / "trainer_state.pt"
+    state = tmp_path / "r" / "checkpoints" / "step_000002" / "trainer_state.safetensors"
     state.write_bytes(state.read_bytes()[:100])
     cfg = load_train_config(None, tiny_args(tiny_data_dir, tmp_path / "r", steps=4))
-    with pytest.raises(ckpt_lib.CheckpointError, match="unreadable"):
+    with pytest.raises(
+        ckpt_lib.CheckpointError,
+        match=r"no intact checkpoint .*step_000002: trainer_state.safetensors has 100 bytes",
+    ):
         train(cfg, resume=True)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from huggingface_hub.errors import StrictDataclassError
 
 from modformer.config import ConfigError
-from modformer.train.checkpoint import CheckpointError
+from modformer.errors import ModformerError
 from modformer.utils import retain_freed_memory
 
 
@@ -40,7 +40,7 @@ def run_train(args: argparse.Namespace) -> dict:
     from modformer.train.trainer import train
 
     cfg = train_config_from_args(args)
-    final = train(cfg, resume=args.resume)
+    final = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if "val_loss" in final:
         print(
             f"final val loss {final['val_loss']:.4f}  ppl {final['val_ppl']:.2f}  -> {cfg.out_dir}/model"
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError, StrictDataclassError) as e:
+    except (ValueError, FileNotFoundError, ModformerError, StrictDataclassError) as e:
         # Our errors carry the problem and the fix; a traceback would bury them.
         if args.verbose:
             raise
@@ -429,7 +429,38 @@ def main(argv: list[str] | None = None) -> int:
         message = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ else e
         print(f"modformer {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except (MemoryError, OSError, RuntimeError) as e:
+        # Out of memory and disk full are facts about the machine, not bugs: one line.
+        message = resource_error_message(e)
+        if message is None or args.verbose:
+            raise
+        print(f"modformer {args.command}: error: {message}", file=sys.stderr)
+        return 2
     return 0
+
+
+def resource_error_message(e: BaseException) -> str | None:
+    """One line for out-of-memory and file-system errors; None for anything else (a bug,
+    which keeps its traceback)."""
+    import errno
+
+    import torch
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    ):
+        return (
+            "out of memory; lower the batch size (or block size / model size), or use a "
+            "machine with more memory"
+        )
+    if not isinstance(e, OSError):
+        return None
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device{where}; free some space and run again"
+    if e.errno is not None:
+        return f"{e.strerror or e}{where}; check the path and its permissions"
+    return None
 
 
 if __name__ == "__main__":
