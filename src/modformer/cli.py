@@ -69,21 +69,43 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batches", type=int, help="stop after this many batches (default: all)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> dict:
     from modformer.eval.lm import evaluate_split, evaluate_text_file
     from modformer.models.loading import load_model, load_tokenizer
+    from modformer.utils import check_output_path
 
-    model = load_model(args.model, args.device)
     if args.block_size < 2:
         raise ConfigError(f"--block-size must be >= 2, got {args.block_size}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ConfigError(f"--max-batches must be >= 1, got {args.max_batches}")
+    if args.json:
+        check_output_path(args.json, "--json file")
+        if Path(args.json).exists() and not args.overwrite:
+            raise ConfigError(
+                f"--json file {args.json} already exists; pass --overwrite to replace it"
+            )
+    model = load_model(args.model, args.device)
+    n_positions = getattr(model.config, "n_positions", None)
+    if n_positions is not None and args.block_size > n_positions:
+        raise ConfigError(
+            f"--block-size {args.block_size} exceeds the model's context (n_positions={n_positions})"
+        )
     if args.text:
         tokenizer = load_tokenizer(args.model)
         if tokenizer is None:
             raise ConfigError(
                 f"{args.model} has no tokenizer.json; evaluate prepared data with --data instead"
+            )
+        if len(tokenizer) > model.config.vocab_size:
+            raise ConfigError(
+                f"the tokenizer in {args.model} has {len(tokenizer)} tokens but the model only "
+                f"{model.config.vocab_size}; they do not belong together"
             )
         results = {
             "text": evaluate_text_file(
@@ -142,6 +164,8 @@ def run_generate(args: argparse.Namespace) -> str:
     from modformer.generation import generate_text
     from modformer.models.loading import load_model, load_tokenizer
 
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model = load_model(args.model, args.device)
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
@@ -179,6 +203,7 @@ def _convert(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("src", help="local Hugging Face GPT-2 directory")
     g.add_argument("dst", help="output model directory")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing DST model")
     g.set_defaults(func=run_convert_gpt2)
     m = conv.add_parser(
         "mom",
@@ -210,12 +235,29 @@ def _convert(sub: argparse._SubParsersAction) -> None:
         help="MoM-same ablation: all modules of a chunk identical",
     )
     m.add_argument("dst", help="output model directory")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing DST model")
     m.set_defaults(func=run_convert_mom)
+
+
+def check_model_destination(dst: str, overwrite: bool) -> None:
+    """Before any work: `dst` can be written, and an existing model there is replaced only
+    with --overwrite (and a non-model directory never)."""
+    from modformer.utils import check_output_path
+
+    path = check_output_path(dst, "output directory", directory=True)
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"output directory {dst} is not empty and holds no model; choose another one"
+            )
+        if not overwrite:
+            raise ConfigError(f"{dst} already holds a model; pass --overwrite to replace it")
 
 
 def run_convert_gpt2(args: argparse.Namespace) -> None:
     from modformer.convert.gpt2 import convert_gpt2
 
+    check_model_destination(args.dst, args.overwrite)
     model = convert_gpt2(args.src, args.dst)
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {args.src} -> {args.dst} ({n:,} parameters)")
@@ -226,6 +268,7 @@ def run_convert_mom(args: argparse.Namespace) -> None:
     from modformer.models.mom.convert import mom_from_vanilla
     from modformer.train.checkpoint import atomic_save_model
 
+    check_model_destination(args.dst, args.overwrite)
     src = resolve_model_dir(args.src)  # a model dir, a training out_dir or a HF GPT-2 dir
     model = mom_from_vanilla(
         src,
@@ -399,6 +442,47 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+# The output paths of each command, checked before any work starts (so that a path under
+# a regular file fails at once, not after training): (argument dest, is a directory).
+# `train` checks its out_dir itself, since the library entry point needs it too.
+OUTPUT_ARGUMENTS: dict[str, list[tuple[str, bool]]] = {
+    "prepare": [("output_dir", True)],
+    "eval": [("json", False)],
+    "convert": [("dst", True)],
+    "finetune": [("out", True)],
+    "lm-eval": [("output", False)],
+    "plot-curves": [("out", False)],
+    "cost": [("json", False)],
+    "usage": [("out", False)],
+    "routing-report": [("out_dir", True)],
+    "sweep": [("out_dir", True)],
+    "prune": [("out", True), ("report", False)],
+    "extend": [("out", True)],
+    "forgetting": [("out_dir", True)],
+    "demo": [("work_dir", True)],
+}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Checks every command shares, before any work: its output paths can be written and
+    its --device exists on this machine."""
+    from modformer.utils import check_output_path
+
+    device = getattr(args, "device", None)
+    if isinstance(device, str):
+        from modformer.train.distributed import resolve_device
+
+        resolve_device(device)
+    for dest, is_dir in OUTPUT_ARGUMENTS.get(args.command, []):
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and value:
+            positional = dest in ("dst", "output_dir") or (
+                dest == "out" and args.command in ("prune", "extend")
+            )
+            flag = dest.upper() if positional else "--" + dest.replace("_", "-")
+            check_output_path(value, flag, directory=is_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modformer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -420,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        check_arguments(args)
         args.func(args)
     except (ValueError, FileNotFoundError, ModformerError, StrictDataclassError) as e:
         # Our errors carry the problem and the fix; a traceback would bury them.

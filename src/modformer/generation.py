@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+# Model types whose learned position embeddings cap the sequence at n_positions.
+LEARNED_POSITIONS = ("modformer_gpt", "modformer_mom")
 
 
 def generate_text(
@@ -18,14 +23,35 @@ def generate_text(
 ) -> str:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not greedy and temperature <= 0:
+    if not greedy and not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(
-            f"temperature must be > 0 for sampling, got {temperature}; or use greedy decoding"
+            f"temperature must be a finite number > 0 for sampling, got {temperature}; or use "
+            "greedy decoding"
+        )
+    if not greedy and top_k is not None and top_k < 1:
+        raise ValueError(
+            f"top_k must be >= 1, got {top_k}; to sample from the whole vocabulary pass the "
+            f"vocabulary size ({model.config.vocab_size})"
+        )
+    vocab_size = model.config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size}: they "
+            "do not belong together; use the tokenizer the model was trained with"
         )
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    context = getattr(model.config, "n_positions", None)
+    if context is not None and model.config.model_type in LEARNED_POSITIONS:
+        # Learned position embeddings end at n_positions (ModuleFormer has none).
+        if ids.shape[1] + max_new_tokens > context:
+            raise ValueError(
+                f"the prompt ({ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) "
+                f"exceeds the model's context of {context} tokens; shorten the prompt or lower "
+                "max_new_tokens"
+            )
     torch.manual_seed(seed)
     out = model.generate(
         ids,

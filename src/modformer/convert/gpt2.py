@@ -75,14 +75,24 @@ def _read_weights(src: Path) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise ConversionError(f"{st} is unreadable or truncated ({e})") from None
     if (src / "model.safetensors.index.json").is_file():
-        index = json.loads((src / "model.safetensors.index.json").read_text())
-        weights: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            weights.update(load_file(src / shard))
+        try:
+            index = json.loads((src / "model.safetensors.index.json").read_text())
+            weights: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(index["weight_map"].values())):
+                weights.update(load_file(src / shard))
+        except Exception as e:
+            raise ConversionError(f"{src}: sharded safetensors are unreadable ({e})") from None
         return weights
     bin_path = src / "pytorch_model.bin"
     if bin_path.is_file():
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
+        try:  # weights_only: tensors and plain containers, never arbitrary objects
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConversionError(
+                f"{bin_path} was refused: it is not a plain tensor file ({type(e).__name__}); only "
+                "tensors are loaded from pickles, nothing that could run code. Convert it to "
+                "model.safetensors with a tool you trust"
+            ) from None
     raise ConversionError(f"{src} has no model.safetensors (or pytorch_model.bin)")
 
 
