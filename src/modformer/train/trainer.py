@@ -286,7 +286,7 @@ def _nonfinite_message(
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
     return (
         f"training diverged at step {step}: loss {loss}{norm}. Nothing of this step was "
-        f"saved and {kept}. Lower optim.lr (now {cfg.optim.lr:g}) or enable optim.grad_clip, "
+        f"saved and {kept}. Lower optim.lr (now {cfg.optim.lr:g}) or raise optim.warmup_steps, "
         "then start again (or --resume); nonfinite=skip skips such steps instead"
     )
 
