@@ -43,15 +43,15 @@ def generate_text(
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    # Learned position embeddings end at n_positions (ModuleFormer has none).
     context = getattr(model.config, "n_positions", None)
-    if context is not None and model.config.model_type in LEARNED_POSITIONS:
-        # Learned position embeddings end at n_positions (ModuleFormer has none).
-        if ids.shape[1] + max_new_tokens > context:
-            raise ValueError(
-                f"the prompt ({ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) "
-                f"exceeds the model's context of {context} tokens; shorten the prompt or lower "
-                "max_new_tokens"
-            )
+    learned = context is not None and model.config.model_type in LEARNED_POSITIONS
+    if learned and ids.shape[1] + max_new_tokens > context:
+        raise ValueError(
+            f"the prompt ({ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) "
+            f"exceeds the model's context of {context} tokens; shorten the prompt or lower "
+            "max_new_tokens"
+        )
     torch.manual_seed(seed)
     out = model.generate(
         ids,
