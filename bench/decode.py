@@ -48,6 +48,7 @@ import torch
 import modformer.nn.moe as moe_module
 from common import interleaved_times
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
+from modformer.models.outputs import output_cache
 from stick_breaking import official_stick_breaking
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,9 +79,9 @@ def cached_steps(model, cache, token: torch.Tensor, official: bool, steps: int) 
             with torch.no_grad():
                 if official:
                     with official_attention():
-                        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                        out = model(input_ids=token, cache=cache, use_cache=True)
                 else:
-                    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                    out = model(input_ids=token, cache=cache, use_cache=True)
             cache.crop(-token.shape[1])
         return out.logits
 
@@ -137,7 +138,7 @@ def main() -> None:
     max_diff: dict[str, float] = {}
     for c in contexts:
         with torch.no_grad():
-            cache = model(input_ids=prompt[:, :c], use_cache=True).past_key_values
+            cache = output_cache(model(input_ids=prompt[:, :c], use_cache=True))
         steps = args.steps_per_sample
         ours = cached_steps(model, cache, token, official=False, steps=steps)
         official = cached_steps(model, copy.deepcopy(cache), token, official=True, steps=steps)

@@ -189,7 +189,7 @@ def run_generate(args: argparse.Namespace) -> str:
 def _convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert checkpoints (gpt2 -> modformer, vanilla -> MoM)",
+        help="convert checkpoints (gpt2 -> modformer, vanilla -> MoM, official MoM)",
         description="Convert checkpoints. `gpt2` imports a local Hugging Face GPT-2 directory; "
         "`mom` turns a vanilla model into a Mixture-of-Modules model (phase-2 initialisation). "
         "Run `modformer convert KIND --help` for the options of each.",
@@ -237,6 +237,17 @@ def _convert(sub: argparse._SubParsersAction) -> None:
     m.add_argument("dst", help="output model directory")
     m.add_argument("--overwrite", action="store_true", help="replace an existing DST model")
     m.set_defaults(func=run_convert_mom)
+    o = conv.add_parser(
+        "mom-official",
+        help="import a checkpoint of the official MoM code (gzhch/Mixture-of-Modules)",
+        description="Import a local directory saved by the official Mixture-of-Modules code "
+        "(config.json with model_type gpt2-mot, and model.safetensors or pytorch_model.bin) into "
+        "a modformer MoM model directory. Pickles load with torch.load(weights_only=True); a "
+        "file that needs code to unpickle is refused. Tokenizer files are copied along.",
+    )
+    o.add_argument("src", help="local directory of an official GPT2MoTLMHeadModel")
+    o.add_argument("dst", help="output model directory")
+    o.set_defaults(func=run_convert_mom_official)
 
 
 def check_model_destination(dst: str, overwrite: bool) -> None:
@@ -279,6 +290,16 @@ def run_convert_mom(args: argparse.Namespace) -> None:
         mom_same=args.mom_same,
     )
     atomic_save_model(model, args.dst, tokenizer_dir=Path(src))
+    n = sum(p.numel() for p in model.parameters())
+    print(
+        f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"
+    )
+
+
+def run_convert_mom_official(args: argparse.Namespace) -> None:
+    from modformer.convert.mom_official import convert_mom_official
+
+    model = convert_mom_official(args.src, args.dst)
     n = sum(p.numel() for p in model.parameters())
     print(
         f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"

@@ -123,7 +123,7 @@ def _fresh_run(out_dir: Path) -> None:
 def stage_vanilla(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
     from modformer.data.dataset import TokenDataset
     from modformer.eval.lm import unigram_loss
-    from modformer.generation import generate_text
+    from modformer.generation import greedy_sample_checked
     from modformer.models.loading import load_model, load_tokenizer
     from modformer.train.trainer import train
 
@@ -138,9 +138,9 @@ def stage_vanilla(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[
     model = load_model(out_dir)
     tokenizer = load_tokenizer(out_dir)
     prompt = "def "
-    sample = generate_text(
-        model, tokenizer, prompt, max_new_tokens=60, temperature=0.7, seed=args.seed
-    )
+    # Greedy, and checked against full forwards: the demo fails loudly if cached decoding
+    # breaks (as it did silently under transformers 5.24 before the models took `cache`).
+    sample = greedy_sample_checked(model, tokenizer, prompt, max_new_tokens=60)
     return {
         "val_loss": final["val_loss"],
         "val_ppl": final["val_ppl"],

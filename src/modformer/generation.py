@@ -64,3 +64,43 @@ def generate_text(
         eos_token_id=None,  # keep going past document ends: the demo shows a fixed length
     )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
+
+
+@torch.no_grad()
+def argmax_decode(model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding the slow way, one full forward without a cache per new token: the
+    reference that cached `generate()` must reproduce token for token."""
+    for _ in range(max_new_tokens):
+        logits = model(ids, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+def greedy_sample_checked(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompt: str, max_new_tokens: int
+) -> str:
+    """A greedy continuation of `prompt` by cached `generate()`, checked token for token
+    against `argmax_decode`. Raises if they differ: a KV cache the model never received (as
+    when transformers 5.24 renamed the argument) decodes without context, silently."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    cached = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.eos_token_id,
+        eos_token_id=None,
+    )
+    reference = argmax_decode(model, ids, max_new_tokens)
+    if not torch.equal(cached, reference):
+        import transformers
+
+        first = int((cached[0] != reference[0]).nonzero()[0])
+        raise RuntimeError(
+            f"cached generate() disagrees with full forwards from token {first} on "
+            f"(transformers {transformers.__version__}); install the versions in constraints.txt"
+        )
+    return tokenizer.decode(cached[0, ids.shape[1] :], skip_special_tokens=False)

@@ -18,7 +18,8 @@ FLOP conventions (`inference_flops`)
   ``p * v`` over ``width = n_head * head_dim``; ModuleFormer: ``k * att_hidden``, one
   set of heads per selected expert). With ``attention="causal"`` (default) a query
   attends to the real keys at or before its position; in a MoM chunk step a token whose
-  attention picks are all SKIP is neither a query nor a key. With ``attention="dense"``
+  attention picks are all SKIP is no query, and no key unless the model keeps such
+  tokens as zero keys (``all_skip_tokens="zero_key"``). With ``attention="dense"``
   every position of the batch is a query against every key position of the call: what
   dense attention kernels compute and what `torch.utils.flop_counter.FlopCounterMode`
   and DeepSpeed's FLOPs profiler (used by the MoM paper) count. Our MoM runs SDPA over
@@ -116,17 +117,21 @@ def _weight_flops(weight: torch.Tensor) -> int:
     return 2 * weight.shape[-2] * weight.shape[-1]
 
 
-def _query_key_pairs(takes_part: torch.Tensor, attention: str) -> int:
+def _query_key_pairs(
+    takes_part: torch.Tensor, attention: str, keys: torch.Tensor | None = None
+) -> int:
     """(query, key) pairs whose scores an attention call costs.
 
-    takes_part: (B, T) bool, the tokens that are queries and keys (real tokens, and in a
-    MoM step those with a module pick). causal: each such query attends to the keys that
-    take part at or before its position. dense: every position against every position.
+    takes_part: (B, T) bool, the tokens that are queries (real tokens, and in a MoM step
+    those with a module pick); keys: (B, T) bool, the tokens that are keys (default: the
+    same; a MoM with `all_skip_tokens="zero_key"` keeps all-SKIP tokens as keys). causal:
+    each query attends to the keys at or before its position. dense: every position
+    against every position.
     """
     B, T = takes_part.shape
     if attention == "dense":
         return B * T * T
-    keys_so_far = takes_part.long().cumsum(1)
+    keys_so_far = (takes_part if keys is None else keys).long().cumsum(1)
     return int((keys_so_far * takes_part).sum())
 
 
@@ -203,11 +208,13 @@ def _count_mom_chunk(
     attn_pair_flops = _weight_flops(attn.qkv_weight) + _weight_flops(attn.proj_weight)
     ffn_pair_flops = _weight_flops(ffn.fc_weight) + _weight_flops(ffn.proj_weight)
     width = attn.n_head * attn.head_dim
+    zero_keys = chunk.zero_keys
     for step in steps:
         attn_picks = (step.attn_index < step.num_attn_modules) & real[..., None]
         tally.add("attention_projections", attn_picks.sum(), attn_pair_flops)
-        takes_part = attn_picks.any(-1)  # all-SKIP tokens are neither queries nor keys
-        tally.add("attention_scores", _query_key_pairs(takes_part, attention), 4 * width)
+        takes_part = attn_picks.any(-1)  # all-SKIP tokens are no queries ...
+        keys = real if zero_keys else None  # ... and no keys, unless they stay zero keys
+        tally.add("attention_scores", _query_key_pairs(takes_part, attention, keys), 4 * width)
         ffn_picks = (step.ffn_index < step.num_ffn_modules) & real[..., None]
         tally.add("ffn", ffn_picks.sum(), ffn_pair_flops)
         tally.add("router", n, _router_flops(chunk.policy, step.step))

@@ -6,7 +6,36 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+# transformers 5.24 renamed the KV cache, in forward arguments and in model outputs, from
+# `past_key_values` to `cache` (the old name still works there, with a deprecation warning).
+# Our forwards accept both names, and outputs carry the cache under the installed release's
+# field name, so `generate()` finds it on every supported release.
+CACHE_FIELD = (
+    "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
+
+
+def resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache a forward was given, under either name (`generate()` of transformers >= 5.24
+    passes `cache`, earlier releases and older callers `past_key_values`)."""
+    if past_key_values is None:
+        return cache
+    if cache is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return past_key_values
+
+
+def cache_field(cache: Cache | None) -> dict[str, Cache | None]:
+    """`{field: cache}` for building a model output under the installed field name."""
+    return {CACHE_FIELD: cache}
+
+
+def output_cache(output: BaseModelOutputWithPast) -> Cache | None:
+    """The KV cache of a model output (without the deprecated-name warning of 5.24)."""
+    return getattr(output, CACHE_FIELD)
 
 
 @dataclass

@@ -228,6 +228,12 @@ def _prune_mom(
             f"policy {config.policy!r}, mom_same={config.mom_same} (fixed policies index "
             "modules by step, and MoM-same modules are one module)"
         )
+    if config.router_width == "chunk":
+        raise SurgeryError(
+            "pruning needs router_width='pool'; this MoM's routers score the chunk's N choices "
+            "whatever the pool size (router_width='chunk', the official num_attn != num_ffn "
+            "layout), which pruned router slots do not represent"
+        )
     min_keep = max(1, config.K - (1 if config.skip else 0))
     state = dict(model.state_dict())
     plans: list[PoolPlan] = []

@@ -18,7 +18,14 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modformer.models.gpt.configuration_gpt import GPTConfig
-from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss, keep_positions
+from modformer.models.outputs import (
+    ModformerCausalLMOutput,
+    cache_field,
+    causal_lm_loss,
+    keep_positions,
+    output_cache,
+    resolve_cache,
+)
 from modformer.nn.attention import CausalSelfAttention
 from modformer.nn.masking import causal_padding_mask
 from modformer.nn.mlp import MLP
@@ -90,11 +97,13 @@ class GPTModel(GPTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -118,7 +127,7 @@ class GPTModel(GPTPreTrainedModel):
             x = block(x, mask, past_key_values)
         x = self.ln_f(x)
         return BaseModelOutputWithPast(
-            last_hidden_state=x, past_key_values=past_key_values if use_cache else None
+            last_hidden_state=x, **cache_field(past_key_values if use_cache else None)
         )
 
 
@@ -142,13 +151,15 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> ModformerCausalLMOutput:
+        past_key_values = resolve_cache(cache, past_key_values)
         out = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -162,5 +173,5 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return ModformerCausalLMOutput(
-            loss=loss, lm_loss=loss, logits=logits, past_key_values=out.past_key_values
+            loss=loss, lm_loss=loss, logits=logits, **cache_field(output_cache(out))
         )

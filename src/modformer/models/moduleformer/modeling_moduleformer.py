@@ -36,7 +36,14 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modformer.models.moduleformer.configuration_moduleformer import ModuleFormerConfig
-from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss, keep_positions
+from modformer.models.outputs import (
+    ModformerCausalLMOutput,
+    cache_field,
+    causal_lm_loss,
+    keep_positions,
+    output_cache,
+    resolve_cache,
+)
 from modformer.nn.moe import MixtureOfAttentionHeads, RouterOutput, SparseMoE
 from modformer.nn.moe_losses import (
     expert_load,
@@ -289,14 +296,16 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         memory: ModuleFormerMemory | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> ModuleFormerModelOutput:
         """``position_ids``/``cache_position`` (passed by `generate()`) are accepted and
         ignored: the model has no position embeddings."""
+        past_key_values = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -334,7 +343,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
             new_memory = self._next_memory(layer_kv, key_padding_mask, T)
         return ModuleFormerModelOutput(
             last_hidden_state=x,
-            past_key_values=past_key_values if use_cache else None,
+            **cache_field(past_key_values if use_cache else None),
             router_outputs=tuple(router_outputs),
             token_mask=token_mask,
             memory=new_memory,
@@ -416,15 +425,17 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         memory: ModuleFormerMemory | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> ModuleFormerCausalLMOutput:
         """With ``labels``: ``loss = lm_loss + aux_loss`` and ``aux_metrics`` are filled."""
+        past_key_values = resolve_cache(cache, past_key_values)
         out = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -448,6 +459,6 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
             aux_loss=aux_loss,
             aux_metrics=aux_metrics,
             logits=logits,
-            past_key_values=out.past_key_values,
+            **cache_field(output_cache(out)),
             memory=out.memory,
         )

@@ -15,12 +15,15 @@ Read top to bottom:
 
 Attention assembly (eq. 5): q/k/v of a token are the sums over its picked modules of
 `LN_k(x) W_k` (times r_k when `weighted_qkv`), heads attend causally, and the output is
-`sum_k r_k * a W^O_k`. A token whose picks are all SKIP is neither a query nor a key at
-that step: it is masked out of the keys (boolean SDPA mask) and gets no output.
+`sum_k r_k * a W^O_k`. A token whose picks are all SKIP gets no output at that step, and
+by default (`all_skip_tokens="drop"`) is no key either: it is masked out of the keys
+(boolean SDPA mask). With `all_skip_tokens="zero_key"` (the official code) it stays in the
+keys: its q/k/v rows are exactly zero (SKIP pairs are left out of the grouped GEMMs), so
+it is a zero key with a zero value and no mask is needed.
 
 KV cache: every assembled attention layer has its own cache layer, numbered in order
 over fixed blocks and chunk steps (`layer`). When a token may skip a whole attention step
-(K=1 with SKIP, layer-skip, early exit) the "is a key" flags of each chunk step live in
+(K=1 with SKIP, layer-skip, early exit) and is then dropped, the "is a key" flags of each chunk step live in
 extra cache layers after those (shape (B, 1, T, 1)), so beam reordering and cropping keep
 them aligned with the keys. `config.num_hidden_layers` counts both kinds.
 
@@ -45,7 +48,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
 from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
-from modformer.models.outputs import ModformerCausalLMOutput, causal_lm_loss, keep_positions
+from modformer.models.outputs import (
+    ModformerCausalLMOutput,
+    cache_field,
+    causal_lm_loss,
+    keep_positions,
+    output_cache,
+    resolve_cache,
+)
 from modformer.nn.activations import get_activation
 from modformer.nn.grouped import (
     Dispatch,
@@ -65,7 +75,8 @@ class RoutingStep:
     """The decisions of one chunk step. B, T: batch and tokens of the call.
 
     attn_index / ffn_index: (B, T, k) long pool indices; the value num_attn_modules /
-        num_ffn_modules means SKIP. For the `moe` policy FFN indices count over the
+        num_ffn_modules means SKIP (with `router_width="chunk"` also a choice beyond
+        the pool, which runs no module either). For the `moe` policy FFN indices count over the
         H * E pool (expert e of step h is h * E + e).
     attn_weight / ffn_weight: (B, T, k) fp32 weights r_k.
     A token runs `(attn_index < num_attn_modules).sum(-1)` attention modules here.
@@ -389,6 +400,8 @@ class MoMChunk(nn.Module):
         self.steps = config.H
         self.first_layer = first_layer
         self.key_flag_layer = key_flag_layer
+        # All-SKIP tokens stay in the keys as zero keys (the official MoM code's choice).
+        self.zero_keys = config.all_skip_tokens == "zero_key"
         self.policy: AssemblyPolicy = build_policy(config, num_modules, first_layer, chunk_index)
         # MoM-same: one stored module per type that every router pick uses.
         self.tied = config.mom_same
@@ -537,16 +550,18 @@ class MoMModel(MoMPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         return_routing: bool = False,
         compute_aux: bool = False,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoMModelOutput:
         """`use_cache` defaults to config.use_cache outside training (a training forward
         needs no cache). `compute_aux` computes the balance loss (when its weight is > 0)
         and puts module loads into `aux_metrics` (the causal-LM model sets it with labels)."""
+        past_key_values = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -594,7 +609,7 @@ class MoMModel(MoMPreTrainedModel):
             aux_metrics["mom/balance_loss"] = aux_loss.detach()
         return MoMModelOutput(
             last_hidden_state=x,
-            past_key_values=cache,
+            **cache_field(cache),
             aux_loss=aux_loss,
             aux_metrics=aux_metrics,
             routing=tuple(ctx.routing) if return_routing else None,
@@ -625,17 +640,19 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_routing: bool = False,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoMCausalLMOutput:
         """With `labels`: `loss` = lm_loss + balance loss (when balance_loss_weight > 0),
         and `aux_metrics` holds each chunk's module loads (`mom/chunk{c}/attn_load`,
         `.../ffn_load`: fraction of picks per choice, SKIP last, averaged over steps)."""
+        past_key_values = resolve_cache(cache, past_key_values)
         out = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -659,6 +676,6 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
             aux_loss=out.aux_loss,
             aux_metrics=out.aux_metrics,
             logits=logits,
-            past_key_values=out.past_key_values,
+            **cache_field(output_cache(out)),
             routing=out.routing,
         )
