@@ -639,6 +639,18 @@ BAD: list[tuple[str, list[str], str]] = [
         ["convert", "mom", "--from", "{evil_gpt2}", "--config", "K2H2S", "{out}"],
         "was refused",
     ),
+    ("convert-official-bert", ["convert", "mom-official", "{bert}", "{out}"], "bert"),
+    ("convert-official-pickle", ["convert", "mom-official", "{evil_gpt2}", "{out}"], "gpt2"),
+    (
+        "convert-official-dst-exists",
+        ["convert", "mom-official", "{bert}", "{gpt}"],
+        "pass --overwrite",
+    ),
+    (
+        "convert-official-dst-under-file",
+        ["convert", "mom-official", "{bert}", "{blocked}"],
+        "is a file",
+    ),
     # ---- finetune
     (
         "finetune-missing-task",

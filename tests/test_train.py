@@ -253,6 +253,7 @@ def test_ddp_two_cpu_processes_stay_in_sync(tiny_data_dir, tmp_path):
         "step_000012",
     ]
     assert sorted(p.name for p in out.iterdir()) == [
+        ".modformer.lock",  # rank 0's run lock (released; only rank 0 takes it)
         "checkpoints",
         "final.json",
         "metrics.jsonl",

@@ -247,6 +247,7 @@ def _convert(sub: argparse._SubParsersAction) -> None:
     )
     o.add_argument("src", help="local directory of an official GPT2MoTLMHeadModel")
     o.add_argument("dst", help="output model directory")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing DST model")
     o.set_defaults(func=run_convert_mom_official)
 
 
@@ -299,6 +300,7 @@ def run_convert_mom(args: argparse.Namespace) -> None:
 def run_convert_mom_official(args: argparse.Namespace) -> None:
     from modformer.convert.mom_official import convert_mom_official
 
+    check_model_destination(args.dst, args.overwrite)
     model = convert_mom_official(args.src, args.dst)
     n = sum(p.numel() for p in model.parameters())
     print(
