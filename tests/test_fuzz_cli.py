@@ -693,6 +693,11 @@ BAD: list[tuple[str, list[str], str]] = [
         ],
         "invalid float",
     ),
+    (
+        "finetune-out-exists",
+        ["finetune", "{gpt}", "--task", "classify", "--train", "{csv}", "--out", "{bad_metrics}"],
+        "pass --overwrite",
+    ),
     # ---- lm-eval
     ("lmeval-missing-model", ["lm-eval", "{root}/none", "--tasks", "x"], "does not exist"),
     ("lmeval-bert", ["lm-eval", "{bert}", "--write-remote-code"], "bert"),
@@ -715,6 +720,7 @@ BAD: list[tuple[str, list[str], str]] = [
     ("cost-json-under-file", ["cost", "{gpt}", "--json", "{blocked}/c.json"], "is a file"),
     ("cost-seq-len-text", ["cost", "{gpt}", "--seq-len", "long"], "invalid int"),
     ("cost-device-cuda", ["cost", "{gpt}", "--device", "cuda"], "CUDA"),
+    ("cost-json-exists", ["cost", "{gpt}", "--json", "{existing_json}"], "pass --overwrite"),
     # ---- usage
     ("usage-gpt", ["usage", "{gpt}", "{data}"], "ModuleFormer or MoM"),
     ("usage-missing-data", ["usage", "{mf}", "{root}/no_data"], "does not exist"),
@@ -722,6 +728,11 @@ BAD: list[tuple[str, list[str], str]] = [
     ("usage-out-under-file", ["usage", "{mf}", "{data}", "--out", "{blocked}/u.json"], "is a file"),
     ("usage-norm", ["usage", "{mf}", "{data}", "--norm", "l2"], "invalid choice"),
     ("usage-bert", ["usage", "{bert}", "{data}"], "'bert' model"),
+    (
+        "usage-out-exists",
+        ["usage", "{mf}", "{data}", "--out", "{existing_json}"],
+        "pass --overwrite",
+    ),
     # ---- routing-report
     ("routing-missing-out", ["routing-report", "{mf}", "{data}"], "--out-dir"),
     (
@@ -775,11 +786,32 @@ BAD: list[tuple[str, list[str], str]] = [
         ["prune", "{mf}", "{out}", "--usage", "{root}/none.json", "--threshold", "0.1"],
         "none.json",
     ),
+    (
+        "prune-out-exists",
+        ["prune", "{mf}", "{gpt}", "--data", "{data}", "--threshold", "0.1"],
+        "already holds earlier results",
+    ),
+    (
+        "prune-report-exists",
+        [
+            "prune",
+            "{mf}",
+            "{out}",
+            "--data",
+            "{data}",
+            "--threshold",
+            "0.1",
+            "--report",
+            "{existing_json}",
+        ],
+        "--report",
+    ),
     # ---- extend
     ("extend-gpt", ["extend", "{gpt}", "{out}", "--new-experts", "2"], "ModuleFormer"),
     ("extend-zero", ["extend", "{mf}", "{out}", "--new-experts", "0"], "new"),
     ("extend-out-under-file", ["extend", "{mf}", "{blocked}", "--new-experts", "2"], "is a file"),
     ("extend-text", ["extend", "{mf}", "{out}", "--new-experts", "two"], "invalid int"),
+    ("extend-out-exists", ["extend", "{mf}", "{gpt}", "--new-experts", "2"], "pass --overwrite"),
     # ---- forgetting and demo
     ("forgetting-out-under-file", ["forgetting", "--out-dir", "{blocked}"], "is a file"),
     (
@@ -898,6 +930,22 @@ GOOD: list[tuple[str, list[str], str]] = [
     ),
     ("usage", ["usage", "{mf}", "{data}", "--block-size", "16", "--max-batches", "1"], ""),
     ("cost", ["cost", "{gpt}", "--seq-len", "16", "--batch-size", "1"], ""),
+    (
+        "usage-overwrite",
+        [
+            "usage",
+            "{mf}",
+            "{data}",
+            "--block-size",
+            "16",
+            "--max-batches",
+            "1",
+            "--out",
+            "{existing_json}",
+            "--overwrite",
+        ],
+        "",
+    ),
     ("train", train_argv("{data}", "{out}"), "final val loss"),
     ("train-overwrite", train_argv("{data}", "{finished_copy}", "--overwrite"), "final val loss"),
 ]

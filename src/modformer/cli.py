@@ -440,6 +440,7 @@ def _mounted(name: str) -> Callable[[argparse._SubParsersAction], None]:
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_, description=description)
         getattr(mod, add)(p)
+        add_overwrite_option(name, p)
         p.set_defaults(func=getattr(mod, run))
 
     return add_parser
@@ -486,10 +487,38 @@ OUTPUT_ARGUMENTS: dict[str, list[tuple[str, bool]]] = {
 }
 
 
+# Outputs that are results (models, metrics) of the mounted commands: one that exists is
+# replaced only with --overwrite, which the CLI adds to these commands. (train, eval,
+# convert and prepare have their own --overwrite.)
+GUARDED_OUTPUTS: dict[str, list[str]] = {
+    "finetune": ["out"],
+    "lm-eval": ["output"],
+    "cost": ["json"],
+    "usage": ["out"],
+    "prune": ["out", "report"],
+    "extend": ["out"],
+}
+
+
+def add_overwrite_option(name: str, parser: argparse.ArgumentParser) -> None:
+    if name in GUARDED_OUTPUTS:
+        parser.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace the results of an earlier run at the output path(s); without it "
+            "an existing output is refused",
+        )
+
+
+def _flag(command: str, dest: str) -> str:
+    positional = dest in ("dst", "output_dir") or (dest == "out" and command in ("prune", "extend"))
+    return dest.upper() if positional else "--" + dest.replace("_", "-")
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Checks every command shares, before any work: its output paths can be written and
     its --device exists on this machine."""
-    from modformer.utils import check_output_path
+    from modformer.utils import OutputPathError, check_output_path
 
     device = getattr(args, "device", None)
     if isinstance(device, str):
@@ -499,11 +528,17 @@ def check_arguments(args: argparse.Namespace) -> None:
     for dest, is_dir in OUTPUT_ARGUMENTS.get(args.command, []):
         value = getattr(args, dest, None)
         if isinstance(value, str) and value:
-            positional = dest in ("dst", "output_dir") or (
-                dest == "out" and args.command in ("prune", "extend")
+            check_output_path(value, _flag(args.command, dest), directory=is_dir)
+    for dest in GUARDED_OUTPUTS.get(args.command, []):
+        value = getattr(args, dest, None)
+        if not isinstance(value, str) or not value or getattr(args, "overwrite", False):
+            continue
+        path = Path(value)
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            raise OutputPathError(
+                f"{_flag(args.command, dest)} {value} already holds earlier results; pass "
+                "--overwrite to replace them, or choose another path"
             )
-            flag = dest.upper() if positional else "--" + dest.replace("_", "-")
-            check_output_path(value, flag, directory=is_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
