@@ -518,3 +518,13 @@ def test_torn_last_metrics_line_does_not_block_resume(base_run, tiny_data_dir, t
     assert "torn write" in caplog.text
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines)
+
+
+def test_only_rank_zero_moves_corrupt_checkpoints_aside(base_run, tmp_path):
+    run_dir = copy_run(base_run, tmp_path)
+    root = run_dir / "checkpoints"
+    _flip_last_bytes(root / "step_000004" / "trainer_state.safetensors")
+    assert ckpt_lib.find_resume_checkpoint(root, move_aside=False) == root / "step_000002"
+    assert (root / "step_000004").is_dir()  # another rank leaves it for rank 0
+    assert ckpt_lib.find_resume_checkpoint(root) == root / "step_000002"
+    assert not (root / "step_000004").exists() and (root / "step_000004.corrupt").is_dir()

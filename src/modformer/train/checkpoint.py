@@ -355,12 +355,13 @@ def verify_checkpoint(ckpt: str | Path) -> None:
             raise CheckpointError(f"checkpoint {ckpt}: {name} is missing")
 
 
-def find_resume_checkpoint(ckpt_root: str | Path) -> Path | None:
+def find_resume_checkpoint(ckpt_root: str | Path, move_aside: bool = True) -> Path | None:
     """The newest intact checkpoint under `ckpt_root` (None when there is none at all).
 
-    Newer checkpoints that fail verification are reported by name and moved aside as
-    `step_N.corrupt` (kept for inspection, never loaded). When every checkpoint is broken
-    nothing is moved and CheckpointError lists them.
+    Newer checkpoints that fail verification are reported by name and, with `move_aside`
+    (rank 0 only, so ranks do not race), moved aside as `step_N.corrupt`: kept for
+    inspection, never loaded. When every checkpoint is broken nothing is moved and
+    CheckpointError lists them.
     """
     ckpts = list_checkpoints(ckpt_root)
     broken: list[tuple[Path, str]] = []
@@ -371,6 +372,8 @@ def find_resume_checkpoint(ckpt_root: str | Path) -> Path | None:
             broken.append((ckpt, str(e)))
             continue
         for bad, reason in broken:
+            if not move_aside:
+                continue
             aside = bad.with_name(bad.name + ".corrupt")
             shutil.rmtree(aside, ignore_errors=True)
             os.rename(bad, aside)

@@ -319,7 +319,9 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.optim.lr)
 
     start_step = 0
-    resume_from = ckpt_lib.find_resume_checkpoint(ckpt_root) if resume else None
+    resume_from = (
+        ckpt_lib.find_resume_checkpoint(ckpt_root, move_aside=info.is_main) if resume else None
+    )
     if resume and resume_from is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_root)
     if resume_from is not None:
