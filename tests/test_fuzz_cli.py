@@ -342,6 +342,13 @@ BAD: list[tuple[str, list[str], str]] = [
         train_argv("{data}", "{out}", "--progress", "maybe"),
         "expected true/false",
     ),
+    # 2**57 rows: the batch needs 2**60 bytes, beyond any address space, so the allocation
+    # fails at once on every machine (no memory is touched).
+    (
+        "train-batch-too-large",
+        train_argv("{data}", "{out}", "--batch_size", str(2**57)),
+        "out of memory; lower the batch size",
+    ),
     (
         "train-keep-last-zero",
         train_argv("{data}", "{out}", "--keep_last", "0"),
