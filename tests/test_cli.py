@@ -117,6 +117,7 @@ def test_convert_gpt2_cli(tmp_path, capsys):
         "prune",
         "extend",
         "forgetting",
+        "export",
         "demo",
     ],
 )

@@ -576,7 +576,7 @@ BAD: list[tuple[str, list[str], str]] = [
     ("convert-gpt2-missing", ["convert", "gpt2", "{root}/none", "{out}"], "not a directory"),
     ("convert-gpt2-bert", ["convert", "gpt2", "{bert}", "{out}"], "'bert' model, not gpt2"),
     ("convert-gpt2-badjson", ["convert", "gpt2", "{badjson}", "{out}"], "not valid JSON"),
-    ("convert-gpt2-pickle", ["convert", "gpt2", "{evil_gpt2}", "{out}"], "was refused"),
+    ("convert-gpt2-pickle", ["convert", "gpt2", "{evil_gpt2}", "{out}"], "refusing to run it"),
     (
         "convert-gpt2-no-weights",
         ["convert", "gpt2", "{gpt2_empty}", "{out}"],
@@ -644,7 +644,7 @@ BAD: list[tuple[str, list[str], str]] = [
     (
         "convert-mom-pickle",
         ["convert", "mom", "--from", "{evil_gpt2}", "--config", "K2H2S", "{out}"],
-        "was refused",
+        "refusing to run it",
     ),
     ("convert-official-bert", ["convert", "mom-official", "{bert}", "{out}"], "bert"),
     ("convert-official-pickle", ["convert", "mom-official", "{evil_gpt2}", "{out}"], "gpt2"),
@@ -658,6 +658,21 @@ BAD: list[tuple[str, list[str], str]] = [
         ["convert", "mom-official", "{bert}", "{blocked}"],
         "is a file",
     ),
+    ("convert-moduleformer-bert", ["convert", "moduleformer", "{bert}", "{out}"], "bert"),
+    (
+        "convert-moduleformer-dst-exists",
+        ["convert", "moduleformer", "{bert}", "{gpt}"],
+        "pass --overwrite",
+    ),
+    ("convert-jetmoe-bert", ["convert", "jetmoe", "{bert}", "{out}"], "bert"),
+    ("convert-jetmoe-dst-under-file", ["convert", "jetmoe", "{bert}", "{blocked}"], "is a file"),
+    # ---- export
+    ("export-no-kind", ["export"], "KIND"),
+    ("export-bert", ["export", "hf", "{bert}", "{out}"], "'bert' model"),
+    ("export-missing", ["export", "hf", "{root}/none", "{out}"], "does not exist"),
+    ("export-nan", ["export", "hf", "{nan}", "{out}"], "NaN or inf"),
+    ("export-dst-exists", ["export", "hf", "{gpt}", "{mf}"], "pass --overwrite"),
+    ("export-dst-under-file", ["export", "hf", "{gpt}", "{blocked}"], "is a file"),
     # ---- finetune
     (
         "finetune-missing-task",

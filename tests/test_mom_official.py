@@ -23,12 +23,8 @@ from transformers import AutoModelForCausalLM
 import modformer  # noqa: F401  (registers the Auto classes)
 from modformer.analysis.usage import collect_usage
 from modformer.cli import main
-from modformer.convert.gpt2 import ConversionError
-from modformer.convert.mom_official import (
-    load_mom_official,
-    load_pickled_state_dict,
-    official_config_to_mom,
-)
+from modformer.convert.checkpoint_files import ConversionError, load_pickled_state_dict
+from modformer.convert.mom_official import load_mom_official, official_config_to_mom
 from modformer.eval.costs import inference_flops
 from modformer.models.mom import MoMConfig, MoMForCausalLM
 from modformer.nn.routers import top_k_routing

@@ -49,7 +49,28 @@ def _moduleformer() -> ModuleFormerForCausalLM:
     return ModuleFormerForCausalLM(config)
 
 
-ARCHITECTURES = {"gpt": _gpt, "mom": _mom, "moduleformer": _moduleformer}
+def _jetmoe_style() -> ModuleFormerForCausalLM:
+    """ModuleFormer with JetMoE's options (RoPE softmax attention, RMSNorm, SwiGLU, ...)."""
+    config = ModuleFormerConfig.from_preset(
+        "tiny",
+        vocab_size=VOCAB,
+        n_layer=2,
+        norm_type="rms",
+        expert_mlp="swiglu",
+        router_type="linear",
+        attention_type="softmax_rope",
+        moe_output_bias=True,
+        activation_function="silu",
+    )
+    return ModuleFormerForCausalLM(config)
+
+
+ARCHITECTURES = {
+    "gpt": _gpt,
+    "mom": _mom,
+    "moduleformer": _moduleformer,
+    "moduleformer_jetmoe": _jetmoe_style,
+}
 
 
 def build(arch: str, seed: int = 0) -> torch.nn.Module:

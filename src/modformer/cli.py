@@ -189,8 +189,11 @@ def run_generate(args: argparse.Namespace) -> str:
 def _convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert checkpoints (gpt2 -> modformer, vanilla -> MoM, official MoM)",
+        help="convert checkpoints (gpt2, IBM ModuleFormer, official MoM -> modformer; "
+        "vanilla -> MoM)",
         description="Convert checkpoints. `gpt2` imports a local Hugging Face GPT-2 directory; "
+        "`moduleformer` an IBM ModuleFormer / MoLM directory; `mom-official` a checkpoint of "
+        "the official MoM code; "
         "`mom` turns a vanilla model into a Mixture-of-Modules model (phase-2 initialisation). "
         "Run `modformer convert KIND --help` for the options of each.",
     )
@@ -203,8 +206,43 @@ def _convert(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("src", help="local Hugging Face GPT-2 directory")
     g.add_argument("dst", help="output model directory")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing DST model")
     g.set_defaults(func=run_convert_gpt2)
+    ibm = conv.add_parser(
+        "moduleformer",
+        help="import a local IBM ModuleFormer / MoLM directory (github.com/IBM/ModuleFormer)",
+        description="Import a local directory written by IBM's ModuleFormer code (model_type "
+        "'moduleformer': config.json + safetensors or pytorch_model.bin, read with "
+        "weights_only) into a modformer ModuleFormer directory with the same logits; tokenizer "
+        "files are copied along. IBM's aux_loss_weight is multiplied by 2 * n_layer (IBM sums "
+        "the per-router losses, modformer averages them).",
+    )
+    ibm.add_argument("src", help="local IBM ModuleFormer / MoLM directory")
+    ibm.add_argument("dst", help="output model directory")
+    ibm.add_argument(
+        "--history-length",
+        type=int,
+        default=-1,
+        help="keys/values the imported model remembers across segments in Transformer-XL "
+        "training (default: -1 = unbounded, as IBM's code)",
+    )
+    ibm.add_argument(
+        "--drop-training-options",
+        action="store_true",
+        help="import although config.json sets training-only options modformer lacks "
+        "(sample_topk, moe_pdrop, embd_pdrop != resid_pdrop); they are left out",
+    )
+    ibm.set_defaults(func=run_convert_moduleformer)
+    j = conv.add_parser(
+        "jetmoe",
+        help="import a local JetMoeForCausalLM directory as a ModuleFormer",
+        description="Import a local transformers JetMoE directory (config.json + safetensors) "
+        "into a ModuleFormer with JetMoE's options (RMSNorm, SwiGLU experts, linear router, "
+        "RoPE softmax attention); tokenizer files are copied along. `modformer export hf` "
+        "writes it back.",
+    )
+    j.add_argument("src", help="local JetMoeForCausalLM directory")
+    j.add_argument("dst", help="output model directory")
+    j.set_defaults(func=run_convert_jetmoe)
     m = conv.add_parser(
         "mom",
         help="phase-2 initialisation: a vanilla model's layers become a MoM module pool",
@@ -234,8 +272,18 @@ def _convert(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="MoM-same ablation: all modules of a chunk identical",
     )
+    m.add_argument(
+        "--router-dim",
+        type=int,
+        help="router width (GRU state / MLP hidden size); default max(8, n_embd // 4), which "
+        "keeps the routers' parameters small beside the layers they route",
+    )
+    m.add_argument(
+        "--share-map",
+        help="policy parameter_sharing: the module each step uses, as H comma-separated "
+        "indices, e.g. '0,0,1,1'",
+    )
     m.add_argument("dst", help="output model directory")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing DST model")
     m.set_defaults(func=run_convert_mom)
     o = conv.add_parser(
         "mom-official",
@@ -247,8 +295,10 @@ def _convert(sub: argparse._SubParsersAction) -> None:
     )
     o.add_argument("src", help="local directory of an official GPT2MoTLMHeadModel")
     o.add_argument("dst", help="output model directory")
-    o.add_argument("--overwrite", action="store_true", help="replace an existing DST model")
     o.set_defaults(func=run_convert_mom_official)
+
+    for kind in conv.choices.values():  # no import replaces a model silently
+        kind.add_argument("--overwrite", action="store_true", help="replace an existing DST model")
 
 
 def check_model_destination(dst: str, overwrite: bool) -> None:
@@ -269,19 +319,48 @@ def check_model_destination(dst: str, overwrite: bool) -> None:
 def run_convert_gpt2(args: argparse.Namespace) -> None:
     from modformer.convert.gpt2 import convert_gpt2
 
-    check_model_destination(args.dst, args.overwrite)
     model = convert_gpt2(args.src, args.dst)
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {args.src} -> {args.dst} ({n:,} parameters)")
 
 
+def run_convert_moduleformer(args: argparse.Namespace) -> None:
+    from modformer.convert.moduleformer import convert_moduleformer
+
+    model = convert_moduleformer(
+        args.src, args.dst, args.drop_training_options, args.history_length
+    )
+    print(
+        f"converted {args.src} -> {args.dst} ({model.total_parameters():,} parameters, "
+        f"{model.active_parameters():,} active per token)"
+    )
+
+
+def run_convert_jetmoe(args: argparse.Namespace) -> None:
+    from modformer.convert.jetmoe import convert_jetmoe
+
+    model = convert_jetmoe(args.src, args.dst)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.src} -> {args.dst} (JetMoE as ModuleFormer, {n:,} parameters)")
+
+
 def run_convert_mom(args: argparse.Namespace) -> None:
+    from modformer.convert.mom import mom_from_vanilla
     from modformer.models.loading import resolve_model_dir
-    from modformer.models.mom.convert import mom_from_vanilla
     from modformer.train.checkpoint import atomic_save_model
 
-    check_model_destination(args.dst, args.overwrite)
     src = resolve_model_dir(args.src)  # a model dir, a training out_dir or a HF GPT-2 dir
+    options = {}
+    if args.router_dim is not None:
+        options["router_dim"] = args.router_dim
+    if args.share_map is not None:
+        try:
+            options["share_map"] = [int(m) for m in args.share_map.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--share-map {args.share_map!r}: expected comma-separated module indices, "
+                "e.g. '0,0,1,1'"
+            ) from None
     model = mom_from_vanilla(
         src,
         chunks=args.chunks,
@@ -289,6 +368,7 @@ def run_convert_mom(args: argparse.Namespace) -> None:
         router=args.router,
         policy=args.policy,
         mom_same=args.mom_same,
+        **options,
     )
     atomic_save_model(model, args.dst, tokenizer_dir=Path(src))
     n = sum(p.numel() for p in model.parameters())
@@ -300,7 +380,6 @@ def run_convert_mom(args: argparse.Namespace) -> None:
 def run_convert_mom_official(args: argparse.Namespace) -> None:
     from modformer.convert.mom_official import convert_mom_official
 
-    check_model_destination(args.dst, args.overwrite)
     model = convert_mom_official(args.src, args.dst)
     n = sum(p.numel() for p in model.parameters())
     print(
@@ -320,6 +399,16 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
         "Turn text into memory-mapped token files plus meta.json and a tokenizer. "
         "Without --inputs, the built-in offline corpus is used (Python stdlib sources, "
         "pydoc topics, C headers).",
+    ),
+    (
+        "export",
+        "modformer.convert.export",
+        "add_export_arguments",
+        "run_export",
+        "write a saved model as a native transformers directory (GPT-2, JetMoE)",
+        "Export a saved model so that plain transformers loads it without modformer: "
+        "`modformer export hf MODEL DST` writes GPT models as GPT2LMHeadModel and "
+        "JetMoE-style ModuleFormers as JetMoeForCausalLM.",
     ),
     (
         "demo",
@@ -452,6 +541,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _eval,
     _generate,
     _convert,
+    _mounted("export"),
     _mounted("finetune"),
     _mounted("lm-eval"),
     _mounted("plot-curves"),
@@ -473,6 +563,7 @@ OUTPUT_ARGUMENTS: dict[str, list[tuple[str, bool]]] = {
     "prepare": [("output_dir", True)],
     "eval": [("json", False)],
     "convert": [("dst", True)],
+    "export": [("dst", True)],
     "finetune": [("out", True)],
     "lm-eval": [("output", False)],
     "plot-curves": [("out", False)],
@@ -497,6 +588,7 @@ GUARDED_OUTPUTS: dict[str, list[str]] = {
     "usage": ["out"],
     "prune": ["out", "report"],
     "extend": ["out"],
+    "export": ["dst"],
 }
 
 
@@ -529,6 +621,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, dest, None)
         if isinstance(value, str) and value:
             check_output_path(value, _flag(args.command, dest), directory=is_dir)
+    if args.command == "convert":
+        check_model_destination(args.dst, args.overwrite)
     for dest in GUARDED_OUTPUTS.get(args.command, []):
         value = getattr(args, dest, None)
         if not isinstance(value, str) or not value or getattr(args, "overwrite", False):

@@ -193,7 +193,7 @@ def _train_and_measure(
 
 
 def stage_mom(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
-    from modformer.models.mom.convert import mom_from_vanilla
+    from modformer.convert.mom import mom_from_vanilla
     from modformer.train.checkpoint import atomic_save_model
 
     vanilla = work / "vanilla" / "model"
@@ -234,16 +234,20 @@ def stage_moduleformer(args: argparse.Namespace, data_dir: Path, work: Path) -> 
 def stage_report(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
     from modformer.analysis.routing_report import write_routing_report
     from modformer.analysis.usage import collect_usage_on_data
-    from modformer.eval.curves import plot_training_curves
+    from modformer.eval.curves import plot_training_curves, run_length
     from modformer.models.loading import load_model
 
     out = work / "report"
     runs = [work / name for name in RUN_NAMES if (work / name / "metrics.jsonl").is_file()]
     if not runs:
         raise ConfigError(f"no training runs in {work} to report on; run the other stages first")
-    figures = [
-        str(plot_training_curves(runs, out / "training_curves.png", x_axis="tokens", smoothing=0.6))
-    ]
+    # Phase-2 runs (MoM, vanilla continued) start where the vanilla run ended.
+    phase1_tokens = run_length(work / "vanilla") if (work / "vanilla") in runs else 0.0
+    offsets = [phase1_tokens if run.name in PHASE2_RUNS else 0.0 for run in runs]
+    curves = plot_training_curves(
+        runs, out / "training_curves.png", x_axis="tokens", smoothing=0.6, x_offsets=offsets
+    )
+    figures = [str(curves)]
     for name in ("mom", "moduleformer"):
         if (work / name / "model" / "config.json").is_file():
             model = load_model(work / name)
@@ -257,6 +261,8 @@ def stage_report(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[s
 
 # Runs the demo trains, in the order the curves legend lists them.
 RUN_NAMES = ("vanilla", "vanilla_cont", "mom", "dense", "moduleformer")
+# Runs initialised from the vanilla run's final model.
+PHASE2_RUNS = ("vanilla_cont", "mom")
 
 
 def print_table(

@@ -42,7 +42,6 @@ that needs code to unpickle is refused, never executed.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +49,8 @@ from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from safetensors.torch import load_file
 
-from modformer.convert.gpt2 import ConversionError
+from modformer.convert.checkpoint_files import ConversionError, read_checkpoint_weights
 from modformer.models.mom import MoMConfig, MoMForCausalLM
 
 OFFICIAL_MODEL_TYPE = "gpt2-mot"
@@ -277,59 +275,6 @@ def _read_config(src: Path) -> MoMConfig:
 # ---- weights ---------------------------------------------------------------------------
 
 
-def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A `torch.save`d state dict, loaded with `weights_only=True`: tensors and plain
-    containers only. A file that needs code to unpickle is refused, not run."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(
-            f"{path} needs code to unpickle, and modformer loads pickles only with "
-            f"torch.load(weights_only=True) ({first_line}). Refusing to run it; if you trust "
-            "the file, re-save its state dict as model.safetensors yourself"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ConversionError(f"{path} is unreadable or truncated ({e})") from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise ConversionError(f"{path} does not hold a state dict (name -> tensor)")
-    return state
-
-
-def _load_one(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path)
-        except Exception as e:
-            raise ConversionError(f"{path} is unreadable or truncated ({e})") from None
-    return load_pickled_state_dict(path)
-
-
-def read_official_weights(src: Path) -> dict[str, torch.Tensor]:
-    """The state dict of `src`: `model.safetensors`, else `pytorch_model.bin`, or the
-    shards listed by their `.index.json`."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (src / name).is_file():
-            return _load_one(src / name)
-        index_path = src / f"{name}.index.json"
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConversionError(f"{index_path} is not a shard index ({e})") from None
-            weights: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                if not (src / shard).is_file():
-                    raise ConversionError(f"{index_path} lists {shard}, which is missing")
-                weights.update(_load_one(src / shard))
-            return weights
-    raise ConversionError(
-        f"{src} has no model.safetensors or pytorch_model.bin (nor a sharded index of them)"
-    )
-
-
 def _target(key: str, kinds: list[str], router: str) -> _Target | None:
     """Where official `key` goes in `MoMForCausalLM`; None when no rule matches.
     kinds[i] is "fixed" or "chunk" for official block h.i."""
@@ -462,7 +407,7 @@ def load_mom_official(src: str | Path) -> MoMForCausalLM:
     if not src.is_dir():
         raise ConversionError(f"{src} is not a directory; pass a local official MoM directory")
     config = _read_config(src)
-    weights = read_official_weights(src)
+    weights = read_checkpoint_weights(src)
     model = MoMForCausalLM(config)
     state = official_state_dict_to_mom(weights, model, str(src))
     head = weights.get("lm_head.weight")

@@ -1,9 +1,10 @@
-"""Token routers for Mixture-of-Modules (SPEC §2) and per-step MoE gates.
+"""Token routers for Mixture-of-Modules (design §2) and per-step MoE gates.
 
 Every router maps a token's hidden state (and, for the GRU router, its router state from
 the previous assembly step) to one logit per choice. `top_k_routing` turns logits into
-the selected choices and their weights: softmax in fp32 (optionally at a temperature),
-top-K, optional renormalisation; or the raw top-K logits as weights.
+the selected choices and their weights: softmax in at least fp32 (fp64 stays fp64;
+optionally at a temperature), top-K, optional renormalisation; or the raw top-K logits
+as weights.
 
 All routers share one call signature, `router(x, state) -> (logits, new_state)`, so the
 assembly code does not care which one it holds; stateless routers return `None` as state.
@@ -189,6 +190,11 @@ class LinearRouter(nn.Module):
         return self.out(x), None
 
 
+def routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Routers compute softmax and top-k in at least fp32: bf16/fp16 -> fp32, fp64 stays."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def top_k_routing(
     logits: torch.Tensor,
     k: int,
@@ -196,12 +202,13 @@ def top_k_routing(
     temperature: float = 1.0,
     output: str = "softmax",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax in fp32 (at `temperature`), keep the top-k choices per token.
+    """Softmax in at least fp32 (`routing_dtype`; at `temperature`), keep the top-k choices
+    per token.
 
-    Returns (weights (n, k) fp32, indices (n, k) long, probs (n, C) fp32), probs being
-    ``softmax(logits / temperature)``. With `renormalize` the k kept weights are divided
-    by their sum (the official MoM code and Mixtral do this); a SKIP choice, when kept,
-    takes its share of that sum. Renormalised weights are computed as the softmax of the
+    Returns (weights (n, k), indices (n, k) long, probs (n, C)), weights and probs in
+    ``routing_dtype(logits.dtype)``, probs being ``softmax(logits / temperature)``. With
+    `renormalize` the k kept weights are divided by their sum (the official MoM code and
+    Mixtral do this); a SKIP choice, when kept, takes its share of that sum. Renormalised weights are computed as the softmax of the
     k kept (scaled) logits, which equals ``top-k probs / their sum`` but does not depend
     on the choices left out, so removing never-selected modules (pruning) cannot change
     them even in the last bit.
@@ -211,7 +218,7 @@ def top_k_routing(
     """
     if output not in ("softmax", "logits"):
         raise ValueError(f"output must be 'softmax' or 'logits', got {output!r}")
-    logits = logits.float()
+    logits = logits.to(routing_dtype(logits.dtype))
     scaled = logits / temperature  # exact when temperature == 1
     probs = torch.softmax(scaled, dim=-1)
     if output == "logits":

@@ -1,4 +1,4 @@
-"""Expert insertion for continual learning (ModuleFormer sec. 4.3, SPEC §3), and the
+"""Expert insertion for continual learning (ModuleFormer sec. 4.3, design §3), and the
 helpers the other surgery modules share.
 
 `extend_model` adds ``N_new`` freshly initialised experts to every layer (attention and/or
@@ -48,10 +48,14 @@ from transformers import PreTrainedModel
 
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 from modformer.models.mom import MoMForCausalLM
-
-SCOPE_INSERTED = "inserted_experts"
-SCOPE_INSERTED_AND_EMBEDDINGS = "inserted_experts+embeddings"
-TRAINABLE_SCOPES = (SCOPE_INSERTED, SCOPE_INSERTED_AND_EMBEDDINGS)
+from modformer.models.trainable import (  # noqa: F401  (re-exported: the surgery API)
+    SCOPE_INSERTED,
+    SCOPE_INSERTED_AND_EMBEDDINGS,
+    TRAINABLE_SCOPES,
+    apply_trainable_scope,
+    count_parameters,
+    is_inserted_parameter,
+)
 
 # Parameter names of the inserted experts and their router rows, relative to the module
 # that holds them (SparseMoE / MixtureOfAttentionHeads and their TopKRouter).
@@ -63,11 +67,6 @@ class SurgeryError(ValueError):
 
 
 # ---- shared helpers --------------------------------------------------------------------
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Parameters counted once each (a tied LM head counts once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def require_moduleformer(model: nn.Module, what: str) -> ModuleFormerForCausalLM:
@@ -134,46 +133,6 @@ def new_config(config: Any, **changes: Any) -> Any:
 
 
 # ---- trainable scope -------------------------------------------------------------------
-
-
-def is_inserted_parameter(name: str) -> bool:
-    """Whether parameter `name` (as in `named_parameters`) belongs to an inserted expert
-    or to the rows A' of its router."""
-    parts = name.split(".")
-    return parts[-1].endswith("_inserted") or "inserted_expert_embedding" in parts
-
-
-def apply_trainable_scope(model: nn.Module) -> dict[str, int]:
-    """Set ``requires_grad`` from ``model.config.trainable_scope``; returns the trainable
-    and frozen parameter counts. Models without a scope are left as they are.
-
-    "inserted_experts": only the inserted experts and A' train. "+embeddings": the token
-    embedding too (tied to the LM head, which then trains with it).
-    """
-    config = getattr(model, "config", None)
-    scope = getattr(config, "trainable_scope", None)
-    if scope is not None:
-        if scope not in TRAINABLE_SCOPES:
-            raise SurgeryError(
-                f"trainable_scope {scope!r} is unknown; choose one of {list(TRAINABLE_SCOPES)} "
-                "or None (train everything)"
-            )
-        require_moduleformer(model, f"trainable_scope={scope!r}")
-        embedding = model.get_input_embeddings().weight
-        trainable_embedding = scope == SCOPE_INSERTED_AND_EMBEDDINGS
-        found = False
-        for name, param in model.named_parameters():
-            inserted = is_inserted_parameter(name)
-            found |= inserted
-            param.requires_grad_(inserted or (trainable_embedding and param is embedding))
-        if not found:
-            raise SurgeryError(
-                f"trainable_scope={scope!r} but the model has no inserted experts, so nothing "
-                "would train; insert experts with `modformer extend` or set trainable_scope "
-                "to None"
-            )
-    trainable = count_parameters(model, trainable_only=True)
-    return {"trainable": trainable, "frozen": count_parameters(model) - trainable}
 
 
 # ---- merge -----------------------------------------------------------------------------

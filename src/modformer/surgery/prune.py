@@ -1,5 +1,5 @@
 """Pruning experts and modules by activation frequency (ModuleFormer sec. 4.2, 5.3 and
-appendix D.2; MoM paper sec. 4.2 / Figure 3; SPEC §3).
+appendix D.2; MoM paper sec. 4.2 / Figure 3; design §3).
 
 The activation frequency ``f_m`` of a module is how often it is in a token's top-k on
 some data (`modformer.analysis.usage`), normalised within its layer (ModuleFormer) or

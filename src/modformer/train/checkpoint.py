@@ -350,7 +350,13 @@ def verify_checkpoint(ckpt: str | Path) -> None:
             "start the run again in a new out_dir"
         )
     verify_manifest(ckpt, "checkpoint")
-    for name in (STATE_TENSORS_FILE, STATE_JSON_FILE, "model/config.json"):
+    sharded = (ckpt / "dcp").is_dir()  # written by modformer.train.dist_checkpoint (FSDP)
+    required = (
+        (STATE_JSON_FILE,)
+        if sharded
+        else (STATE_TENSORS_FILE, STATE_JSON_FILE, "model/config.json")
+    )
+    for name in required:
         if not (ckpt / name).is_file():
             raise CheckpointError(f"checkpoint {ckpt}: {name} is missing")
 

@@ -84,6 +84,16 @@ class TrainConfig:
     )
     progress: bool = option(True, "show a progress bar")
     compile: bool = option(False, "torch.compile the model")
+    parallel: str = option(
+        "ddp",
+        "under torchrun: ddp (full replicas) or fsdp (FSDP2: parameters, gradients and "
+        "optimizer state sharded; sharded checkpoints)",
+    )
+    allow_batch_change: bool = option(
+        False,
+        "on --resume, accept a global batch (batch_size x grad_accum x processes) that differs "
+        "from the checkpointed run's",
+    )
     threads: int = option(0, "CPU threads for torch (0: torch's default)")
     nonfinite: str = option(
         "stop",
@@ -111,6 +121,7 @@ class TrainConfig:
             ("ckpt_interval", self.ckpt_interval >= 0, "must be >= 0"),
             ("keep_last", self.keep_last >= 1, "must be >= 1"),
             ("threads", self.threads >= 0, "must be >= 0"),
+            ("parallel", self.parallel in ("ddp", "fsdp"), "must be ddp or fsdp"),
         ]
         for name in (
             "optim.lr",
@@ -135,6 +146,12 @@ class TrainConfig:
         if self.model.arch not in ARCHITECTURES:
             raise ConfigError(
                 f"model.arch: unknown architecture {self.model.arch!r}; choose one of {sorted(ARCHITECTURES)}"
+            )
+        if self.parallel == "fsdp" and self.precision == "fp16":
+            raise ConfigError(
+                "precision=fp16 is not supported with parallel=fsdp (it needs a sharded grad "
+                "scaler); use precision=bf16, which FSDP runs with bf16 compute and fp32 master "
+                "weights and reductions"
             )
         if not (self.device in ("auto", "cpu", "mps", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")

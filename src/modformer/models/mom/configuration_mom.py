@@ -1,4 +1,4 @@
-"""Configuration of Mixture-of-Modules (SPEC §2; MoM paper sec. 3-4, appendices A, B, D).
+"""Configuration of Mixture-of-Modules (design §2; MoM paper sec. 3-4, appendices A, B, D).
 
 A MoM model is a GPT-2 whose layers are grouped by a chunk string such as
 ``[1-1-4-1-4-1]``: a ``1`` is a fixed standard block, an ``N`` is a chunk of ``N``
@@ -66,7 +66,7 @@ and ``router_softmax_temperature``):
 
 All-SKIP tokens (``all_skip_tokens``): a token whose K picks are all SKIP at an attention
 step (K = 1 with SKIP, or the layer_skip / early_exit policies) has no q, k, v there and
-no output (the residual passes through). ``"drop"`` (default, SPEC §2) also removes it
+no output (the residual passes through). ``"drop"`` (default, design §2) also removes it
 from that step's keys, so later tokens attend only to tokens that ran a module; the KV
 cache then holds a "is a key" flag layer per chunk step. ``"zero_key"`` is the official
 MoM code's behaviour: the token stays in the keys with k = v = 0, so every later query
@@ -293,15 +293,6 @@ class MoMConfig(PreTrainedConfig):
             None if attn is None else attn[chunk_index],
             None if ffn is None else ffn[chunk_index],
         )
-
-    def ffn_pool_size(self, num_modules: int) -> int:
-        """FFN modules stored for a chunk of `num_modules` (before `mom_same` tying)."""
-        experts = self.num_experts if self.num_experts is not None else num_modules
-        if self.policy == "moe":
-            return self.H * experts
-        if self.policy == "moe_share":
-            return experts
-        return num_modules
 
     # ---- validation (run by @strict on construction; messages name the field) ----------
 

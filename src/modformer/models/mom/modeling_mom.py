@@ -1,4 +1,4 @@
-"""Mixture-of-Modules as a Hugging Face `PreTrainedModel` (SPEC §2).
+"""Mixture-of-Modules as a Hugging Face `PreTrainedModel` (design §2).
 
 Read top to bottom:
 
@@ -45,8 +45,10 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.flops import FlopCounting
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
+from modformer.models.mom.flops import mom_flops
 from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
@@ -78,7 +80,7 @@ class RoutingStep:
         num_ffn_modules means SKIP (with `router_width="chunk"` also a choice beyond
         the pool, which runs no module either). For the `moe` policy FFN indices count over the
         H * E pool (expert e of step h is h * E + e).
-    attn_weight / ffn_weight: (B, T, k) fp32 weights r_k.
+    attn_weight / ffn_weight: (B, T, k) weights r_k, in at least fp32.
     A token runs `(attn_index < num_attn_modules).sum(-1)` attention modules here.
     """
 
@@ -616,7 +618,8 @@ class MoMModel(MoMPreTrainedModel):
         )
 
 
-class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
+class MoMForCausalLM(FlopCounting, MoMPreTrainedModel, GenerationMixin):
+    flop_counter = staticmethod(mom_flops)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: MoMConfig):

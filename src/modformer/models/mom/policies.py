@@ -1,4 +1,4 @@
-"""Assembly policies: who decides which modules a token runs at each step (SPEC §2).
+"""Assembly policies: who decides which modules a token runs at each step (design §2).
 
 A policy answers two questions per assembly step h of a chunk: which attention modules
 (and weights) each token uses on `x_h`, and which FFN modules on `u_h`. The learned
@@ -33,8 +33,8 @@ class Selection:
     """The modules one decision picked for each of n tokens.
 
     index: (n, k) long, pool indices; the value `num_modules` of the pool means SKIP.
-    weight: (n, k) fp32 weights r_k.
-    probs: (n, C) fp32 router distribution, for the balance loss and load metrics
+    weight: (n, k) weights r_k, in at least fp32 (`routing_dtype`).
+    probs: (n, C) router distribution (at least fp32), for the balance loss and load metrics
         (routed policies only).
     router_index: (n, k) the picks in the router's own choice space, where it differs
         from `index` (the per-step MoE routers pick among E experts of a larger pool;
@@ -265,7 +265,7 @@ class MoEPolicy(AssemblyPolicy):
 
     `shared=False` (MoE): step h routes among experts h*E .. h*E+E-1 of an H*E pool.
     `shared=True` (MoE-share): every step routes among the same E experts.
-    Each step has its own linear router (softmax in fp32, top-K, renormalised when
+    Each step has its own linear router (softmax in at least fp32, top-K, renormalised when
     `config.renormalize`, as Mixtral does; `router_temperature` and `router_output`
     apply as to the learned routers).
     """

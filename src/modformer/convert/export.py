@@ -1,0 +1,56 @@
+"""`modformer export hf MODEL DST`: a saved modformer model as a native transformers
+directory that loads without modformer (no trust_remote_code).
+
+- ``GPTForCausalLM`` -> ``GPT2LMHeadModel`` (`modformer.convert.gpt2.export_gpt2`);
+- ``ModuleFormerForCausalLM`` with JetMoE's options -> ``JetMoeForCausalLM``
+  (`modformer.convert.jetmoe.export_jetmoe`; an option JetMoE lacks is an error naming it).
+
+Other architectures (MoM) have no native transformers class: an error says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from modformer.convert.gpt2 import ConversionError, export_gpt2
+from modformer.convert.jetmoe import export_jetmoe
+from modformer.models.gpt import GPTForCausalLM
+from modformer.models.moduleformer import ModuleFormerForCausalLM
+
+
+def export_hf(model: PreTrainedModel, dst: str | Path, tokenizer_dir: Path | None = None) -> Path:
+    """Write `model` as the native transformers class of its architecture."""
+    if isinstance(model, GPTForCausalLM):
+        return export_gpt2(model, dst, tokenizer_dir)
+    if isinstance(model, ModuleFormerForCausalLM):
+        return export_jetmoe(model, dst, tokenizer_dir)
+    raise ConversionError(
+        f"{type(model).__name__} has no native transformers counterpart; `export hf` writes "
+        f"GPT models as GPT2LMHeadModel and JetMoE-style ModuleFormers as JetMoeForCausalLM"
+    )
+
+
+def add_export_arguments(p) -> None:
+    sub = p.add_subparsers(dest="export_kind", required=True, metavar="KIND")
+    hf = sub.add_parser(
+        "hf",
+        help="write a native transformers directory (GPT -> GPT2LMHeadModel, "
+        "JetMoE-style ModuleFormer -> JetMoeForCausalLM)",
+        description="Write a saved model as a native transformers model directory "
+        "(config.json + model.safetensors + tokenizer files) that plain transformers loads "
+        "without modformer or trust_remote_code.",
+    )
+    hf.add_argument("model", help="saved model directory or training out_dir")
+    hf.add_argument("dst", help="output directory")
+    hf.set_defaults(func=run_export)
+
+
+def run_export(args) -> None:
+    from modformer.models.loading import load_model, resolve_model_dir
+
+    src = resolve_model_dir(args.model)
+    model = load_model(src, "cpu")
+    dst = export_hf(model, args.dst, tokenizer_dir=src)
+    print(f"exported {args.model} ({type(model).__name__}) -> {dst}")
