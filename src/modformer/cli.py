@@ -1,7 +1,8 @@
 """The `modformer` command: data, training, evaluation, conversion, surgery and analysis.
 
 Each subcommand is a thin layer over the library; `modformer CMD --help` explains every
-option.
+option. Building the parser imports no torch or transformers (the argparse definitions are
+torch-free and every command imports what it needs when it runs), so `--help` is quick.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from huggingface_hub.errors import StrictDataclassError
-
+from modformer import __version__
 from modformer.config import ConfigError
 from modformer.errors import ModformerError
 from modformer.utils import retain_freed_memory
@@ -41,7 +43,8 @@ def run_train(args: argparse.Namespace) -> dict:
 
     cfg = train_config_from_args(args)
     final = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    if "val_loss" in final:
+    # Under torchrun every rank returns; one line is enough (RANK is torchrun's).
+    if "val_loss" in final and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"final val loss {final['val_loss']:.4f}  ppl {final['val_ppl']:.2f}  -> {cfg.out_dir}/model"
         )
@@ -389,6 +392,8 @@ def run_convert_mom_official(args: argparse.Namespace) -> None:
 
 # Subcommands that live in their own module as `add_*_arguments(parser)` + `run_*(args)`:
 # (name, module, add-arguments function, run function, one-line help, description).
+# The add-arguments function is looked up in `module`, or given as "other.module:function"
+# when `module` imports torch (its argparse definitions then live in modformer.cli_args).
 MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "prepare",
@@ -403,7 +408,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "export",
         "modformer.convert.export",
-        "add_export_arguments",
+        "modformer.cli_args:add_export_arguments",
         "run_export",
         "write a saved model as a native transformers directory (GPT-2, JetMoE)",
         "Export a saved model so that plain transformers loads it without modformer: "
@@ -422,7 +427,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "finetune",
         "modformer.eval.downstream",
-        "add_finetune_arguments",
+        "modformer.cli_args:add_finetune_arguments",
         "run_finetune",
         "fine-tune and score a model on local classification or summarisation data",
         "Fine-tune a saved model on a local GLUE-style file (CSV/TSV/JSONL; single "
@@ -452,7 +457,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "usage",
         "modformer.analysis.usage",
-        "add_usage_arguments",
+        "modformer.cli_args:add_usage_arguments",
         "run_usage",
         "module/expert usage statistics of a ModuleFormer or MoM model",
         "Count how often each expert/module is in a token's top-k on a prepared split "
@@ -461,7 +466,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "routing-report",
         "modformer.analysis.routing_report",
-        "add_routing_report_arguments",
+        "modformer.cli_args:add_routing_report_arguments",
         "run_routing_report",
         "routing heatmaps, MoM transitions, per-domain expert KL",
         "Usage heatmaps, MoM step-to-step transitions and per-domain expert "
@@ -479,7 +484,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "cost",
         "modformer.eval.costs",
-        "add_cost_arguments",
+        "modformer.cli_args:add_cost_arguments",
         "run_cost",
         "params, FLOPs/token, peak memory (and val loss) per model: MoM Table 1",
         "Inference costs of saved models and/or random-init preset configs: total "
@@ -489,7 +494,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "prune",
         "modformer.surgery.prune",
-        "add_prune_arguments",
+        "modformer.cli_args:add_prune_arguments",
         "run_prune",
         "remove rarely used experts / modules (ModuleFormer, MoM) and their router rows",
         "Count each expert's (or MoM module's) activation frequency on a data set, "
@@ -499,7 +504,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "extend",
         "modformer.surgery.extend",
-        "add_extend_arguments",
+        "modformer.cli_args:add_extend_arguments",
         "run_extend",
         "insert new experts for continual learning, freezing the old ones",
         "Add N fresh experts per layer to a ModuleFormer, extend the router's expert "
@@ -509,7 +514,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "forgetting",
         "modformer.surgery.forgetting",
-        "add_forgetting_arguments",
+        "modformer.cli_args:add_forgetting_arguments",
         "run_forgetting",
         "the continual-learning experiment (ModuleFormer Tables 5-6 at CPU scale)",
         "Pretrain without one domain, then learn it by full fine-tuning, by expert "
@@ -519,18 +524,28 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
 ]
 
 
+def _function(module: str, name: str) -> Callable:
+    """`name` in `module`, or the function a "module:function" `name` points to."""
+    if ":" in name:
+        module, name = name.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _mounted(name: str) -> Callable[[argparse._SubParsersAction], None]:
-    """The parser-adding function of one MOUNTED subcommand; its module is imported only
-    when the parser is built, not when `modformer` is imported."""
+    """The parser-adding function of one MOUNTED subcommand. Only its argparse definitions
+    are imported to build the parser; the module with its run function (and torch) is
+    imported when the command runs."""
     entry = next(e for e in MOUNTED if e[0] == name)
     _, module, add, run, help_, description = entry
 
+    def run_command(args: argparse.Namespace) -> Any:
+        return _function(module, run)(args)
+
     def add_parser(sub: argparse._SubParsersAction) -> None:
-        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_, description=description)
-        getattr(mod, add)(p)
+        _function(module, add)(p)
         add_overwrite_option(name, p)
-        p.set_defaults(func=getattr(mod, run))
+        p.set_defaults(func=run_command)
 
     return add_parser
 
@@ -638,10 +653,21 @@ def check_arguments(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modformer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--version", action="version", version=f"modformer {__version__}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
     return parser
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what is wrong and how to fix it (imported only on the
+    error path: the checkpoint module imports torch)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (ValueError, FileNotFoundError, ModformerError, StrictDataclassError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -658,19 +684,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_arguments(args)
         args.func(args)
-    except (ValueError, FileNotFoundError, ModformerError, StrictDataclassError) as e:
-        # Our errors carry the problem and the fix; a traceback would bury them.
+    except Exception as e:
         if args.verbose:
             raise
-        # `@strict` configs wrap the validator's ValueError: show the validator's message.
-        message = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ else e
-        print(f"modformer {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    except (MemoryError, OSError, RuntimeError) as e:
-        # Out of memory and disk full are facts about the machine, not bugs: one line.
-        message = resource_error_message(e)
-        if message is None or args.verbose:
-            raise
+        if isinstance(e, _user_error_types()):
+            # Our errors carry the problem and the fix; a traceback would bury them.
+            from huggingface_hub.errors import StrictDataclassError
+
+            # `@strict` configs wrap the validator's ValueError: show the validator's message.
+            message = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ else e
+        else:
+            # Out of memory and disk full are facts about the machine, not bugs: one line.
+            # Anything else is a bug and keeps its traceback.
+            message = resource_error_message(e)
+            if message is None:
+                raise
         print(f"modformer {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0

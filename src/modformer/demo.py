@@ -285,6 +285,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     work = Path(args.work_dir)
+    earlier = read_results(work / "results.json")  # read first: a bad file fails fast
     data_dir = work / "data"
     meta = _prepare_data(args, data_dir)
     print(
@@ -334,6 +335,24 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         print("\n== figures")
         for f in rep["figures"]:
             print(f"   {f}")
+    # Stages run now replace their earlier entries; the other stages' results are kept.
+    results = {**earlier, **results}
     atomic_write_text(work / "results.json", json.dumps(results, indent=2))
     print(f"\nresults written to {work / 'results.json'}")
+    return results
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """The results.json of earlier demo runs ({} when there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        results = e
+    if not isinstance(results, dict):
+        raise ConfigError(
+            f"{path} is not a demo results file ({results}); move it away or delete it, "
+            "since the demo merges this run's stages into it"
+        )
     return results

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from modformer.cli_args import add_export_arguments  # noqa: F401  (argparse lives there)
 from modformer.convert.gpt2 import ConversionError, export_gpt2
 from modformer.convert.jetmoe import export_jetmoe
 from modformer.models.gpt import GPTForCausalLM
@@ -30,21 +31,6 @@ def export_hf(model: PreTrainedModel, dst: str | Path, tokenizer_dir: Path | Non
         f"{type(model).__name__} has no native transformers counterpart; `export hf` writes "
         f"GPT models as GPT2LMHeadModel and JetMoE-style ModuleFormers as JetMoeForCausalLM"
     )
-
-
-def add_export_arguments(p) -> None:
-    sub = p.add_subparsers(dest="export_kind", required=True, metavar="KIND")
-    hf = sub.add_parser(
-        "hf",
-        help="write a native transformers directory (GPT -> GPT2LMHeadModel, "
-        "JetMoE-style ModuleFormer -> JetMoeForCausalLM)",
-        description="Write a saved model as a native transformers model directory "
-        "(config.json + model.safetensors + tokenizer files) that plain transformers loads "
-        "without modformer or trust_remote_code.",
-    )
-    hf.add_argument("model", help="saved model directory or training out_dir")
-    hf.add_argument("dst", help="output directory")
-    hf.set_defaults(func=run_export)
 
 
 def run_export(args) -> None:

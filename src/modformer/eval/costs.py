@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import PreTrainedConfig, PreTrainedModel
 
+from modformer.cli_args import SPEC_SYNTAX, add_cost_arguments
 from modformer.models.flops import (  # noqa: F401  (FlopReport, COMPONENTS: re-exported)
     ATTENTION_MODES,
     COMPONENTS,
@@ -512,9 +513,6 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-SPEC_SYNTAX = "[LABEL=]ARCH:PRESET[:KaHb][:key=value...]"
-
-
 def parse_config_spec(spec: str) -> tuple[str, PreTrainedConfig]:
     """``[LABEL=]ARCH:PRESET[:KaHb][:key=value...]`` -> (row name, config).
 
@@ -558,48 +556,6 @@ def parse_config_spec(spec: str) -> tuple[str, PreTrainedConfig]:
     except ValueError as e:
         raise fail(str(e)) from None
     return label or spec, config
-
-
-def add_cost_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "models",
-        nargs="*",
-        metavar="MODEL",
-        help="saved model directories or training out_dirs (trained models; listed first)",
-    )
-    parser.add_argument(
-        "--config",
-        dest="configs",
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help=f"a random-init model from a preset, {SPEC_SYNTAX}; repeatable, e.g. "
-        "--config gpt:small --config mom:small:K3H1S --config MoE=mom:small:K2H4:policy=moe "
-        "--config moduleformer:tiny. Untrained routers pick at random, so learned routing "
-        "changes MoM/ModuleFormer FLOPs: pass trained model directories for final figures",
-    )
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences (default: 1)")
-    parser.add_argument(
-        "--seq-len", type=int, default=256, help="tokens per sequence (default: 256)"
-    )
-    parser.add_argument(
-        "--data",
-        help="prepared data directory: FLOPs are counted on its first val batch (routing on "
-        "real text) and trained models get their val loss (windows of --seq-len)",
-    )
-    parser.add_argument(
-        "--max-val-batches", type=int, help="val batches for the loss (default: all)"
-    )
-    parser.add_argument(
-        "--attention",
-        choices=ATTENTION_MODES,
-        default="causal",
-        help="attention scores: keys each query can see (causal, default) or the full "
-        "T x T of dense kernels (dense, as FlopCounterMode/DeepSpeed count)",
-    )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="init and token seed (default: 0)")
-    parser.add_argument("--json", help="also write the table to this JSON file")
 
 
 def run_cost(args: argparse.Namespace) -> list[CostRow]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,15 +216,10 @@ def _x_scale(run: RunCurves, x_axis: str) -> float:
 
 
 def _atomic_savefig(figure, out_png: Path) -> None:
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.name}.", suffix=".png", dir=out_png.parent)
-    os.close(fd)
-    try:
+    from modformer.utils import atomic_path
+
+    with atomic_path(out_png, suffix=".png") as tmp:
         figure.savefig(tmp, dpi=120)
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------

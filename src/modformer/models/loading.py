@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+import modformer.models  # noqa: F401  (registers the architectures with the Auto classes)
 from modformer.train.checkpoint import MANIFEST_FILE, CheckpointError, verify_manifest
 
 

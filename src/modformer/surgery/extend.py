@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from modformer.cli_args import add_extend_arguments  # noqa: F401  (argparse lives there)
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 from modformer.models.mom import MoMForCausalLM
 from modformer.models.trainable import (  # noqa: F401  (re-exported: the surgery API)
@@ -284,43 +285,6 @@ def extend_model(
 
 
 # ---- CLI -------------------------------------------------------------------------------
-
-
-def add_extend_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="ModuleFormer model directory or training out_dir")
-    parser.add_argument("out", help="directory for the extended model")
-    parser.add_argument(
-        "--new-experts", type=int, required=True, help="experts to insert in every layer"
-    )
-    parser.add_argument(
-        "--only",
-        choices=["attention", "ffn"],
-        help="insert only attention or only FFN experts (default: both)",
-    )
-    parser.add_argument(
-        "--train-embeddings",
-        action="store_true",
-        help="also train the token embedding (tied to the LM head); default: frozen",
-    )
-    parser.add_argument(
-        "--routing-reg-weight",
-        type=float,
-        help="weight of the routing regulariser ||A'||^2 (eq. 10) in the following training "
-        "(default: keep the model's)",
-    )
-    parser.add_argument(
-        "--aux-loss-weight",
-        type=float,
-        default=0.0,
-        help="weight of the load-balancing loss in the following training (default: 0, as "
-        "the paper's partially trainable router; a negative value keeps the model's)",
-    )
-    parser.add_argument(
-        "--router-init-std",
-        type=float,
-        help="std of the new router rows A' (default: the config's initializer_range)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
 
 
 def run_extend(args: argparse.Namespace) -> PreTrainedModel:

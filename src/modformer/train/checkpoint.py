@@ -30,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from modformer.errors import ModformerError
-from modformer.utils import TOKENIZER_FILES
+from modformer.utils import TOKENIZER_FILES, chmod_like_new_files, make_temp_dir
 
 log = logging.getLogger("modformer.checkpoint")
 
@@ -119,16 +118,51 @@ def verify_manifest(directory: str | Path, what: str = "directory") -> None:
 # ---- saving models ---------------------------------------------------------------------
 
 
+def tokenizer_special_ids(tokenizer_dir: Path) -> dict[str, int]:
+    """The bos/eos/pad token ids of the tokenizer saved in `tokenizer_dir` ({} when there is
+    no loadable tokenizer with an end-of-text token there)."""
+    from modformer.data.corpus import DataError
+    from modformer.data.tokenizer import load_hf_tokenizer
+
+    try:
+        tokenizer = load_hf_tokenizer(tokenizer_dir).tokenizer
+    except DataError as e:
+        log.warning("saving the model without special token ids: %s", e)
+        return {}
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    return {name: value for name, value in ids.items() if value is not None}
+
+
+def set_special_token_ids(model: PreTrainedModel, ids: dict[str, int]) -> None:
+    """Write the tokenizer's ids into the config and the generation config, so that HF
+    `generate` and pipelines stop at end-of-text and pad with the right token."""
+    for name, value in ids.items():
+        setattr(model.config, name, value)
+        if getattr(model, "generation_config", None) is not None:
+            setattr(model.generation_config, name, value)
+
+
 def save_model_files(model: PreTrainedModel, dest: Path, tokenizer_dir: Path | None = None) -> None:
     """`save_pretrained` plus the tokenizer files beside it, so that `from_pretrained(dest)`
-    works for both the model and `AutoTokenizer` (generation, lm-eval); then the manifest
-    of everything written."""
+    works for both the model and `AutoTokenizer` (generation, lm-eval). The tokenizer's
+    bos/eos/pad ids go into config.json and generation_config.json. Last, the manifest of
+    everything written."""
+    has_tokenizer = tokenizer_dir is not None and any(
+        (tokenizer_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")
+    )
+    if has_tokenizer:
+        set_special_token_ids(model, tokenizer_special_ids(tokenizer_dir))
     model.save_pretrained(dest, safe_serialization=True)
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file() and not (dest / name).exists():
-                shutil.copy2(tokenizer_dir / name, dest / name)
+                shutil.copyfile(tokenizer_dir / name, dest / name)
     write_manifest(dest)
+    chmod_like_new_files(dest)  # outputs honour the umask, like every other file we write
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -141,7 +175,7 @@ def atomic_save_model(
     """Save into a temp dir next to `dest`, then swap it in by rename."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = make_temp_dir(dest.parent, prefix=f".{dest.name}.tmp-")
     try:
         save_model_files(model, tmp, tokenizer_dir)
         _replace_dir(tmp, dest)
@@ -303,10 +337,11 @@ def save_checkpoint(
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     dest = ckpt_root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=ckpt_root))
+    tmp = make_temp_dir(ckpt_root, prefix=f".{dest.name}.tmp-")
     try:
         save_model_files(model, tmp / "model", tokenizer_dir)
         save_trainer_state(trainer_state, tmp)
+        chmod_like_new_files(tmp)  # safetensors writes 0600 whatever the umask
         write_manifest(tmp)
         _replace_dir(tmp, dest)
     except BaseException as e:

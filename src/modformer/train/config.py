@@ -76,13 +76,17 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
     eval_interval: int = option(100, "evaluate every N steps (0: only at the end)")
     eval_batches: int = option(20, "validation batches per evaluation")
-    log_interval: int = option(10, "write metrics every N steps")
+    log_interval: int = option(
+        10,
+        "write metrics every N steps; without a progress bar (progress false, or stderr "
+        "not a terminal) also print a line: step, loss, lr, tokens/s, ETA",
+    )
     ckpt_interval: int = option(100, "write a checkpoint every N steps (0: only at the end)")
     keep_last: int = option(2, "checkpoints to keep")
     tensorboard: bool = option(
         False, "also write TensorBoard event files (needs tensorboard installed)"
     )
-    progress: bool = option(True, "show a progress bar")
+    progress: bool = option(True, "show a progress bar when stderr is a terminal")
     compile: bool = option(False, "torch.compile the model")
     parallel: str = option(
         "ddp",

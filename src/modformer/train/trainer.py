@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -502,15 +503,20 @@ def _train(
             dist.barrier()
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.data.block_size * info.world_size
+    # A bar only on a terminal; otherwise (progress false, nohup, Slurm) rank 0 prints a
+    # line every log_interval steps and at every evaluation.
+    show_bar = info.is_main and cfg.progress and sys.stderr.isatty()
+    print_lines = info.is_main and not show_bar
     bar = tqdm(
         total=cfg.max_steps,
         initial=start_step,
-        disable=not (info.is_main and cfg.progress),
+        disable=not show_bar,
         unit="step",
         dynamic_ncols=True,
     )
     last_eval: dict[str, float] = {}
-    t_last, steps_since = time.perf_counter(), 0
+    t_start = t_last = time.perf_counter()
+    steps_since = 0
     skipped = 0  # non-finite steps skipped under nonfinite=skip
     rows_per_rank = cfg.batch_size * cfg.grad_accum
     for step in range(start_step, cfg.max_steps):
@@ -608,16 +614,27 @@ def _train(
             record.update({k: _to_jsonable(v) for k, v in aux_metrics.items()})
             metrics.write(record)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            if print_lines:
+                per_step = (time.perf_counter() - t_start) / (done - start_step)
+                print(
+                    f"step {done}/{cfg.max_steps}  loss {loss_val:.4f}  lr {lr:.2e}  "
+                    f"tokens/s {tok_s:,.0f}  ETA {format_duration(per_step * (cfg.max_steps - done))}",
+                    flush=True,
+                )
 
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.max_steps:
             last_eval = evaluate()
             metrics.write({"step": done, **last_eval})
+            if print_lines:
+                print(_val_line(done, cfg.max_steps, last_eval), flush=True)
         if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done != cfg.max_steps:
             save(done)
         bar.update(1)
     bar.close()
 
     last_eval = evaluate()
+    if print_lines:
+        print(_val_line(cfg.max_steps, cfg.max_steps, last_eval), flush=True)
     if not math.isfinite(last_eval["val_loss"]):
         raise NonFiniteError(
             f"the final validation loss is {last_eval['val_loss']}: the model is broken, so it "
@@ -649,6 +666,22 @@ def _train(
         (out_dir / "final.json").write_text(json.dumps(final, indent=2))
     metrics.close()
     return final
+
+
+def format_duration(seconds: float) -> str:
+    """1h05m, 3m07s or 42s."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _val_line(step: int, max_steps: int, result: dict[str, float]) -> str:
+    return (
+        f"step {step}/{max_steps}  val loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.2f}"
+    )
 
 
 @torch.no_grad()
