@@ -521,6 +521,16 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
         "insertion at several routing-regulariser weights, and with a dense model; report old- "
         "and new-domain validation loss before and after.",
     ),
+    (
+        "reproduce",
+        "modformer.experiments.common",
+        "modformer.cli_args:add_reproduce_arguments",
+        "run_reproduce",
+        "run one of the papers' experiments with seeds and baselines (docs/results.md)",
+        "Train every arm of one experiment for each seed on the built-in corpus, evaluate on "
+        "the whole validation split, compare each arm with its baseline (paired over seeds: "
+        "mean +- sd, difference +- SE) and write results.json and results.md. Resumable.",
+    ),
 ]
 
 
@@ -568,6 +578,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _mounted("extend"),
     _mounted("forgetting"),
     _mounted("demo"),
+    _mounted("reproduce"),
 ]
 
 

@@ -383,3 +383,29 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     hf.add_argument("model", help="saved model directory or training out_dir")
     hf.add_argument("dst", help="output directory")
     # `modformer export` runs modformer.convert.export.run_export (set by the CLI).
+
+
+def add_reproduce_arguments(p: argparse.ArgumentParser) -> None:
+    from modformer.experiments import EXPERIMENTS, SCALES
+
+    p.add_argument(
+        "name",
+        choices=sorted(EXPERIMENTS),
+        help="the experiment: "
+        + "; ".join(f"{name}: {e.summary}" for name, e in sorted(EXPERIMENTS.items())),
+    )
+    p.add_argument(
+        "--out-dir", help="where runs and results go (default: runs/reproduce/NAME); resumable"
+    )
+    p.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="comma-separated seeds, one run per arm each (default: 0,1,2)",
+    )
+    p.add_argument(
+        "--scale",
+        choices=SCALES,
+        default="full",
+        help="full: the CPU-scale setting docs/results.md reports; quick: a few steps per arm, "
+        "to check the plumbing (default: full)",
+    )
