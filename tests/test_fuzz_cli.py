@@ -824,6 +824,10 @@ BAD: list[tuple[str, list[str], str]] = [
     ("extend-out-under-file", ["extend", "{mf}", "{blocked}", "--new-experts", "2"], "is a file"),
     ("extend-text", ["extend", "{mf}", "{out}", "--new-experts", "two"], "invalid int"),
     ("extend-out-exists", ["extend", "{mf}", "{gpt}", "--new-experts", "2"], "pass --overwrite"),
+    # ---- reproduce
+    ("reproduce-no-name", ["reproduce"], "required"),
+    ("reproduce-unknown", ["reproduce", "nonexistent-experiment"], "invalid choice"),
+    ("reproduce-scale", ["reproduce", "x", "--scale", "huge"], "invalid choice"),
     # ---- forgetting and demo
     ("forgetting-out-under-file", ["forgetting", "--out-dir", "{blocked}"], "is a file"),
     (

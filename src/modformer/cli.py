@@ -601,6 +601,7 @@ OUTPUT_ARGUMENTS: dict[str, list[tuple[str, bool]]] = {
     "extend": [("out", True)],
     "forgetting": [("out_dir", True)],
     "demo": [("work_dir", True)],
+    "reproduce": [("out_dir", True)],
 }
 
 
