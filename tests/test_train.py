@@ -179,10 +179,13 @@ def test_existing_run_needs_resume(tiny_data_dir, tmp_path):
 def test_corrupt_checkpoint_is_a_clear_error(tiny_data_dir, tmp_path):
     cfg = load_train_config(None, tiny_args(tiny_data_dir, tmp_path / "r", steps=2))
     train(cfg)
-    state = tmp_path / "r" / "checkpoints" / "step_000002" / "trainer_state.pt"
+    state = tmp_path / "r" / "checkpoints" / "step_000002" / "trainer_state.safetensors"
     state.write_bytes(state.read_bytes()[:100])
     cfg = load_train_config(None, tiny_args(tiny_data_dir, tmp_path / "r", steps=4))
-    with pytest.raises(ckpt_lib.CheckpointError, match="unreadable"):
+    with pytest.raises(
+        ckpt_lib.CheckpointError,
+        match=r"no intact checkpoint .*step_000002: trainer_state.safetensors has 100 bytes",
+    ):
         train(cfg, resume=True)
 
 
@@ -285,6 +288,7 @@ def test_ddp_two_cpu_processes_stay_in_sync(tiny_data_dir, tmp_path):
         "step_000012",
     ]
     assert sorted(p.name for p in out.iterdir()) == [
+        ".modformer.lock",  # rank 0's run lock (released; only rank 0 takes it)
         "checkpoints",
         "final.json",
         "metrics.jsonl",
