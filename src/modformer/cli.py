@@ -427,7 +427,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "finetune",
-        "modformer.eval.downstream",
+        "modformer.commands.finetune",
         "modformer.cli_args:add_finetune_arguments",
         "run_finetune",
         "fine-tune and score a model on local classification or summarisation data",
