@@ -484,7 +484,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "cost",
-        "modformer.eval.costs",
+        "modformer.commands.cost",
         "modformer.cli_args:add_cost_arguments",
         "run_cost",
         "params, FLOPs/token, peak memory (and val loss) per model: MoM Table 1",

@@ -46,7 +46,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from modformer.cli_args import add_extend_arguments  # noqa: F401  (argparse lives there)
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 from modformer.models.mom import MoMForCausalLM
 from modformer.models.trainable import (  # noqa: F401  (re-exported: the surgery API)
