@@ -349,9 +349,9 @@ def run_convert_jetmoe(args: argparse.Namespace) -> None:
 
 def run_convert_mom(args: argparse.Namespace) -> None:
     from modformer.convert.mom import mom_from_vanilla
+    from modformer.models.io import atomic_save_model
     from modformer.models.loading import resolve_model_dir
     from modformer.models.model_card import Provenance
-    from modformer.train.checkpoint import atomic_save_model
 
     src = resolve_model_dir(args.src)  # a model dir, a training out_dir or a HF GPT-2 dir
     options = {}
@@ -642,7 +642,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
     device = getattr(args, "device", None)
     if isinstance(device, str):
-        from modformer.train.distributed import resolve_device
+        from modformer.devices import resolve_device
 
         resolve_device(device)
     for dest, is_dir in OUTPUT_ARGUMENTS.get(args.command, []):

@@ -329,7 +329,7 @@ def save_model_with_tokenizer(
 ) -> Path:
     """Atomically save ``model`` with ``tokenizer`` beside it (loadable by `load_model`,
     `load_tokenizer`, `modformer generate` and lm-eval); `provenance` for its card."""
-    from modformer.train.checkpoint import atomic_save_model
+    from modformer.models.io import atomic_save_model
 
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         tokenizer.save_pretrained(tokenizer_dir)
