@@ -33,8 +33,10 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.checkpointing import CheckpointingMixin, no_cache_when_checkpointing
 from modformer.models.moduleformer.configuration_moduleformer import ModuleFormerConfig
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
@@ -103,8 +105,13 @@ def _router_slots(slots: list[int] | None, num_slots: int) -> RouterSlots | None
     return None if slots is None else RouterSlots(slots, num_slots)
 
 
-class ModuleFormerBlock(nn.Module):
-    """`x + MoA(LN(x))`, then `x + SMoE(LN(x))`."""
+class ModuleFormerBlock(GradientCheckpointingLayer):
+    """`x + MoA(LN(x))`, then `x + SMoE(LN(x))`.
+
+    The router outputs are returned (not stored), so a layer recomputed under activation
+    checkpointing cannot report them twice; the KV cache is the keyword `cache`, which HF's
+    checkpointing wrapper drops.
+    """
 
     def __init__(self, config: ModuleFormerConfig, layer_idx: int):
         super().__init__()
@@ -141,15 +148,15 @@ class ModuleFormerBlock(nn.Module):
         x: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
         memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, tuple[RouterOutput, RouterOutput], tuple[torch.Tensor, torch.Tensor]]:
         """Returns the new x, the (MoA, SMoE) router outputs and the keys/values attended
         to (prefix + current), from which the model builds the next memory."""
         h = self.ln_1(x)
         keys, values = self.attn.project_kv(h)
-        if past_key_values is not None:
-            keys, values = past_key_values.update(keys, values, self.layer_idx)
+        if cache is not None:
+            keys, values = cache.update(keys, values, self.layer_idx)
         elif memory_kv is not None:
             keys = torch.cat([memory_kv[0].to(keys.dtype), keys], dim=2)
             values = torch.cat([memory_kv[1].to(values.dtype), values], dim=2)
@@ -160,7 +167,7 @@ class ModuleFormerBlock(nn.Module):
         return x, (att_route, ffd_route), (keys, values)
 
 
-class ModuleFormerPreTrainedModel(PreTrainedModel):
+class ModuleFormerPreTrainedModel(CheckpointingMixin, PreTrainedModel):
     config_class = ModuleFormerConfig
     config: ModuleFormerConfig
     base_model_prefix = "transformer"
@@ -211,6 +218,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(ModuleFormerBlock(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -320,6 +328,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
                 )
         if use_cache is None:
             use_cache = self.config.use_cache and memory is None and not self.training
+        use_cache, past_key_values = no_cache_when_checkpointing(self, use_cache, past_key_values)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if past_key_values is not None:
@@ -333,7 +342,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         layer_kv = []
         for i, block in enumerate(self.h):
             memory_kv = (memory.keys[i], memory.values[i]) if memory is not None else None
-            x, routes, kv = block(x, token_mask, key_padding_mask, past_key_values, memory_kv)
+            x, routes, kv = block(x, token_mask, key_padding_mask, memory_kv, cache=past_key_values)
             router_outputs.append(routes)
             layer_kv.append(kv)
         x = self.ln_f(x)
