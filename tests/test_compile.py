@@ -156,7 +156,9 @@ def _compiled_step_matches_eager(arch: str, backend: str, autocast_dtype=None, t
         )
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    "arch", ["gpt", "mom", pytest.param("mom_skip", marks=pytest.mark.slow), "moduleformer"]
+)
 def test_compiled_training_step_matches_eager_aot(arch):
     """The compile front end (dynamo + AOT autograd over fake tensors, our custom ops'
     fake implementations and backward), without inductor's slow code generation."""
@@ -354,3 +356,83 @@ def test_checkpointing_turns_the_kv_cache_off_in_training():
     model.eval()
     with torch.no_grad():  # not training: caching works as usual
         assert model(input_ids=x, use_cache=True).logits.shape == (2, 16, VOCAB)
+
+
+# ---- trainer options --------------------------------------------------------------------
+
+TRAINER_MODELS = {
+    "gpt": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64},
+    "mom": {"n_embd": 32, "n_head": 2, "n_positions": 64, "router_dim": 16, "dropout": 0.1},
+    "moduleformer": {"n_embd": 32, "n_layer": 2, "att_hidden": 32, "ffd_hidden": 64},
+}
+
+
+def _train_losses(data_dir, out_dir, arch: str, **options) -> list[float]:
+    import json
+
+    from modformer.train.config import load_train_config
+    from modformer.train.trainer import train
+
+    overrides = [
+        f"data.dir={data_dir}",
+        "data.block_size=32",
+        f"out_dir={out_dir}",
+        "max_steps=4",
+        "batch_size=2",
+        "eval_batches=1",
+        "eval_interval=0",
+        "log_interval=1",
+        "progress=false",
+        "threads=1",
+        "optim.warmup_steps=1",
+        f"model.arch={arch}",
+        f"model.overrides={json.dumps(TRAINER_MODELS[arch])}",
+    ] + [f"{k}={v}" for k, v in options.items()]
+    final = train(load_train_config(None, overrides))
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r] + [final["val_loss"]]
+
+
+@pytest.mark.parametrize("arch", ["mom", "moduleformer"])
+def test_trainer_activation_checkpointing_gives_the_same_run(
+    tiny_data_dir, tmp_path, monkeypatch, arch
+):
+    import transformers.modeling_utils as hf_modeling
+
+    recomputed = []
+    original = hf_modeling.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        recomputed.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hf_modeling, "checkpoint", counting_checkpoint)
+    plain = _train_losses(tiny_data_dir, tmp_path / "plain", arch)
+    assert not recomputed
+    checkpointed = _train_losses(
+        tiny_data_dir, tmp_path / "ckpt", arch, activation_checkpointing="true"
+    )
+    # 4 steps x checkpointed layers: [1-2-1] has 2 fixed blocks and 1 chunk; 2 ModuleFormer blocks
+    assert len(recomputed) == 4 * (3 if arch == "mom" else 2)
+    assert len(plain) == 5
+    torch.testing.assert_close(checkpointed, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_compile_option_compiles_the_model(tiny_data_dir, tmp_path, monkeypatch):
+    """`compile=true` compiles the model (here with the aot_eager backend, to keep the test
+    fast) and trains exactly as eager."""
+    compiled = []
+    original = torch.nn.Module.compile
+
+    def compile_aot_eager(module, *args, **kwargs):
+        compiled.append(type(module).__name__)
+        return original(module, *args, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_aot_eager)
+    eager = _train_losses(tiny_data_dir, tmp_path / "eager", "mom")
+    assert compiled == []
+    dynamo.reset()
+    with_compile = _train_losses(tiny_data_dir, tmp_path / "compiled", "mom", compile="true")
+    dynamo.reset()
+    assert compiled == ["MoMForCausalLM"]
+    torch.testing.assert_close(with_compile, eager, atol=1e-4, rtol=1e-4)

@@ -225,6 +225,12 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
         )
     model.to(device)
     model.train()
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing_enable()
+    if cfg.compile:
+        # In place (nn.Module.compile): parameters, state_dict keys and checkpoints stay
+        # those of the plain model. Eval mode compiles a second graph on first use.
+        model.compile()
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.optim.lr)
 
