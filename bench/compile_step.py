@@ -1,0 +1,274 @@
+"""Training step: torch.compile vs eager, and peak memory with vs without activation checkpointing.
+
+``speed``: for each architecture (gpt, mom, moduleformer) and preset, two copies of the same
+model (same weights, same batch), one eager and one compiled in place as ``modformer train
+--compile true`` does (`nn.Module.compile`, inductor). A step is forward + backward + AdamW.
+The compiled model's first step (compilation + one step) is timed on its own and reported
+as the compile time, minus one median compiled step; then the steps of both are timed
+interleaved (eager, compiled, eager, ...) and the table gives the paired ratio
+compiled / eager (below 1: compile is faster).
+
+``memory``: peak memory of one training step (forward + backward + AdamW) without and with
+activation checkpointing (`activation_checkpointing_enable()`, what ``--activation_checkpointing
+true`` does). Each measurement runs in a fresh subprocess. CUDA: ``torch.cuda.max_memory_allocated``
+over the step, minus the memory allocated before it. CPU: the rise of the process's peak
+resident set over the step: ``VmHWM`` (from /proc/self/status, reset by writing 5 to
+/proc/self/clear_refs just before the step) minus ``VmRSS`` before it, with glibc's default
+malloc settings (MODFORMER_RETAIN_FREED_MEMORY=0, so freed large tensors are returned to the
+system at once and the resident set follows live memory). The optimizer state is created by
+a short warm-up step first, so both figures count activations, gradients and temporaries,
+not the AdamW moments. Also reported: the bytes the forward saves for the backward
+(`torch.autograd.graph.saved_tensors_hooks`), exact and allocator-independent.
+
+    python bench/compile_step.py speed --presets tiny d512 --batch-size 8 --block-size 256
+    python bench/compile_step.py memory --preset d512 --batch-size 1 --block-size 1024
+    python bench/compile_step.py speed --presets tiny --steps 1 --block-size 32   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import interleaved_times, paired_ratio, sync
+from modformer.models.registry import build_config, build_model
+
+ARCHS = ("gpt", "mom", "moduleformer")
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def make_model(arch: str, preset: str, block_size: int, device: torch.device):
+    torch.manual_seed(0)
+    config = build_config(
+        arch, preset, vocab_size=4096, n_positions=max(block_size, 256), dropout=0.0
+    )
+    return build_model(config).to(device).train()
+
+
+def make_step(model, optimizer, x: torch.Tensor, autocast_dtype: torch.dtype | None):
+    """One training step on the batch x: forward, backward, AdamW."""
+
+    def step() -> None:
+        with torch.autocast(
+            x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+        ):
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def adamw(model) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def bench_speed(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    rows = []
+    autocast_dtype = AUTOCAST[args.dtype]
+    for preset in args.presets:
+        for arch in args.archs:
+            eager = make_model(arch, preset, args.block_size, device)
+            compiled = copy.deepcopy(eager)
+            compiled.compile()
+            x = torch.randint(0, 4096, (args.batch_size, args.block_size), device=device)
+            steps = {
+                "eager": make_step(eager, adamw(eager), x, autocast_dtype),
+                "compiled": make_step(compiled, adamw(compiled), x, autocast_dtype),
+            }
+            sync(device)
+            t0 = time.perf_counter()
+            steps["compiled"]()  # compiles forward and backward, then runs the step
+            sync(device)
+            first_compiled = time.perf_counter() - t0
+            times = interleaved_times(steps, device, warmup=args.warmup, repeats=args.steps)
+            eager_s = statistics.median(times["eager"]["wall"])
+            compiled_s = statistics.median(times["compiled"]["wall"])
+            rows.append(
+                {
+                    "arch": arch,
+                    "preset": preset,
+                    "eager_ms": 1e3 * eager_s,
+                    "compiled_ms": 1e3 * compiled_s,
+                    "compiled_over_eager": paired_ratio(
+                        times["compiled"]["wall"], times["eager"]["wall"]
+                    ),
+                    "compile_s": max(first_compiled - compiled_s, 0.0),
+                }
+            )
+            torch._dynamo.reset()
+    print(
+        f"device {device}, threads {torch.get_num_threads()}, {args.dtype}, "
+        f"batch {args.batch_size} x {args.block_size}"
+    )
+    print(
+        f"{'arch':<14}{'preset':<8}{'eager ms':>10}{'compiled ms':>13}{'compiled/eager':>16}"
+        f"{'compile s':>11}"
+    )
+    for r in rows:
+        print(
+            f"{r['arch']:<14}{r['preset']:<8}{r['eager_ms']:10.1f}{r['compiled_ms']:13.1f}"
+            f"{r['compiled_over_eager']:16.3f}{r['compile_s']:11.1f}"
+        )
+    return rows
+
+
+# ---- memory -------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _saved_bytes(model, x: torch.Tensor, autocast_dtype) -> int:
+    """Bytes of the tensors the forward saves for the backward (counted once per tensor)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+    ):
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def memory_child(args: argparse.Namespace, device: torch.device) -> dict:
+    """One measurement (run in its own process): prints a JSON line."""
+    autocast_dtype = AUTOCAST[args.dtype]
+    model = make_model(args.arch, args.preset, args.block_size, device)
+    if args.checkpointing:
+        model.activation_checkpointing_enable()
+    x = torch.randint(0, 4096, (args.batch_size, args.block_size), device=device)
+    optimizer = adamw(model)
+    # A warm-up step on a short sequence creates the AdamW state before the measurement.
+    make_step(model, optimizer, x[:, :8], autocast_dtype)()
+    step = make_step(model, optimizer, x, autocast_dtype)
+    saved = _saved_bytes(model, x, autocast_dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        method = "cuda max_memory_allocated"
+    else:
+        before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        step()
+        peak = (_status_kib("VmHWM") - before) * 1024
+        method = "peak RSS rise (VmHWM - VmRSS)"
+    return {"peak_bytes": peak, "saved_bytes": saved, "method": method}
+
+
+def bench_memory(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for arch in args.archs:
+        row = {"arch": arch, "preset": args.preset}
+        for checkpointing in (False, True):
+            cmd = [
+                sys.executable,
+                __file__,
+                "_memory_child",
+                "--arch",
+                arch,
+                "--preset",
+                args.preset,
+                "--batch-size",
+                str(args.batch_size),
+                "--block-size",
+                str(args.block_size),
+                "--device",
+                args.device,
+                "--dtype",
+                args.dtype,
+                "--threads",
+                str(args.threads),
+            ] + (["--checkpointing"] if checkpointing else [])
+            env = {**os.environ, "MODFORMER_RETAIN_FREED_MEMORY": "0"}
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            key = "checkpointed" if checkpointing else "plain"
+            row[f"{key}_peak_mib"] = result["peak_bytes"] / 2**20
+            row[f"{key}_saved_mib"] = result["saved_bytes"] / 2**20
+            row["method"] = result["method"]
+        row["peak_ratio"] = row["checkpointed_peak_mib"] / row["plain_peak_mib"]
+        row["saved_ratio"] = row["checkpointed_saved_mib"] / row["plain_saved_mib"]
+        rows.append(row)
+    print(
+        f"device {args.device}, {args.dtype}, batch {args.batch_size} x {args.block_size}, "
+        f"method: {rows[0]['method']}"
+    )
+    print(
+        f"{'arch':<14}{'plain MiB':>11}{'ckpt MiB':>10}{'ratio':>8}"
+        f"{'saved plain':>13}{'saved ckpt':>12}{'ratio':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['arch']:<14}{r['plain_peak_mib']:11.1f}{r['checkpointed_peak_mib']:10.1f}"
+            f"{r['peak_ratio']:8.3f}{r['plain_saved_mib']:13.1f}"
+            f"{r['checkpointed_saved_mib']:12.1f}{r['saved_ratio']:8.3f}"
+        )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    speed = sub.add_parser("speed", help="compiled vs eager training step")
+    speed.add_argument("--presets", nargs="+", default=["tiny", "d512"])
+    speed.add_argument("--steps", type=int, default=5, help="timed steps of each model")
+    speed.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    memory = sub.add_parser("memory", help="peak memory with vs without checkpointing")
+    memory.add_argument("--preset", default="d512")
+    child = sub.add_parser("_memory_child", help=argparse.SUPPRESS)
+    child.add_argument("--arch", choices=ARCHS, required=True)
+    child.add_argument("--preset", required=True)
+    child.add_argument("--checkpointing", action="store_true")
+    for sp, batch, block in ((speed, 8, 256), (memory, 1, 1024), (child, 1, 1024)):
+        if sp is not child:
+            sp.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
+            sp.add_argument("--json", help="write the results here")
+        sp.add_argument("--batch-size", type=int, default=batch)
+        sp.add_argument("--block-size", type=int, default=block)
+        sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        sp.add_argument(
+            "--dtype", choices=sorted(AUTOCAST), default="fp32", help="fp32, or bf16 autocast"
+        )
+        sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.mode == "_memory_child":
+        print(json.dumps(memory_child(args, device)))
+        return
+    rows = bench_speed(args, device) if args.mode == "speed" else bench_memory(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
