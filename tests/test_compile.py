@@ -128,8 +128,12 @@ def test_padded_eval_forward_has_no_graph_breaks(arch):
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
 
 
-def _compiled_step_matches_eager(arch: str, backend: str, autocast_dtype=None, tol=1e-4):
+def _compiled_step_matches_eager(
+    arch: str, backend: str, autocast_dtype=None, tol=1e-4, checkpointing: bool = False
+):
     model = make_model(arch)
+    if checkpointing:
+        model.activation_checkpointing_enable()
     x = batch()
     eager_loss = training_loss(model, x, autocast_dtype)
     eager_loss.backward()
@@ -163,6 +167,12 @@ def test_compiled_training_step_matches_eager_aot(arch):
     """The compile front end (dynamo + AOT autograd over fake tensors, our custom ops'
     fake implementations and backward), without inductor's slow code generation."""
     _compiled_step_matches_eager(arch, "aot_eager")
+
+
+@pytest.mark.parametrize("arch", [pytest.param("mom", marks=pytest.mark.slow), "moduleformer"])
+def test_compiled_checkpointed_training_step_matches_eager(arch):
+    """Compile and activation checkpointing together: one graph, the same gradients."""
+    _compiled_step_matches_eager(arch, "aot_eager", checkpointing=True)
 
 
 @pytest.mark.slow

@@ -6,6 +6,11 @@ grouped GEMM over the contiguous per-module segments (`torch.nn.functional.group
 whose group offsets live on the device, so no `.tolist()` is needed), and scatter the
 results back. This is the ScatterMoE/MegaBlocks idea in plain PyTorch.
 
+The grouped GEMM is the custom op `torch.ops.modformer.grouped_mm` (with a fake
+implementation and its own backward), so `torch.compile` sees one opaque node whatever
+kernel runs inside: `F.grouped_mm` where the device and dtype have it, else one matmul per
+group (fp64; fp32 on CUDA), which reads the group sizes back to the host.
+
 Moving rows between tokens and pairs is done with gathers in both directions:
 `gather_pairs` copies each token's row to its pairs (backward: un-sort, sum over the k
 picks), `combine_pairs` un-sorts the pair rows with the inverse permutation and sums
