@@ -10,15 +10,14 @@ compiled / eager (below 1: compile is faster).
 
 ``memory``: peak memory of one training step (forward + backward + AdamW) without and with
 activation checkpointing (`activation_checkpointing_enable()`, what ``--activation_checkpointing
-true`` does). Each measurement runs in a fresh subprocess. CUDA: ``torch.cuda.max_memory_allocated``
-over the step, minus the memory allocated before it. CPU: the rise of the process's peak
-resident set over the step: ``VmHWM`` (from /proc/self/status, reset by writing 5 to
-/proc/self/clear_refs just before the step) minus ``VmRSS`` before it, with glibc's default
-malloc settings (MODFORMER_RETAIN_FREED_MEMORY=0, so freed large tensors are returned to the
-system at once and the resident set follows live memory). The optimizer state is created by
-a short warm-up step first, so both figures count activations, gradients and temporaries,
-not the AdamW moments. Also reported: the bytes the forward saves for the backward
-(`torch.autograd.graph.saved_tensors_hooks`), exact and allocator-independent.
+true`` does): the most bytes the step holds at once beyond what was allocated before it
+(parameters and AdamW state, created by a short warm-up step, are not counted; activations,
+gradients and temporaries are). CUDA: ``torch.cuda.max_memory_allocated`` minus
+``memory_allocated`` before the step. CPU: PyTorch has no CPU allocator statistics, so the
+live bytes of every tensor storage the step creates are tracked exactly with a dispatch mode
+(`modformer.eval.costs.peak_tensor_bytes`, before allocator rounding; the peak resident set
+would mostly show glibc's caching). Also reported: the bytes the forward saves for the
+backward (`torch.autograd.graph.saved_tensors_hooks`), the part checkpointing removes.
 
     python bench/compile_step.py speed --presets tiny d512 --batch-size 8 --block-size 256
     python bench/compile_step.py memory --preset d512 --batch-size 1 --block-size 1024
@@ -30,15 +29,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
 from common import interleaved_times, paired_ratio, sync
+from modformer.eval.costs import peak_tensor_bytes
 from modformer.models.registry import build_config, build_model
 
 ARCHS = ("gpt", "mom", "moduleformer")
@@ -125,21 +122,16 @@ def bench_speed(args: argparse.Namespace, device: torch.device) -> list[dict]:
 # ---- memory -------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _saved_bytes(model, x: torch.Tensor, autocast_dtype) -> int:
-    """Bytes of the tensors the forward saves for the backward (counted once per tensor)."""
+    """Bytes of the activations the forward saves for the backward (each storage once;
+    parameters, which autograd saves too, are left out)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in parameters:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with (
@@ -152,18 +144,19 @@ def _saved_bytes(model, x: torch.Tensor, autocast_dtype) -> int:
     return sum(seen.values())
 
 
-def memory_child(args: argparse.Namespace, device: torch.device) -> dict:
-    """One measurement (run in its own process): prints a JSON line."""
+def measure_memory(
+    arch: str, args: argparse.Namespace, device: torch.device, checkpointing: bool
+) -> dict:
+    """Peak bytes allocated by one training step above what was allocated before it."""
     autocast_dtype = AUTOCAST[args.dtype]
-    model = make_model(args.arch, args.preset, args.block_size, device)
-    if args.checkpointing:
+    model = make_model(arch, args.preset, args.block_size, device)
+    if checkpointing:
         model.activation_checkpointing_enable()
     x = torch.randint(0, 4096, (args.batch_size, args.block_size), device=device)
     optimizer = adamw(model)
     # A warm-up step on a short sequence creates the AdamW state before the measurement.
     make_step(model, optimizer, x[:, :8], autocast_dtype)()
     step = make_step(model, optimizer, x, autocast_dtype)
-    saved = _saved_bytes(model, x, autocast_dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -171,64 +164,39 @@ def memory_child(args: argparse.Namespace, device: torch.device) -> dict:
         step()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
-        method = "cuda max_memory_allocated"
     else:
-        before = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        step()
-        peak = (_status_kib("VmHWM") - before) * 1024
-        method = "peak RSS rise (VmHWM - VmRSS)"
-    return {"peak_bytes": peak, "saved_bytes": saved, "method": method}
+        peak = peak_tensor_bytes(step, device)
+    return {"peak_bytes": peak, "saved_bytes": _saved_bytes(model, x, autocast_dtype)}
 
 
-def bench_memory(args: argparse.Namespace) -> list[dict]:
+def bench_memory(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    method = (
+        "cuda max_memory_allocated - memory_allocated before the step"
+        if device.type == "cuda"
+        else "peak live tensor bytes (modformer.eval.costs.peak_tensor_bytes)"
+    )
     rows = []
     for arch in args.archs:
-        row = {"arch": arch, "preset": args.preset}
+        row = {"arch": arch, "preset": args.preset, "method": method}
         for checkpointing in (False, True):
-            cmd = [
-                sys.executable,
-                __file__,
-                "_memory_child",
-                "--arch",
-                arch,
-                "--preset",
-                args.preset,
-                "--batch-size",
-                str(args.batch_size),
-                "--block-size",
-                str(args.block_size),
-                "--device",
-                args.device,
-                "--dtype",
-                args.dtype,
-                "--threads",
-                str(args.threads),
-            ] + (["--checkpointing"] if checkpointing else [])
-            env = {**os.environ, "MODFORMER_RETAIN_FREED_MEMORY": "0"}
-            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-            result = json.loads(out.stdout.strip().splitlines()[-1])
+            result = measure_memory(arch, args, device, checkpointing)
             key = "checkpointed" if checkpointing else "plain"
             row[f"{key}_peak_mib"] = result["peak_bytes"] / 2**20
             row[f"{key}_saved_mib"] = result["saved_bytes"] / 2**20
-            row["method"] = result["method"]
         row["peak_ratio"] = row["checkpointed_peak_mib"] / row["plain_peak_mib"]
         row["saved_ratio"] = row["checkpointed_saved_mib"] / row["plain_saved_mib"]
         rows.append(row)
+    print(f"device {device}, {args.dtype}, batch {args.batch_size} x {args.block_size}")
+    print(f"peak: {method}; saved: bytes the forward saves for the backward")
     print(
-        f"device {args.device}, {args.dtype}, batch {args.batch_size} x {args.block_size}, "
-        f"method: {rows[0]['method']}"
-    )
-    print(
-        f"{'arch':<14}{'plain MiB':>11}{'ckpt MiB':>10}{'ratio':>8}"
-        f"{'saved plain':>13}{'saved ckpt':>12}{'ratio':>8}"
+        f"{'arch':<14}{'peak MiB':>10}{'ckpt MiB':>10}{'ratio':>8}"
+        f"{'saved MiB':>11}{'ckpt MiB':>10}{'ratio':>8}"
     )
     for r in rows:
         print(
-            f"{r['arch']:<14}{r['plain_peak_mib']:11.1f}{r['checkpointed_peak_mib']:10.1f}"
-            f"{r['peak_ratio']:8.3f}{r['plain_saved_mib']:13.1f}"
-            f"{r['checkpointed_saved_mib']:12.1f}{r['saved_ratio']:8.3f}"
+            f"{r['arch']:<14}{r['plain_peak_mib']:10.1f}{r['checkpointed_peak_mib']:10.1f}"
+            f"{r['peak_ratio']:8.3f}{r['plain_saved_mib']:11.1f}"
+            f"{r['checkpointed_saved_mib']:10.1f}{r['saved_ratio']:8.3f}"
         )
     return rows
 
@@ -242,14 +210,8 @@ def main() -> None:
     speed.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     memory = sub.add_parser("memory", help="peak memory with vs without checkpointing")
     memory.add_argument("--preset", default="d512")
-    child = sub.add_parser("_memory_child", help=argparse.SUPPRESS)
-    child.add_argument("--arch", choices=ARCHS, required=True)
-    child.add_argument("--preset", required=True)
-    child.add_argument("--checkpointing", action="store_true")
-    for sp, batch, block in ((speed, 8, 256), (memory, 1, 1024), (child, 1, 1024)):
-        if sp is not child:
-            sp.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
-            sp.add_argument("--json", help="write the results here")
+    for sp, batch, block in ((speed, 8, 256), (memory, 1, 1024)):
+        sp.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
         sp.add_argument("--batch-size", type=int, default=batch)
         sp.add_argument("--block-size", type=int, default=block)
         sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -257,14 +219,12 @@ def main() -> None:
             "--dtype", choices=sorted(AUTOCAST), default="fp32", help="fp32, or bf16 autocast"
         )
         sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+        sp.add_argument("--json", help="write the results here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.mode == "_memory_child":
-        print(json.dumps(memory_child(args, device)))
-        return
-    rows = bench_speed(args, device) if args.mode == "speed" else bench_memory(args)
+    rows = bench_speed(args, device) if args.mode == "speed" else bench_memory(args, device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
