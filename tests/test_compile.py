@@ -439,10 +439,10 @@ def test_trainer_compile_option_compiles_the_model(tiny_data_dir, tmp_path, monk
         return original(module, *args, **{**kwargs, "backend": "aot_eager"})
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile_aot_eager)
-    eager = _train_losses(tiny_data_dir, tmp_path / "eager", "mom")
+    eager = _train_losses(tiny_data_dir, tmp_path / "eager", "gpt")
     assert compiled == []
     dynamo.reset()
-    with_compile = _train_losses(tiny_data_dir, tmp_path / "compiled", "mom", compile="true")
+    with_compile = _train_losses(tiny_data_dir, tmp_path / "compiled", "gpt", compile="true")
     dynamo.reset()
-    assert compiled == ["MoMForCausalLM"]
+    assert compiled == ["GPTForCausalLM"]
     torch.testing.assert_close(with_compile, eager, atol=1e-4, rtol=1e-4)
