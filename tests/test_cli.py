@@ -117,6 +117,7 @@ def test_convert_gpt2_cli(tmp_path, capsys):
         "prune",
         "extend",
         "forgetting",
+        "export",
         "demo",
     ],
 )
@@ -199,3 +200,36 @@ def test_convert_mom_cli(tiny_data_dir, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(dst)
     assert isinstance(model, MoMForCausalLM) and model.config.H == 3
     assert (dst / "tokenizer.json").is_file()
+
+
+def test_saved_models_carry_the_tokenizers_special_ids(trained_run, tiny_data_dir, tmp_path):
+    """Defect 2: config.json and generation_config.json name the tokenizer's eos/pad ids
+    (the trainer's final model, its checkpoints, and a converted model)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_data_dir / "tokenizer")
+    assert tokenizer.eos_token_id is not None
+    checkpoints = sorted((trained_run / "checkpoints").glob("step_*/model"))
+    assert checkpoints
+    assert (
+        main(
+            [
+                "convert",
+                "mom",
+                "--from",
+                str(trained_run),
+                "--chunks",
+                "[1]",
+                "--config",
+                "K1H1S",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    for model_dir in [trained_run / "model", checkpoints[-1], tmp_path / "m"]:
+        config = json.loads((model_dir / "config.json").read_text())
+        generation = json.loads((model_dir / "generation_config.json").read_text())
+        for saved in (config, generation):
+            assert saved["eos_token_id"] == tokenizer.eos_token_id, model_dir
+            assert saved["pad_token_id"] == tokenizer.pad_token_id, model_dir

@@ -292,7 +292,13 @@ EXTENDED = dict(
 )
 
 
-@pytest.mark.parametrize("layout", [{}, PRUNED, EXTENDED], ids=["plain", "pruned", "extended"])
+# IBM's layout (`convert moduleformer`): biased router and K/V projections, untied head.
+IBM = dict(router_bias=True, kv_bias=True, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize(
+    "layout", [{}, PRUNED, EXTENDED, IBM], ids=["plain", "pruned", "extended", "ibm"]
+)
 def test_moduleformer_matmuls_match_flop_counter(layout):
     # attention_block_size 128 >= T: one dense block
     model, x = moduleformer(**layout), tokens()
@@ -306,7 +312,9 @@ def test_moduleformer_matmuls_match_flop_counter(layout):
     assert counted["modformer.grouped_mm"] == c["ffn"] + c["attention_projections"] - shared_kv
     # The stick-breaking matmuls (q.k and p.v), and any weighted row sums.
     assert counted["aten.bmm"] - row_sums == c["attention_scores"]
-    assert counted["aten.mm"] == c["router"] + c["lm_head"] + shared_kv
+    # nn.Linear with a bias (IBM's router B and K/V) runs as addmm.
+    linear = counted["aten.mm"] + counted.get("aten.addmm", 0)
+    assert linear == c["router"] + c["lm_head"] + shared_kv
 
     causal = inference_flops(model, x)
     assert causal.components["attention_scores"] * 2 * T == c["attention_scores"] * (T + 1)

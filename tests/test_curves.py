@@ -137,3 +137,25 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no tokens_seen"):
         plot_training_curves([empty], out, x_axis="tokens")
     assert not out.exists()
+
+
+def test_phase2_runs_are_drawn_from_where_phase1_ended(tmp_path, monkeypatch):
+    import modformer.eval.curves as curves
+
+    phase1 = write_run(tmp_path / "vanilla", [3.0, 2.5, 2.2, 2.0])  # 40 steps x 512 tokens
+    phase2 = write_run(tmp_path / "mom", [1.9, 1.8])
+    assert curves.run_length(phase1) == 40 * 512 and curves.run_length(phase1, "step") == 40
+    drawn = []
+    monkeypatch.setattr(curves, "_atomic_savefig", lambda figure, out: drawn.append(figure))
+    offset = curves.run_length(phase1)
+    plot_training_curves(
+        [phase1, phase2], tmp_path / "c.png", x_axis="tokens", x_offsets=[0, offset]
+    )
+    train_axes, val_axes = drawn[0].axes[:2]
+    np.testing.assert_array_equal(
+        train_axes.lines[1].get_xdata(), offset + np.array([10, 20]) * 512
+    )
+    np.testing.assert_array_equal(val_axes.lines[1].get_xdata(), offset + np.array([20]) * 512)
+    assert train_axes.lines[1].get_xdata()[0] > train_axes.lines[0].get_xdata()[-1]
+    with pytest.raises(ValueError, match="1 x offsets for 2 runs"):
+        plot_training_curves([phase1, phase2], tmp_path / "d.png", x_offsets=[0])

@@ -620,3 +620,36 @@ def test_cli_arguments_and_run(tmp_path, capsys):
     assert "tales" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args([str(out), "--domains", ","])
+
+
+def test_directory_inputs_take_the_named_suffixes(tmp_path):
+    """Defect 5: `code=src/` read only .txt/.jsonl (egg-info files, no Python source)."""
+    from modformer.data.corpus import expand_input, user_domains
+
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "a.py").write_text("def a():\n    return 1\n")
+    (src / "b.py").write_text("B = 2\n")
+    (src / "pkg.egg-info").mkdir()
+    (src / "pkg.egg-info" / "SOURCES.txt").write_text("pkg/a.py\n")
+    files, is_directory = expand_input(str(src))
+    assert is_directory and [f.name for f in files] == ["SOURCES.txt"]  # the default
+    files, _ = expand_input(str(src), suffixes=["py"])  # a bare suffix gets its dot
+    assert [f.relative_to(src).as_posix() for f in files] == ["b.py", "pkg/a.py"]
+    domains = user_domains([f"code={src}"], suffixes=[".py"])
+    assert sorted(domains["code"].documents) == ["B = 2\n", "def a():\n    return 1\n"]
+    # A quoted recursive glob does the same without --suffixes.
+    files, _ = expand_input(f"{src}/**/*.py")
+    assert sorted(f.name for f in files) == ["a.py", "b.py"]
+    with pytest.raises(DataError, match=r"no \.md files.*--suffixes"):
+        expand_input(str(src), suffixes=[".md"])
+    with pytest.raises(DataError, match="file endings"):
+        expand_input(str(src), suffixes=["*.py"])
+    meta = prepare(
+        tmp_path / "out",
+        inputs=[f"code={src}"],
+        suffixes=[".py"],
+        tokenizer="byte",
+        progress=False,
+    )
+    assert meta["domains"]["code"]["documents"] == 2

@@ -81,6 +81,19 @@ def test_extend_adds_experts_and_freezes_the_rest():
     assert not any(".mlp." in name for name in names)
 
 
+def test_untied_ibm_layout_extends_and_trains_its_head_with_the_embeddings():
+    model = moduleformer(tie_word_embeddings=False, router_bias=True, kv_bias=True)
+    extended = extend_model(model, 1, train_embeddings=True)
+    original = model.state_dict()
+    for name, value in extended.state_dict().items():
+        if not is_inserted_parameter(name):
+            assert torch.equal(value, original[name]), name  # biases and head copied
+    names = trainable_names(extended)
+    assert {"transformer.wte.weight", "lm_head.weight"} <= names
+    assert not any("bias" in name for name in names)
+    assert "lm_head.weight" not in trainable_names(extend_model(model, 1))
+
+
 def test_extend_options_and_determinism():
     model = moduleformer()
     a = extend_model(model, 2, seed=5, router_init_std=0.0, routing_reg_weight=0.5)
@@ -136,7 +149,7 @@ def test_bad_input():
         extend_model(mom, 1)
     # A scope with nothing to train is refused rather than freezing the whole model.
     plain = moduleformer(trainable_scope="inserted_experts")
-    with pytest.raises(SurgeryError, match="no inserted experts"):
+    with pytest.raises(ValueError, match="no inserted experts"):
         apply_trainable_scope(plain)
     assert apply_trainable_scope(gpt)["frozen"] == 0  # no scope: left as it is
 

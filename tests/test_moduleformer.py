@@ -63,6 +63,27 @@ def test_smoe_with_one_expert_is_a_dense_mlp():
     torch.testing.assert_close(y, dense, atol=1e-6, rtol=1e-5)
 
 
+def test_router_computes_in_at_least_fp32():
+    moe = SparseMoE(16, num_experts=4, top_k=2, hidden_size=8, router_hidden=8).double()
+    route = moe.router(routed_inputs(16).double().reshape(-1, 16))
+    assert route.logits.dtype == route.probs.dtype == route.top_k_gates.dtype == torch.float64
+    # The fp64 gates are the fp64 softmax itself, not an fp32 rounding of it.
+    x = routed_inputs(16).double().reshape(-1, 16)
+    exact = torch.softmax(moe.router.expert_embedding(F.relu(moe.router.input_proj(x))), -1)
+    torch.testing.assert_close(route.probs, exact, atol=1e-15, rtol=0)
+    bf16 = moe.router.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert bf16.probs.dtype == torch.float32
+
+
+def test_fp64_model_routes_in_fp64():
+    model = tiny_model(seed=1).double()
+    out = model.transformer(tokens(2, 6), use_cache=False)
+    for att_route, ffd_route in out.router_outputs:
+        for route in (att_route, ffd_route):
+            assert route.probs.dtype == route.top_k_gates.dtype == torch.float64
+    assert out.last_hidden_state.dtype == torch.float64
+
+
 def _stick_breaking_mha(x, w_q, w_k, w_v, w_o, n_head, prefix_x=None):
     """Plain multi-head stick-breaking attention (the fp64 oracle), written out in full."""
     B, T, _ = x.shape
@@ -269,6 +290,53 @@ def test_history_length_caps_the_memory():
         assert memory.length == expected_length
 
 
+def test_unbounded_history_keeps_everything_and_equals_one_long_forward():
+    model = tiny_model(seed=6, use_history=True, history_length=-1)
+    x = tokens(2, 15, seed=3)
+    memory, logits = None, []
+    for i, expected_length in enumerate((5, 10, 15)):
+        out = model(x[:, 5 * i : 5 * (i + 1)], memory=memory, use_cache=False)
+        memory = out.memory
+        assert memory.length == expected_length
+        logits.append(out.logits)
+    whole = model(x, use_cache=False).logits
+    torch.testing.assert_close(torch.cat(logits, dim=1), whole, atol=1e-5, rtol=0)
+
+
+def test_ibm_options_add_router_and_kv_biases():
+    plain, ibm = tiny_model(seed=2), tiny_model(seed=2, router_bias=True, kv_bias=True)
+    keys = set(ibm.state_dict()) - set(plain.state_dict())
+    assert keys == {
+        f"transformer.h.{i}.{name}.bias"
+        for i in range(2)
+        for name in ("attn.router.input_proj", "mlp.router.input_proj", "attn.kv_proj")
+    }
+    assert all(torch.all(ibm.state_dict()[k] == 0) for k in keys)  # initialised to zero
+    missing, _ = ibm.load_state_dict(plain.state_dict(), strict=False)
+    assert set(missing) == keys
+    x = tokens(2, 6, seed=2)
+    torch.testing.assert_close(ibm(x).logits, plain(x).logits, atol=0, rtol=0)
+    with torch.no_grad():
+        for k in keys:
+            ibm.state_dict()[k].normal_()
+    assert (ibm(x).logits - plain(x).logits).abs().max() > 1e-2  # the biases are used
+
+
+def test_untied_head_saves_loads_and_counts_one_embedding_row(tmp_path):
+    model = tiny_model(seed=4, tie_word_embeddings=False)
+    tied = tiny_model(seed=4)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert model.total_parameters() == tied.total_parameters() + VOCAB * 128
+    # A token reads one row of an untied embedding; the head's matrix in full.
+    assert model.active_parameters() == tied.active_parameters() + 128
+    model.save_pretrained(tmp_path)
+    loaded = ModuleFormerForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight is not loaded.transformer.wte.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    x = tokens(2, 6, seed=4)
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+
+
 def test_gradients_do_not_flow_into_the_memory():
     model = tiny_model(seed=7, use_history=True).train()
     x = tokens(2, 8, seed=7)
@@ -409,6 +477,8 @@ def test_molm_presets_match_table_1(preset, total, active):
     assert abs(model.total_parameters() / total - 1) < 0.05
     assert abs(model.active_parameters() / active - 1) < 0.05
     assert model.transformer.h[0].attn.kv_proj is None  # D_att == D_emb, one head
+    assert not model.config.tie_word_embeddings  # as the published MoLM configs
+    assert model.lm_head.weight is not model.transformer.wte.weight
 
 
 @pytest.mark.parametrize(
@@ -421,6 +491,9 @@ def test_molm_presets_match_table_1(preset, total, active):
         (dict(aux_loss_type="entropy"), "aux_loss_type"),
         (dict(activation_function="swish9"), "activation_function"),
         (dict(history_length=0), "history_length"),
+        (dict(history_length=-2), "history_length"),
+        (dict(att_hidden=128, n_head=1, kv_bias=True), "kv_bias"),
+        (dict(router_type="linear", router_bias=True), "router_bias"),
         (dict(n_inserted_ffd_experts=9), "n_inserted_ffd_experts"),
         (dict(aux_loss_weight=-1.0), "aux_loss_weight"),
         (dict(n_head=0), "n_head"),

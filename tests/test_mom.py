@@ -521,3 +521,23 @@ def test_from_scratch_init_follows_gpt2():
     assert abs(chunk.ffn.proj_weight.std().item() - resid_std) < 1e-3
     assert abs(model.transformer.h[0].mlp.c_proj.weight.std().item() - resid_std) < 1e-3
     assert torch.all(chunk.attn.ln_weight == 1) and torch.all(chunk.ffn.fc_bias == 0)
+
+
+def test_top_k_routing_computes_in_at_least_fp32():
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weights, _, probs = top_k_routing(logits * 1e-9, 2)
+    assert weights.dtype == probs.dtype == torch.float64
+    # fp64 resolves logits 1e-9 apart; an fp32 softmax would flatten them to uniform.
+    assert probs.std(dim=-1).min() > 1e-12
+    weights, _, probs = top_k_routing(logits.to(torch.bfloat16), 2)
+    assert weights.dtype == probs.dtype == torch.float32
+
+
+def test_fp64_model_routes_in_fp64():
+    model = make_model(seed=3).double()
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model(ids, return_routing=True)
+    assert out.logits.dtype == torch.float64
+    for step in out.routing:
+        assert step.attn_weight.dtype == step.ffn_weight.dtype == torch.float64

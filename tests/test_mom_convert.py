@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from modformer.convert.mom import mom_config_from_gpt, mom_from_vanilla
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
 from modformer.models.mom import MoMConfig, MoMForCausalLM
-from modformer.models.mom.convert import mom_config_from_gpt, mom_from_vanilla
 
 VOCAB = 61
 
@@ -162,3 +162,43 @@ def test_learned_routers_train_and_gradients_reach_every_picked_module():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_router_width_scales_with_the_model_so_parameters_stay_near_the_source():
+    """The demo's comparison: MoM K2H3S [1-2-1] from the tiny GPT (d=128, 4096 tokens)
+    within 5% of the source's parameters (the fixed default width 256 gave +44%)."""
+    from modformer.convert.mom import phase2_router_dim
+
+    gpt = GPTForCausalLM(GPTConfig.from_preset("tiny", vocab_size=4096))
+    source = gpt.num_parameters()
+    mom = mom_from_vanilla(gpt, chunks="[1-2-1]", mom_name="K2H3S")
+    assert mom.config.router_dim == phase2_router_dim(128) == 32
+    assert 1.0 < mom.num_parameters() / source < 1.05
+    wide = mom_from_vanilla(gpt, chunks="[1-2-1]", mom_name="K2H3S", router_dim=256)
+    assert wide.config.router_dim == 256 and wide.num_parameters() / source > 1.4
+    assert phase2_router_dim(16) == 8  # a floor for very small models
+
+
+def test_reduced_pools_are_a_clear_error_not_an_index_error():
+    with pytest.raises(ValueError, match=r"attn_modules_per_chunk=\[1\] differs .* \[2\]"):
+        mom_from_vanilla(vanilla(), chunks="[1-2-1]", mom_name="K1H2S", attn_modules_per_chunk=[1])
+
+
+def test_convert_cli_router_dim_and_share_map(tiny_data_dir, tmp_path, capsys):
+    from modformer.cli import main
+    from modformer.train.checkpoint import save_model_files
+
+    src = tmp_path / "gpt"
+    save_model_files(vanilla(), src, tiny_data_dir / "tokenizer")
+    argv = ["convert", "mom", "--from", str(src), "--chunks", "[1-2-1]"]
+    assert main([*argv, "--config", "K2H3S", "--router-dim", "12", str(tmp_path / "a")]) == 0
+    assert MoMForCausalLM.from_pretrained(tmp_path / "a").config.router_dim == 12
+    shared = [*argv, "--config", "K1H3", "--policy", "parameter_sharing"]
+    assert main([*shared, "--share-map", "0,0,1", str(tmp_path / "b")]) == 0
+    assert MoMForCausalLM.from_pretrained(tmp_path / "b").config.share_map == [0, 0, 1]
+    capsys.readouterr()
+    assert main([*shared, "--share-map", "0,x", str(tmp_path / "c")]) == 2
+    assert "--share-map '0,x'" in capsys.readouterr().err
+    assert main([*shared, "--share-map", "0,5,1", str(tmp_path / "d")]) == 2
+    assert "share_map" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

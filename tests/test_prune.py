@@ -71,8 +71,13 @@ def kept_by_key(report: dict) -> dict[str, list[int]]:
     return {pool["key"]: pool["kept"] for pool in report["pools"]}
 
 
-def test_pruning_unused_moduleformer_experts_keeps_logits():
-    model = with_unused_experts(moduleformer())
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(router_bias=True, kv_bias=True, tie_word_embeddings=False)],
+    ids=["plain", "ibm-layout"],
+)
+def test_pruning_unused_moduleformer_experts_keeps_logits(overrides):
+    model = with_unused_experts(moduleformer(**overrides))
     batches = token_batches()
     pruned, report = prune_model(model, collect_usage(model, batches), threshold=0.01)
 

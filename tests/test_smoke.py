@@ -49,7 +49,28 @@ def _moduleformer() -> ModuleFormerForCausalLM:
     return ModuleFormerForCausalLM(config)
 
 
-ARCHITECTURES = {"gpt": _gpt, "mom": _mom, "moduleformer": _moduleformer}
+def _jetmoe_style() -> ModuleFormerForCausalLM:
+    """ModuleFormer with JetMoE's options (RoPE softmax attention, RMSNorm, SwiGLU, ...)."""
+    config = ModuleFormerConfig.from_preset(
+        "tiny",
+        vocab_size=VOCAB,
+        n_layer=2,
+        norm_type="rms",
+        expert_mlp="swiglu",
+        router_type="linear",
+        attention_type="softmax_rope",
+        moe_output_bias=True,
+        activation_function="silu",
+    )
+    return ModuleFormerForCausalLM(config)
+
+
+ARCHITECTURES = {
+    "gpt": _gpt,
+    "mom": _mom,
+    "moduleformer": _moduleformer,
+    "moduleformer_jetmoe": _jetmoe_style,
+}
 
 
 def build(arch: str, seed: int = 0) -> torch.nn.Module:
@@ -181,3 +202,27 @@ def test_a_transformers_deprecation_fails_the_test(pytester):
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3, errors=2)  # the two probes fail at teardown
     result.stdout.fnmatch_lines(["*transformers reported a deprecation*"])
+
+
+def test_demo_sample_is_checked_against_full_forwards(tiny_data_dir):
+    from modformer.data.tokenizer import load_hf_tokenizer
+    from modformer.generation import greedy_sample_checked
+
+    tokenizer = load_hf_tokenizer(tiny_data_dir / "tokenizer").tokenizer
+    model = GPTForCausalLM(
+        GPTConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size, n_positions=64)
+    ).eval()
+    text = greedy_sample_checked(model, tokenizer, "def ", max_new_tokens=12)
+    assert len(tokenizer(text).input_ids) >= 1
+
+    # A model that drops the cache it is given (the transformers 5.24 failure) is caught.
+    forward = model.forward
+
+    def forgetful_forward(*args, **kwargs):
+        for name in ("cache", "past_key_values", "attention_mask"):
+            kwargs.pop(name, None)
+        return forward(*args, **kwargs)
+
+    model.forward = forgetful_forward
+    with pytest.raises(RuntimeError, match="disagrees with full forwards"):
+        greedy_sample_checked(model, tokenizer, "def ", max_new_tokens=12)

@@ -129,6 +129,28 @@ def test_large_scores_stay_finite():
     )
 
 
+def large_score_qkv(Tq: int, Tk: int, seed: int = 0):
+    """fp64 q, k, v with head_dim 1 and scores q_t * k_j spread over [-50, 50]."""
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.where(torch.rand(1, 2, Tq, 1, generator=g) < 0.5, -1.0, 1.0)
+    q = sign * (0.5 + 0.5 * torch.rand(1, 2, Tq, 1, generator=g))
+    k = 100.0 * torch.rand(1, 2, Tk, 1, generator=g) - 50.0
+    v = torch.randn(1, 2, Tk, 1, generator=g)
+    return q.double(), k.double(), v.double()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fp64_with_scores_up_to_50_matches_the_reference_exactly(masked):
+    # A softplus that drops log1p(e^-z) above z = 20 (F.softplus) is off by up to 2e-9.
+    q, k, v = large_score_qkv(24, 30)
+    scores = (q @ k.transpose(-1, -2)).abs()
+    assert scores.max() > 45 and ((scores > 20) & (scores < 25)).sum() > 5
+    mask = padding_mask(1, 30) if masked else None
+    out = stick_breaking_attention(q, k, v, mask, block_size=8)
+    ref = stick_breaking_attention_reference(q, k, v, mask)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("Tq", "Tk", "masked"),
     [(7, 7, False), (7, 11, False), (7, 7, True), (7, 11, True), (1, 6, True)],

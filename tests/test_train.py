@@ -217,6 +217,14 @@ def test_killed_and_resumed_run_ends_like_uninterrupted(tiny_data_dir, tmp_path)
     assert steps_logged == sorted(set(steps_logged))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_ddp_two_cpu_processes_stay_in_sync(tiny_data_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
@@ -226,9 +234,9 @@ def test_ddp_two_cpu_processes_stay_in_sync(tiny_data_dir, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(_free_port()),  # a fixed port collides with another suite running at once
         "-m",
-        "modformer.cli",
+        "modformer",  # torchrun -m modformer train (src/modformer/__main__.py)
         "train",
     ]
     cmd += [
@@ -240,6 +248,10 @@ def test_ddp_two_cpu_processes_stay_in_sync(tiny_data_dir, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     final = json.loads((out / "final.json").read_text())
     assert final["ranks_in_sync"] is True
+    # Rank 0 alone prints: each log line and the final line once, not once per rank.
+    assert done.stdout.count("final val loss") == 1
+    assert done.stdout.count("step 10/12  loss") == 1
+    assert done.stdout.count("step 10/12  val loss") == 1
     # 2 ranks x 4 sequences x 32 tokens per step
     assert final["tokens_trained"] == 12 * 2 * 4 * 32
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -286,3 +298,30 @@ def test_misspelt_model_override_is_rejected(tiny_data_dir, tmp_path):
     )
     with pytest.raises(ConfigError, match=r"n_embdd \(did you mean n_embd\?\)"):
         train(cfg)
+
+
+def test_without_a_progress_bar_training_prints_lines(tiny_data_dir, tmp_path, capsys):
+    """Defect 7: progress=false (or stderr not a terminal) prints step, loss, lr,
+    tokens/s and ETA every log_interval steps, and the validation loss at each evaluation."""
+    import re
+
+    from modformer.train.trainer import format_duration
+
+    cfg = load_train_config(None, tiny_args(tiny_data_dir, tmp_path / "run", steps=20))
+    train(cfg)
+    lines = capsys.readouterr().out.splitlines()
+    progress = [
+        line
+        for line in lines
+        if re.fullmatch(
+            r"step \d+/20  loss \d+\.\d{4}  lr \d\.\d\de[-+]\d+  tokens/s [\d,]+  ETA \S+", line
+        )
+    ]
+    assert [int(line.split()[1].split("/")[0]) for line in progress] == [5, 10, 15, 20]
+    assert progress[-1].endswith("ETA 0s")
+    val = [line for line in lines if "val loss" in line]
+    assert [line.split()[1] for line in val] == ["10/20", "20/20"]
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val_10 = next(m["val_loss"] for m in metrics if m.get("step") == 10 and "val_loss" in m)
+    assert f"val loss {val_10:.4f}" in val[0]
+    assert [format_duration(s) for s in (0.4, 42, 187, 3900)] == ["0s", "42s", "3m07s", "1h05m"]

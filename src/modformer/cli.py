@@ -1,7 +1,8 @@
 """The `modformer` command: data, training, evaluation, conversion, surgery and analysis.
 
 Each subcommand is a thin layer over the library; `modformer CMD --help` explains every
-option.
+option. Building the parser imports no torch or transformers (the argparse definitions are
+torch-free and every command imports what it needs when it runs), so `--help` is quick.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from huggingface_hub.errors import StrictDataclassError
-
+from modformer import __version__
 from modformer.config import ConfigError
-from modformer.train.checkpoint import CheckpointError
 from modformer.utils import retain_freed_memory
 
 
@@ -41,7 +42,8 @@ def run_train(args: argparse.Namespace) -> dict:
 
     cfg = train_config_from_args(args)
     final = train(cfg, resume=args.resume)
-    if "val_loss" in final:
+    # Under torchrun every rank returns; one line is enough (RANK is torchrun's).
+    if "val_loss" in final and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"final val loss {final['val_loss']:.4f}  ppl {final['val_ppl']:.2f}  -> {cfg.out_dir}/model"
         )
@@ -165,8 +167,11 @@ def run_generate(args: argparse.Namespace) -> str:
 def _convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert checkpoints (gpt2 -> modformer, vanilla -> MoM)",
+        help="convert checkpoints (gpt2, IBM ModuleFormer, official MoM -> modformer; "
+        "vanilla -> MoM)",
         description="Convert checkpoints. `gpt2` imports a local Hugging Face GPT-2 directory; "
+        "`moduleformer` an IBM ModuleFormer / MoLM directory; `mom-official` a checkpoint of "
+        "the official MoM code; "
         "`mom` turns a vanilla model into a Mixture-of-Modules model (phase-2 initialisation). "
         "Run `modformer convert KIND --help` for the options of each.",
     )
@@ -180,6 +185,42 @@ def _convert(sub: argparse._SubParsersAction) -> None:
     g.add_argument("src", help="local Hugging Face GPT-2 directory")
     g.add_argument("dst", help="output model directory")
     g.set_defaults(func=run_convert_gpt2)
+    ibm = conv.add_parser(
+        "moduleformer",
+        help="import a local IBM ModuleFormer / MoLM directory (github.com/IBM/ModuleFormer)",
+        description="Import a local directory written by IBM's ModuleFormer code (model_type "
+        "'moduleformer': config.json + safetensors or pytorch_model.bin, read with "
+        "weights_only) into a modformer ModuleFormer directory with the same logits; tokenizer "
+        "files are copied along. IBM's aux_loss_weight is multiplied by 2 * n_layer (IBM sums "
+        "the per-router losses, modformer averages them).",
+    )
+    ibm.add_argument("src", help="local IBM ModuleFormer / MoLM directory")
+    ibm.add_argument("dst", help="output model directory")
+    ibm.add_argument(
+        "--history-length",
+        type=int,
+        default=-1,
+        help="keys/values the imported model remembers across segments in Transformer-XL "
+        "training (default: -1 = unbounded, as IBM's code)",
+    )
+    ibm.add_argument(
+        "--drop-training-options",
+        action="store_true",
+        help="import although config.json sets training-only options modformer lacks "
+        "(sample_topk, moe_pdrop, embd_pdrop != resid_pdrop); they are left out",
+    )
+    ibm.set_defaults(func=run_convert_moduleformer)
+    j = conv.add_parser(
+        "jetmoe",
+        help="import a local JetMoeForCausalLM directory as a ModuleFormer",
+        description="Import a local transformers JetMoE directory (config.json + safetensors) "
+        "into a ModuleFormer with JetMoE's options (RMSNorm, SwiGLU experts, linear router, "
+        "RoPE softmax attention); tokenizer files are copied along. `modformer export hf` "
+        "writes it back.",
+    )
+    j.add_argument("src", help="local JetMoeForCausalLM directory")
+    j.add_argument("dst", help="output model directory")
+    j.set_defaults(func=run_convert_jetmoe)
     m = conv.add_parser(
         "mom",
         help="phase-2 initialisation: a vanilla model's layers become a MoM module pool",
@@ -209,8 +250,30 @@ def _convert(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="MoM-same ablation: all modules of a chunk identical",
     )
+    m.add_argument(
+        "--router-dim",
+        type=int,
+        help="router width (GRU state / MLP hidden size); default max(8, n_embd // 4), which "
+        "keeps the routers' parameters small beside the layers they route",
+    )
+    m.add_argument(
+        "--share-map",
+        help="policy parameter_sharing: the module each step uses, as H comma-separated "
+        "indices, e.g. '0,0,1,1'",
+    )
     m.add_argument("dst", help="output model directory")
     m.set_defaults(func=run_convert_mom)
+    o = conv.add_parser(
+        "mom-official",
+        help="import a checkpoint of the official MoM code (gzhch/Mixture-of-Modules)",
+        description="Import a local directory saved by the official Mixture-of-Modules code "
+        "(config.json with model_type gpt2-mot, and model.safetensors or pytorch_model.bin) into "
+        "a modformer MoM model directory. Pickles load with torch.load(weights_only=True); a "
+        "file that needs code to unpickle is refused. Tokenizer files are copied along.",
+    )
+    o.add_argument("src", help="local directory of an official GPT2MoTLMHeadModel")
+    o.add_argument("dst", help="output model directory")
+    o.set_defaults(func=run_convert_mom_official)
 
 
 def run_convert_gpt2(args: argparse.Namespace) -> None:
@@ -221,12 +284,43 @@ def run_convert_gpt2(args: argparse.Namespace) -> None:
     print(f"converted {args.src} -> {args.dst} ({n:,} parameters)")
 
 
+def run_convert_moduleformer(args: argparse.Namespace) -> None:
+    from modformer.convert.moduleformer import convert_moduleformer
+
+    model = convert_moduleformer(
+        args.src, args.dst, args.drop_training_options, args.history_length
+    )
+    print(
+        f"converted {args.src} -> {args.dst} ({model.total_parameters():,} parameters, "
+        f"{model.active_parameters():,} active per token)"
+    )
+
+
+def run_convert_jetmoe(args: argparse.Namespace) -> None:
+    from modformer.convert.jetmoe import convert_jetmoe
+
+    model = convert_jetmoe(args.src, args.dst)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.src} -> {args.dst} (JetMoE as ModuleFormer, {n:,} parameters)")
+
+
 def run_convert_mom(args: argparse.Namespace) -> None:
+    from modformer.convert.mom import mom_from_vanilla
     from modformer.models.loading import resolve_model_dir
-    from modformer.models.mom.convert import mom_from_vanilla
     from modformer.train.checkpoint import atomic_save_model
 
     src = resolve_model_dir(args.src)  # a model dir, a training out_dir or a HF GPT-2 dir
+    options = {}
+    if args.router_dim is not None:
+        options["router_dim"] = args.router_dim
+    if args.share_map is not None:
+        try:
+            options["share_map"] = [int(m) for m in args.share_map.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--share-map {args.share_map!r}: expected comma-separated module indices, "
+                "e.g. '0,0,1,1'"
+            ) from None
     model = mom_from_vanilla(
         src,
         chunks=args.chunks,
@@ -234,6 +328,7 @@ def run_convert_mom(args: argparse.Namespace) -> None:
         router=args.router,
         policy=args.policy,
         mom_same=args.mom_same,
+        **options,
     )
     atomic_save_model(model, args.dst, tokenizer_dir=Path(src))
     n = sum(p.numel() for p in model.parameters())
@@ -242,8 +337,20 @@ def run_convert_mom(args: argparse.Namespace) -> None:
     )
 
 
+def run_convert_mom_official(args: argparse.Namespace) -> None:
+    from modformer.convert.mom_official import convert_mom_official
+
+    model = convert_mom_official(args.src, args.dst)
+    n = sum(p.numel() for p in model.parameters())
+    print(
+        f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"
+    )
+
+
 # Subcommands that live in their own module as `add_*_arguments(parser)` + `run_*(args)`:
 # (name, module, add-arguments function, run function, one-line help, description).
+# The add-arguments function is looked up in `module`, or given as "other.module:function"
+# when `module` imports torch (its argparse definitions then live in modformer.cli_args).
 MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "prepare",
@@ -254,6 +361,16 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
         "Turn text into memory-mapped token files plus meta.json and a tokenizer. "
         "Without --inputs, the built-in offline corpus is used (Python stdlib sources, "
         "pydoc topics, C headers).",
+    ),
+    (
+        "export",
+        "modformer.convert.export",
+        "modformer.cli_args:add_export_arguments",
+        "run_export",
+        "write a saved model as a native transformers directory (GPT-2, JetMoE)",
+        "Export a saved model so that plain transformers loads it without modformer: "
+        "`modformer export hf MODEL DST` writes GPT models as GPT2LMHeadModel and "
+        "JetMoE-style ModuleFormers as JetMoeForCausalLM.",
     ),
     (
         "demo",
@@ -267,7 +384,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "finetune",
         "modformer.eval.downstream",
-        "add_finetune_arguments",
+        "modformer.cli_args:add_finetune_arguments",
         "run_finetune",
         "fine-tune and score a model on local classification or summarisation data",
         "Fine-tune a saved model on a local GLUE-style file (CSV/TSV/JSONL; single "
@@ -297,7 +414,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "usage",
         "modformer.analysis.usage",
-        "add_usage_arguments",
+        "modformer.cli_args:add_usage_arguments",
         "run_usage",
         "module/expert usage statistics of a ModuleFormer or MoM model",
         "Count how often each expert/module is in a token's top-k on a prepared split "
@@ -306,7 +423,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "routing-report",
         "modformer.analysis.routing_report",
-        "add_routing_report_arguments",
+        "modformer.cli_args:add_routing_report_arguments",
         "run_routing_report",
         "routing heatmaps, MoM transitions, per-domain expert KL",
         "Usage heatmaps, MoM step-to-step transitions and per-domain expert "
@@ -324,7 +441,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "cost",
         "modformer.eval.costs",
-        "add_cost_arguments",
+        "modformer.cli_args:add_cost_arguments",
         "run_cost",
         "params, FLOPs/token, peak memory (and val loss) per model: MoM Table 1",
         "Inference costs of saved models and/or random-init preset configs: total "
@@ -334,7 +451,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "prune",
         "modformer.surgery.prune",
-        "add_prune_arguments",
+        "modformer.cli_args:add_prune_arguments",
         "run_prune",
         "remove rarely used experts / modules (ModuleFormer, MoM) and their router rows",
         "Count each expert's (or MoM module's) activation frequency on a data set, "
@@ -344,7 +461,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "extend",
         "modformer.surgery.extend",
-        "add_extend_arguments",
+        "modformer.cli_args:add_extend_arguments",
         "run_extend",
         "insert new experts for continual learning, freezing the old ones",
         "Add N fresh experts per layer to a ModuleFormer, extend the router's expert "
@@ -354,27 +471,47 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "forgetting",
         "modformer.surgery.forgetting",
-        "add_forgetting_arguments",
+        "modformer.cli_args:add_forgetting_arguments",
         "run_forgetting",
         "the continual-learning experiment (ModuleFormer Tables 5-6 at CPU scale)",
         "Pretrain without one domain, then learn it by full fine-tuning, by expert "
         "insertion at several routing-regulariser weights, and with a dense model; report old- "
         "and new-domain validation loss before and after.",
     ),
+    (
+        "reproduce",
+        "modformer.experiments.common",
+        "modformer.cli_args:add_reproduce_arguments",
+        "run_reproduce",
+        "run one of the papers' experiments with seeds and baselines (docs/results.md)",
+        "Train every arm of one experiment for each seed on the built-in corpus, evaluate on "
+        "the whole validation split, compare each arm with its baseline (paired over seeds: "
+        "mean +- sd, difference +- SE) and write results.json and results.md. Resumable.",
+    ),
 ]
 
 
+def _function(module: str, name: str) -> Callable:
+    """`name` in `module`, or the function a "module:function" `name` points to."""
+    if ":" in name:
+        module, name = name.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _mounted(name: str) -> Callable[[argparse._SubParsersAction], None]:
-    """The parser-adding function of one MOUNTED subcommand; its module is imported only
-    when the parser is built, not when `modformer` is imported."""
+    """The parser-adding function of one MOUNTED subcommand. Only its argparse definitions
+    are imported to build the parser; the module with its run function (and torch) is
+    imported when the command runs."""
     entry = next(e for e in MOUNTED if e[0] == name)
     _, module, add, run, help_, description = entry
 
+    def run_command(args: argparse.Namespace) -> Any:
+        return _function(module, run)(args)
+
     def add_parser(sub: argparse._SubParsersAction) -> None:
-        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_, description=description)
-        getattr(mod, add)(p)
-        p.set_defaults(func=getattr(mod, run))
+        _function(module, add)(p)
+        p.set_defaults(func=run_command)
 
     return add_parser
 
@@ -385,6 +522,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _eval,
     _generate,
     _convert,
+    _mounted("export"),
     _mounted("finetune"),
     _mounted("lm-eval"),
     _mounted("plot-curves"),
@@ -396,16 +534,30 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _mounted("extend"),
     _mounted("forgetting"),
     _mounted("demo"),
+    _mounted("reproduce"),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modformer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--version", action="version", version=f"modformer {__version__}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
     return parser
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what is wrong and how to fix it (imported only on the
+    error path: the checkpoint module imports torch)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from modformer.train.checkpoint import CheckpointError
+
+    return (ValueError, FileNotFoundError, CheckpointError, StrictDataclassError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,10 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError, StrictDataclassError) as e:
+    except Exception as e:
         # Our errors carry the problem and the fix; a traceback would bury them.
-        if args.verbose:
+        if args.verbose or not isinstance(e, _user_error_types()):
             raise
+        from huggingface_hub.errors import StrictDataclassError
+
         # `@strict` configs wrap the validator's ValueError: show the validator's message.
         message = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ else e
         print(f"modformer {args.command}: error: {message}", file=sys.stderr)

@@ -118,10 +118,6 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
-
-
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set `data["a"]["b"] = value` for `dotted == "a.b"`, creating sections as needed."""
     keys = dotted.split(".")

@@ -123,7 +123,7 @@ def _fresh_run(out_dir: Path) -> None:
 def stage_vanilla(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
     from modformer.data.dataset import TokenDataset
     from modformer.eval.lm import unigram_loss
-    from modformer.generation import generate_text
+    from modformer.generation import greedy_sample_checked
     from modformer.models.loading import load_model, load_tokenizer
     from modformer.train.trainer import train
 
@@ -138,9 +138,9 @@ def stage_vanilla(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[
     model = load_model(out_dir)
     tokenizer = load_tokenizer(out_dir)
     prompt = "def "
-    sample = generate_text(
-        model, tokenizer, prompt, max_new_tokens=60, temperature=0.7, seed=args.seed
-    )
+    # Greedy, and checked against full forwards: the demo fails loudly if cached decoding
+    # breaks (as it did silently under transformers 5.24 before the models took `cache`).
+    sample = greedy_sample_checked(model, tokenizer, prompt, max_new_tokens=60)
     return {
         "val_loss": final["val_loss"],
         "val_ppl": final["val_ppl"],
@@ -193,7 +193,7 @@ def _train_and_measure(
 
 
 def stage_mom(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
-    from modformer.models.mom.convert import mom_from_vanilla
+    from modformer.convert.mom import mom_from_vanilla
     from modformer.train.checkpoint import atomic_save_model
 
     vanilla = work / "vanilla" / "model"
@@ -234,16 +234,20 @@ def stage_moduleformer(args: argparse.Namespace, data_dir: Path, work: Path) -> 
 def stage_report(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
     from modformer.analysis.routing_report import write_routing_report
     from modformer.analysis.usage import collect_usage_on_data
-    from modformer.eval.curves import plot_training_curves
+    from modformer.eval.curves import plot_training_curves, run_length
     from modformer.models.loading import load_model
 
     out = work / "report"
     runs = [work / name for name in RUN_NAMES if (work / name / "metrics.jsonl").is_file()]
     if not runs:
         raise ConfigError(f"no training runs in {work} to report on; run the other stages first")
-    figures = [
-        str(plot_training_curves(runs, out / "training_curves.png", x_axis="tokens", smoothing=0.6))
-    ]
+    # Phase-2 runs (MoM, vanilla continued) start where the vanilla run ended.
+    phase1_tokens = run_length(work / "vanilla") if (work / "vanilla") in runs else 0.0
+    offsets = [phase1_tokens if run.name in PHASE2_RUNS else 0.0 for run in runs]
+    curves = plot_training_curves(
+        runs, out / "training_curves.png", x_axis="tokens", smoothing=0.6, x_offsets=offsets
+    )
+    figures = [str(curves)]
     for name in ("mom", "moduleformer"):
         if (work / name / "model" / "config.json").is_file():
             model = load_model(work / name)
@@ -257,6 +261,8 @@ def stage_report(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[s
 
 # Runs the demo trains, in the order the curves legend lists them.
 RUN_NAMES = ("vanilla", "vanilla_cont", "mom", "dense", "moduleformer")
+# Runs initialised from the vanilla run's final model.
+PHASE2_RUNS = ("vanilla_cont", "mom")
 
 
 def print_table(
@@ -279,6 +285,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     work = Path(args.work_dir)
+    earlier = read_results(work / "results.json")  # read first: a bad file fails fast
     data_dir = work / "data"
     meta = _prepare_data(args, data_dir)
     print(
@@ -328,6 +335,24 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         print("\n== figures")
         for f in rep["figures"]:
             print(f"   {f}")
+    # Stages run now replace their earlier entries; the other stages' results are kept.
+    results = {**earlier, **results}
     atomic_write_text(work / "results.json", json.dumps(results, indent=2))
     print(f"\nresults written to {work / 'results.json'}")
+    return results
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """The results.json of earlier demo runs ({} when there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        results = e
+    if not isinstance(results, dict):
+        raise ConfigError(
+            f"{path} is not a demo results file ({results}); move it away or delete it, "
+            "since the demo merges this run's stages into it"
+        )
     return results

@@ -1,14 +1,21 @@
 """Analysis of trained modular models: module usage statistics (`usage`), routing
-reports with plots (`routing_report`) and hyper-parameter sweeps (`sweep`)."""
+reports with plots (`routing_report`) and hyper-parameter sweeps (`sweep`). Names are
+imported on first use (see modformer._lazy)."""
 
-from modformer.analysis.usage import (
-    UsageError,
-    UsageStats,
-    check_same_tokenizer,
-    collect_usage,
-    collect_usage_on_data,
-)
+from typing import TYPE_CHECKING
 
+from modformer._lazy import lazy_exports
+
+_EXPORTS = {
+    name: "modformer.analysis.usage"
+    for name in (
+        "UsageError",
+        "UsageStats",
+        "check_same_tokenizer",
+        "collect_usage",
+        "collect_usage_on_data",
+    )
+}
 __all__ = [
     "UsageError",
     "UsageStats",
@@ -16,3 +23,13 @@ __all__ = [
     "collect_usage",
     "collect_usage_on_data",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from modformer.analysis.usage import (
+        UsageError,
+        UsageStats,
+        check_same_tokenizer,
+        collect_usage,
+        collect_usage_on_data,
+    )

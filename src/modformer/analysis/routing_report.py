@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +37,15 @@ import numpy as np
 
 from modformer.analysis.usage import (
     ARCH_MODULEFORMER,
-    NORMS,
     UsageError,
     UsageStats,
     collect_usage_on_data,
 )
-
-DEFAULT_KL_EPSILON = 1e-6
-
+from modformer.cli_args import (
+    DEFAULT_KL_EPSILON,
+    NORMS,
+    add_routing_report_arguments,  # noqa: F401  (argparse lives there)
+)
 
 # ---- numbers -----------------------------------------------------------------------------
 
@@ -198,15 +198,10 @@ def new_figure(width: float, height: float) -> Any:
 
 def save_figure(figure: Any, path: Path) -> Path:
     """Write a PNG atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    from modformer.utils import atomic_path
+
+    with atomic_path(path, suffix=".png") as tmp:
         figure.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -357,33 +352,6 @@ def write_routing_report(
 
 
 # ---- CLI -------------------------------------------------------------------------------
-
-
-def add_routing_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory or training out_dir (ModuleFormer or MoM)")
-    parser.add_argument("data", help="prepared data directory (output of `modformer prepare`)")
-    parser.add_argument("--out-dir", required=True, help="where the PNGs and report.json go")
-    parser.add_argument(
-        "--split", default="val", choices=["train", "val"], help="split to count on (default: val)"
-    )
-    parser.add_argument(
-        "--norm",
-        default="max",
-        choices=list(NORMS),
-        help="normalise usage rows by their max (default) or sum",
-    )
-    parser.add_argument(
-        "--kl-epsilon",
-        type=float,
-        default=DEFAULT_KL_EPSILON,
-        help=f"smoothing added to each domain distribution before the KL (default: {DEFAULT_KL_EPSILON:g})",
-    )
-    parser.add_argument("--max-batches", type=int, help="batches per domain (default: all)")
-    parser.add_argument(
-        "--block-size", type=int, default=128, help="tokens per window (default: 128)"
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
 
 
 def run_routing_report(args: argparse.Namespace) -> dict[str, Any]:

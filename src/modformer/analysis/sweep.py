@@ -145,9 +145,9 @@ def point_name(axes: list[GridAxis], values: tuple[Any, ...]) -> str:
 
 def _vanilla_config(vanilla: str | Path) -> tuple[Path, Any]:
     """(model directory, GPTConfig) of the phase-1 model behind --init-from-vanilla."""
+    from modformer.convert.mom import load_vanilla
     from modformer.models.gpt import GPTConfig
     from modformer.models.loading import resolve_model_dir
-    from modformer.models.mom.convert import load_vanilla
 
     try:
         model_dir = resolve_model_dir(vanilla)
@@ -172,7 +172,7 @@ def _check_model_config(point: SweepPoint, vanilla_config: Any | None) -> None:
     _check_override_names(point.name, arch, overrides or {})
     try:
         if vanilla_config is not None:
-            from modformer.models.mom.convert import mom_config_from_gpt
+            from modformer.convert.mom import mom_config_from_gpt
 
             chunks, name, rest = _conversion_arguments(point.init_overrides or {})
             mom_config_from_gpt(vanilla_config, chunks, name, **rest)
@@ -314,7 +314,7 @@ def _make_init(point: SweepPoint) -> None:
     """Convert the vanilla model into this point's MoM (phase-2 initialisation)."""
     import torch
 
-    from modformer.models.mom.convert import mom_from_vanilla
+    from modformer.convert.mom import mom_from_vanilla
     from modformer.train.checkpoint import atomic_save_model
 
     init_dir = point.out_dir / "init"

@@ -36,9 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from modformer.cli_args import (
+    NORMS,
+    add_usage_arguments,  # noqa: F401  (argparse lives there)
+)
+
 ARCH_MODULEFORMER = "moduleformer"
 ARCH_MOM = "mom"
-NORMS = ("max", "sum")
 
 
 class UsageError(ValueError):
@@ -511,33 +515,6 @@ def format_usage_table(stats: UsageStats, norm: str = "max") -> str:
 
 
 # ---- CLI -------------------------------------------------------------------------------
-
-
-def add_usage_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory or training out_dir (ModuleFormer or MoM)")
-    parser.add_argument("data", help="prepared data directory (output of `modformer prepare`)")
-    parser.add_argument(
-        "--split", default="val", choices=["train", "val"], help="split to count on (default: val)"
-    )
-    parser.add_argument(
-        "--norm",
-        default="max",
-        choices=list(NORMS),
-        help="normalise each layer's counts by their max (default) or their sum",
-    )
-    parser.add_argument(
-        "--per-domain",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also count each domain separately (default: on)",
-    )
-    parser.add_argument("--max-batches", type=int, help="batches per domain (default: all)")
-    parser.add_argument(
-        "--block-size", type=int, default=128, help="tokens per window (default: 128)"
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
-    parser.add_argument("--out", help="write the statistics to this JSON file")
 
 
 def run_usage(args: argparse.Namespace) -> UsageStats:

@@ -1,5 +1,5 @@
 """Import a local Hugging Face GPT-2 directory (`config.json` + `model.safetensors`) into
-`GPTForCausalLM` (SPEC §1). Nothing is downloaded.
+`GPTForCausalLM` (design §1). Nothing is downloaded.
 
 HF GPT-2 stores `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` as Conv1D, i.e. as
 (in, out) matrices: we transpose them into `nn.Linear`'s (out, in). Keys may carry the
@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from transformers import GPT2Config
 
+from modformer.convert.checkpoint_files import ConversionError, read_checkpoint_weights
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
 
 CONV1D_SUFFIXES = (
@@ -23,10 +24,6 @@ CONV1D_SUFFIXES = (
     "mlp.c_proj.weight",
 )
 BUFFER_SUFFIXES = ("attn.bias", "attn.masked_bias")
-
-
-class ConversionError(ValueError):
-    """The source checkpoint cannot be converted; the message says why and what to do."""
 
 
 def _read_config(src: Path) -> GPTConfig:
@@ -67,25 +64,6 @@ def _read_config(src: Path) -> GPTConfig:
     )
 
 
-def _read_weights(src: Path) -> dict[str, torch.Tensor]:
-    st = src / "model.safetensors"
-    if st.is_file():
-        try:
-            return load_file(st)
-        except Exception as e:
-            raise ConversionError(f"{st} is unreadable or truncated ({e})") from None
-    if (src / "model.safetensors.index.json").is_file():
-        index = json.loads((src / "model.safetensors.index.json").read_text())
-        weights: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            weights.update(load_file(src / shard))
-        return weights
-    bin_path = src / "pytorch_model.bin"
-    if bin_path.is_file():
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
-    raise ConversionError(f"{src} has no model.safetensors (or pytorch_model.bin)")
-
-
 def gpt2_state_dict_to_modformer(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename and transpose an HF GPT-2 state dict into `GPTForCausalLM`'s layout."""
     out: dict[str, torch.Tensor] = {}
@@ -108,7 +86,7 @@ def load_gpt2_directory(src: str | Path) -> GPTForCausalLM:
         )
     config = _read_config(src)
     model = GPTForCausalLM(config)
-    state = gpt2_state_dict_to_modformer(_read_weights(src))
+    state = gpt2_state_dict_to_modformer(read_checkpoint_weights(src))
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -134,3 +112,57 @@ def convert_gpt2(src: str | Path, dst: str | Path) -> GPTForCausalLM:
     model = load_gpt2_directory(src)
     atomic_save_model(model, dst, tokenizer_dir=Path(src))
     return model
+
+
+# ---------------------------------------------------------------- export
+
+
+def modformer_state_dict_to_gpt2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `gpt2_state_dict_to_modformer`: our `GPTForCausalLM` state dict in
+    HF GPT-2's layout (Conv1D weights transposed back to (in, out))."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if name.endswith(CONV1D_SUFFIXES):
+            value = value.t()
+        out[name] = value.detach().contiguous()
+    return out
+
+
+def gpt2_config_from_modformer(config: GPTConfig) -> GPT2Config:
+    """The `GPT2Config` of a GPT config; options GPT-2 cannot represent are errors."""
+
+    if not config.bias:
+        raise ConversionError(
+            "bias=False is not representable as GPT2LMHeadModel (GPT-2 has biases in every "
+            "linear layer and LayerNorm)"
+        )
+    return GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_inner=config.n_inner,
+        activation_function=config.activation_function,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        initializer_range=config.initializer_range,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        tie_word_embeddings=config.tie_word_embeddings,
+        architectures=["GPT2LMHeadModel"],
+    )
+
+
+def export_gpt2(model: GPTForCausalLM, dst: str | Path, tokenizer_dir: Path | None = None) -> Path:
+    """Write `model` as a native GPT2LMHeadModel directory (plain transformers loads it)."""
+    from modformer.convert.hf_files import write_hf_directory
+
+    state = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    weights = modformer_state_dict_to_gpt2(state)
+    return write_hf_directory(gpt2_config_from_modformer(model.config), weights, dst, tokenizer_dir)

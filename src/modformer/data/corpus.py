@@ -11,8 +11,9 @@ Each built-in domain is read in a fixed order (sorted paths, sorted topic names)
 at ``max_bytes`` of UTF-8 text, so the same machine always yields the same corpus.
 
 User inputs are ``.txt`` files (one document per file) and ``.jsonl`` files (one document
-per line, in a string field, ``"text"`` by default), given as paths, globs or directories
-(searched recursively for ``*.txt`` and ``*.jsonl``). ``NAME=PATH_OR_GLOB`` puts the
+per line, in a string field, ``"text"`` by default), given as paths, globs (``**``
+recurses, e.g. ``'src/**/*.py'``) or directories (searched recursively for the
+``suffixes``, ``.txt`` and ``.jsonl`` by default). Any file but ``.jsonl`` is one document. ``NAME=PATH_OR_GLOB`` puts the
 matched files in domain ``NAME``. Files and lines that cannot be used are skipped with a
 logged warning and recorded (path, line, reason) so ``meta.json`` can list them.
 
@@ -319,12 +320,25 @@ def parse_input_spec(spec: str | os.PathLike) -> tuple[str | None, str]:
     return None, spec
 
 
-def expand_input(pattern: str) -> tuple[list[Path], bool]:
-    """The files an input pattern stands for, sorted, and whether it was a directory.
+def check_suffixes(suffixes: Sequence[str]) -> tuple[str, ...]:
+    """File name endings such as `.py`; a bare `py` gets its dot."""
+    cleaned = tuple(dict.fromkeys(s if s.startswith(".") else f".{s}" for s in suffixes if s))
+    if not cleaned or any(_GLOB_CHARS.search(s) or "/" in s for s in cleaned):
+        raise DataError(
+            f"suffixes must be file endings such as .py or .md, got {list(suffixes)}; for "
+            "a pattern, give the input as a quoted glob such as 'src/**/*.py'"
+        )
+    return cleaned
 
-    Missing paths, globs that match nothing and directories without `.txt`/`.jsonl` files
-    are errors: a typo must not silently shrink the corpus.
+
+def expand_input(pattern: str, suffixes: Sequence[str] = USER_SUFFIXES) -> tuple[list[Path], bool]:
+    """The files an input pattern stands for, sorted, and whether it was a directory (whose
+    files with one of `suffixes` are taken, recursively).
+
+    Missing paths, globs that match nothing and directories without such files are errors:
+    a typo must not silently shrink the corpus.
     """
+    suffixes = check_suffixes(suffixes)
     if _GLOB_CHARS.search(pattern):
         matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
         files = [p for p in matches if p.is_file()]
@@ -335,10 +349,12 @@ def expand_input(pattern: str) -> tuple[list[Path], bool]:
     if not path.exists():
         raise DataError(f"input path {str(path)!r} does not exist")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in USER_SUFFIXES and p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.name.endswith(suffixes) and p.is_file())
         if not files:
             raise DataError(
-                f"directory {str(path)!r} contains no .txt or .jsonl files (searched recursively)"
+                f"directory {str(path)!r} contains no {' or '.join(suffixes)} files (searched "
+                "recursively); name the file types with --suffixes (e.g. --suffixes .py) or "
+                "give a quoted glob such as 'DIR/**/*.py'"
             )
         return files, True
     return [path], False
@@ -355,6 +371,7 @@ def user_domains(
     domain: str | None = None,
     text_field: str = "text",
     skipped: list[dict[str, Any]] | None = None,
+    suffixes: Sequence[str] = USER_SUFFIXES,
 ) -> dict[str, Domain]:
     """Read the user's inputs into domains, in order of first appearance.
 
@@ -369,7 +386,7 @@ def user_domains(
     seen: set[Path] = set()
     for spec in inputs:
         name, pattern = parse_input_spec(spec)
-        files, is_directory = expand_input(pattern)
+        files, is_directory = expand_input(pattern, suffixes)
         for path in files:
             if path.resolve() in seen:  # e.g. a file named both alone and by its directory
                 logger.warning("%s is given more than once; reading it once", path)
@@ -398,14 +415,15 @@ def build_corpus(
     max_bytes_per_domain: int = DEFAULT_MAX_BYTES_PER_DOMAIN,
     include_python_tests: bool = False,
     text_field: str = "text",
+    suffixes: Sequence[str] = USER_SUFFIXES,
 ) -> Corpus:
     """The corpus `modformer prepare` tokenizes.
 
     `inputs=None` means the built-in corpus: the domains listed in `domains` (all of
     `BUILTIN_DOMAINS` when None). With `inputs`, built-in domains are added only if
     `domains` names them. `max_bytes_per_domain` caps the built-in domains only; user
-    files are always read whole. Domains left without documents are dropped; no documents
-    at all is an error.
+    files are always read whole; a directory input contributes its files ending in one of
+    `suffixes`. Domains left without documents are dropped; no documents at all is an error.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]  # one path given bare, not as a list
@@ -436,7 +454,9 @@ def build_corpus(
             name, max_bytes_per_domain, include_python_tests, skipped
         )
     if inputs is not None:
-        for name, user_domain in user_domains(inputs, domain, text_field, skipped).items():
+        for name, user_domain in user_domains(
+            inputs, domain, text_field, skipped, suffixes
+        ).items():
             if name in all_domains:  # a user file may extend a built-in domain
                 all_domains[name].documents.extend(user_domain.documents)
                 all_domains[name].sources.extend(user_domain.sources)

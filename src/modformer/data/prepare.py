@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from tqdm.auto import tqdm
 from modformer.data.corpus import (
     BUILTIN_DOMAINS,
     DEFAULT_MAX_BYTES_PER_DOMAIN,
+    USER_SUFFIXES,
     Corpus,
     DataError,
     build_corpus,
@@ -56,6 +56,7 @@ from modformer.data.tokenizer import (
     tokenizer_kind,
     train_bpe_tokenizer,
 )
+from modformer.utils import make_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -260,13 +261,6 @@ def _publish(staging_dir: Path, output_dir: Path, overwrite: bool) -> None:
         staging_dir.rename(output_dir)
 
 
-def _chmod_like_mkdir(directory: Path) -> None:
-    """mkdtemp makes a private (0700) directory; give it the permissions `mkdir` would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-
-
 def _make_tokenizer(
     kind: str, spec: str, corpus: Corpus, vocab_size: int, progress: bool
 ) -> PreparedTokenizer:
@@ -292,6 +286,7 @@ def prepare(
     domain: str | None = None,
     include_python_tests: bool = False,
     progress: bool = True,
+    suffixes: Sequence[str] = USER_SUFFIXES,
 ) -> dict[str, Any]:
     """Tokenize a corpus into `output_dir` (see the module docstring for the format).
 
@@ -313,6 +308,7 @@ def prepare(
         domain: domain name for inputs given without `NAME=`.
         include_python_tests: include the standard library's test suites in `python`.
         progress: show progress bars.
+        suffixes: file endings a directory input contributes (default `.txt`, `.jsonl`).
 
     Returns:
         The metadata written to `meta.json`.
@@ -332,6 +328,7 @@ def prepare(
         max_bytes_per_domain=max_bytes_per_domain,
         include_python_tests=include_python_tests,
         text_field=text_field,
+        suffixes=suffixes,
     )
     for name, corpus_domain in corpus.domains.items():
         logger.info(
@@ -344,9 +341,8 @@ def prepare(
     dtype = token_dtype(prepared.vocab_size)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    staging_dir = make_temp_dir(output_dir.parent, prefix=f".{output_dir.name}.tmp-")
     try:
-        _chmod_like_mkdir(staging_dir)
         prepared.save(staging_dir / TOKENIZER_DIR)
         splits, domain_stats = _write_corpus(
             corpus, prepared, staging_dir, dtype, val_fraction, seed, progress
@@ -379,7 +375,9 @@ def prepare(
 def _comma_separated(value: str) -> list[str]:
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
-        raise argparse.ArgumentTypeError("expected comma-separated domain names, e.g. python,prose")
+        raise argparse.ArgumentTypeError(
+            "expected a comma-separated list, e.g. python,prose or .py,.md"
+        )
     return names
 
 
@@ -393,10 +391,19 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         "--inputs",
         nargs="+",
         metavar="[NAME=]PATH",
-        help="your own text: .txt files (one document each), .jsonl files (one document per "
-        "line), globs (quote them) or directories (searched for .txt/.jsonl). NAME=PATH puts "
-        "the files in domain NAME; otherwise the domain is --domain, the directory name, or "
-        "the file name without extension. Without --inputs the built-in corpus is used.",
+        help="your own text: files (.jsonl: one document per line; anything else: one "
+        "document per file), globs (quote them; ** recurses, e.g. code='src/**/*.py') or "
+        "directories (searched recursively for --suffixes). NAME=PATH puts the files in "
+        "domain NAME; otherwise the domain is --domain, the directory name, or the file name "
+        "without extension. Without --inputs the built-in corpus is used.",
+    )
+    parser.add_argument(
+        "--suffixes",
+        type=_comma_separated,
+        default=list(USER_SUFFIXES),
+        metavar="LIST",
+        help="comma-separated file endings a directory input contributes, e.g. .py,.md "
+        f"(default: {','.join(USER_SUFFIXES)})",
     )
     parser.add_argument(
         "--domain",
@@ -483,6 +490,7 @@ def run_prepare(args: argparse.Namespace) -> dict[str, Any]:
         domain=args.domain,
         include_python_tests=args.include_python_tests,
         progress=not args.no_progress,
+        suffixes=args.suffixes,
     )
     print(
         f"wrote {args.output_dir}: vocab_size {meta['vocab_size']} ({meta['tokenizer']['kind']}), "

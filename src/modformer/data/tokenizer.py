@@ -13,12 +13,15 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from modformer.data.corpus import DataError
+
+if TYPE_CHECKING:  # transformers imports torch: only when a tokenizer is made
+    from transformers import PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
 # A byte-level BPE starts from all 256 byte symbols plus the end-of-text token.
@@ -98,6 +101,8 @@ def check_bpe_vocab_size(vocab_size: int) -> None:
 
 
 def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     # GPT-2 convention: one token ends documents, starts generation, and pads batches.
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN
@@ -183,6 +188,8 @@ def load_hf_tokenizer(path: str | os.PathLike) -> PreparedTokenizer:
     `tokenizer_config.json`), a directory with GPT-2's `vocab.json` + `merges.txt`, or a
     `tokenizer.json` file. Its eos token becomes the document separator; pad defaults
     to eos."""
+    from transformers import PreTrainedTokenizerFast
+
     path = Path(path)
     if not path.exists():
         raise DataError(f"tokenizer path {str(path)!r} does not exist")

@@ -1,36 +1,9 @@
-"""Inference costs of any modformer model (SPEC §2 "Costs", MoM paper Table 1): parameters
+"""Inference costs of any modformer model (design §2 "Costs", MoM paper Table 1): parameters
 (total and active), FLOPs per token counting only the modules each token actually runs,
 and measured peak memory; `modformer cost` prints them side by side.
 
-FLOP conventions (`inference_flops`)
-------------------------------------
-- One multiply-add is 2 FLOPs. Only matrix products are counted: linear layers, the
-  attention score and value products, the routers and the LM head. Embedding lookups,
-  LayerNorms, biases, activations, softmax, residual adds, the stick-breaking cumulative
-  sum and the top-k selection are elementwise, O(d) or O(context) per token against the
-  O(d^2) of the matmuls, and are not counted.
-- The count is analytic, taken from the routing decisions of one real forward pass:
-  a MoM token pays for the attention and FFN modules it picked at each chunk step (a
-  SKIP pick costs nothing), a ModuleFormer token for its k attention and k FFN experts.
-  Routers run for every token at every decision. Padding positions (attention_mask 0)
-  are not tokens: they cost nothing and `per_token` divides by the real tokens.
-- Attention scores: a query costs ``2 * 2 * width`` per key it attends to (``q.k`` and
-  ``p * v`` over ``width = n_head * head_dim``; ModuleFormer: ``k * att_hidden``, one
-  set of heads per selected expert). With ``attention="causal"`` (default) a query
-  attends to the real keys at or before its position; in a MoM chunk step a token whose
-  attention picks are all SKIP is neither a query nor a key. With ``attention="dense"``
-  every position of the batch is a query against every key position of the call: what
-  dense attention kernels compute and what `torch.utils.flop_counter.FlopCounterMode`
-  and DeepSpeed's FLOPs profiler (used by the MoM paper) count. Our MoM runs SDPA over
-  all positions with an attention mask and ModuleFormer's blocked stick-breaking kernel
-  computes only the blocks on or below the diagonal, so the kernels' real work lies
-  between the two figures.
-
-Relation to the MoM paper. Its TFLOPs come from DeepSpeed's profiler, which also counts
-elementwise ops (about 1 FLOP per element; well under 1% of the total at GPT-2 sizes) and
-dense attention (HF GPT-2 multiplies the full T x T scores); the batch shape behind its
-totals is not stated. Compare relative figures (+x% against the dense baseline), and use
-``attention="dense"`` for the closest match to its convention.
+FLOP conventions (`inference_flops`): see `modformer.models.flops`; each model
+family's `count_flops` follows them.
 
 Memory (`peak_memory`): one no-grad inference forward (no KV cache). On CUDA the
 allocator's ``max_memory_allocated``; elsewhere the peak of the bytes of all tensor
@@ -55,258 +28,25 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from modformer.models.gpt.modeling_gpt import Block, GPTForCausalLM
+from modformer.cli_args import SPEC_SYNTAX, add_cost_arguments
+from modformer.models.flops import (  # noqa: F401  (FlopReport, COMPONENTS: re-exported)
+    ATTENTION_MODES,
+    COMPONENTS,
+    FlopReport,
+    total_parameters,
+)
+from modformer.models.gpt.modeling_gpt import GPTForCausalLM
 from modformer.models.moduleformer.modeling_moduleformer import ModuleFormerForCausalLM
-from modformer.models.mom.modeling_mom import MoMChunk, MoMForCausalLM, RoutingStep
-from modformer.models.mom.policies import AssemblyPolicy, LearnedPolicy, MoEPolicy
-from modformer.nn.routers import GRURouter, LinearRouter, MLPRouter, RouterSlots
+from modformer.models.mom.modeling_mom import MoMForCausalLM
 
-ATTENTION_MODES = ("causal", "dense")
-COMPONENTS = ("attention_projections", "attention_scores", "ffn", "router", "lm_head")
 SUPPORTED_MODELS = (GPTForCausalLM, MoMForCausalLM, ModuleFormerForCausalLM)
 
 
 # ---- FLOPs -----------------------------------------------------------------------------
 
 
-@dataclass
-class FlopReport:
-    """FLOPs of one inference forward over a batch, by component.
-
-    total: FLOPs of the whole batch; tokens: real (unpadded) tokens in it;
-    components: FLOPs per entry of `COMPONENTS`; attention: "causal" or "dense";
-    active_parameters: parameters the average token touched on this forward (every
-    shared parameter, plus each routed module or expert a token ran at least once).
-    """
-
-    total: int
-    tokens: int
-    components: dict[str, int]
-    attention: str
-    active_parameters: float
-
-    @property
-    def per_token(self) -> float:
-        return self.total / self.tokens
-
-    def per_token_components(self) -> dict[str, float]:
-        return {name: flops / self.tokens for name, flops in self.components.items()}
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "per_token": self.per_token}
-
-
-class _Tally:
-    """FLOPs per component, accumulated as Python ints (exact at any size)."""
-
-    def __init__(self) -> None:
-        self.flops = dict.fromkeys(COMPONENTS, 0)
-
-    def add(self, component: str, count: torch.Tensor | int, flops_each: int) -> None:
-        self.flops[component] += int(count) * flops_each
-
-
-def _linear_flops(layer: nn.Linear) -> int:
-    """FLOPs of one row through `layer`."""
-    return 2 * layer.in_features * layer.out_features
-
-
-def _weight_flops(weight: torch.Tensor) -> int:
-    """FLOPs of one row through one module of a stacked (modules, d_in, d_out) weight."""
-    return 2 * weight.shape[-2] * weight.shape[-1]
-
-
-def _query_key_pairs(takes_part: torch.Tensor, attention: str) -> int:
-    """(query, key) pairs whose scores an attention call costs.
-
-    takes_part: (B, T) bool, the tokens that are queries and keys (real tokens, and in a
-    MoM step those with a module pick). causal: each such query attends to the keys that
-    take part at or before its position. dense: every position against every position.
-    """
-    B, T = takes_part.shape
-    if attention == "dense":
-        return B * T * T
-    keys_so_far = takes_part.long().cumsum(1)
-    return int((keys_so_far * takes_part).sum())
-
-
-def _count_block(tally: _Tally, block: Block, real: torch.Tensor, attention: str) -> None:
-    """A standard GPT-2 block: every real token runs its attention and its MLP."""
-    n = real.sum()
-    attn, mlp = block.attn, block.mlp
-    tally.add("attention_projections", n, _linear_flops(attn.c_attn) + _linear_flops(attn.c_proj))
-    width = attn.n_head * attn.head_dim
-    tally.add("attention_scores", _query_key_pairs(real, attention), 4 * width)
-    tally.add("ffn", n, _linear_flops(mlp.c_fc) + _linear_flops(mlp.c_proj))
-
-
-def _router_output_flops(in_features: int, num_choices: int, slots: RouterSlots | None) -> int:
-    """FLOPs of one row through a router's output matmul; a pruned router (`slots`)
-    computes at its unpruned width."""
-    return 2 * in_features * (num_choices if slots is None else slots.num_slots)
-
-
-def _gate_flops(router: nn.Module, step: int) -> int:
-    """FLOPs per token of one routing decision at chunk step `step`."""
-    if isinstance(router, (GRURouter, MLPRouter)):
-        out = _router_output_flops(router.out.in_features, router.out.out_features, router.slots)
-    if isinstance(router, GRURouter):
-        flops = _linear_flops(router.x2h) + out
-        # The state is zero at a chunk's first step and the GRU skips that matmul.
-        return flops if step == 0 else flops + _linear_flops(router.h2h)
-    if isinstance(router, MLPRouter):
-        return _linear_flops(router.fc) + out
-    if isinstance(router, LinearRouter):
-        return _linear_flops(router.out)
-    raise ValueError(f"no FLOP formula for router {type(router).__name__}")
-
-
-def _router_flops(policy: AssemblyPolicy, step: int) -> int:
-    """FLOPs per token of a chunk step's routers (fixed policies route by a rule: 0;
-    a layer-skip criterion is user code and is not counted)."""
-    if isinstance(policy, LearnedPolicy):
-        return _gate_flops(policy.attn_router, step) + _gate_flops(policy.ffn_router, step)
-    if isinstance(policy, MoEPolicy):
-        return _gate_flops(policy.routers[step], step)
-    return 0
-
-
-def _distinct_modules(
-    indices: list[torch.Tensor], num_choices: int, num_stored: int, tied: bool
-) -> torch.Tensor:
-    """(B*T,) how many distinct stored modules each token ran over a chunk's steps.
-
-    indices: (B, T, k) picks per step; values >= num_choices are SKIP. With MoM-same
-    (`tied`) every pick runs stored module 0.
-    """
-    n = indices[0].shape[0] * indices[0].shape[1]
-    touched = torch.zeros(n, num_stored + 1, dtype=torch.bool, device=indices[0].device)
-    for index in indices:
-        flat = index.reshape(n, -1)
-        stored = torch.zeros_like(flat) if tied else flat
-        stored = torch.where(flat < num_choices, stored, num_stored)
-        touched.scatter_(1, stored, True)
-    return touched[:, :num_stored].sum(1)
-
-
-def _count_mom_chunk(
-    tally: _Tally,
-    chunk: MoMChunk,
-    steps: list[RoutingStep],
-    real: torch.Tensor,
-    attention: str,
-) -> tuple[int, float]:
-    """Tally one chunk's steps; return (its pool parameters, the sum over real tokens of
-    the pool parameters each token touched)."""
-    n = real.sum()
-    attn, ffn = chunk.attn, chunk.ffn
-    attn_pair_flops = _weight_flops(attn.qkv_weight) + _weight_flops(attn.proj_weight)
-    ffn_pair_flops = _weight_flops(ffn.fc_weight) + _weight_flops(ffn.proj_weight)
-    width = attn.n_head * attn.head_dim
-    for step in steps:
-        attn_picks = (step.attn_index < step.num_attn_modules) & real[..., None]
-        tally.add("attention_projections", attn_picks.sum(), attn_pair_flops)
-        takes_part = attn_picks.any(-1)  # all-SKIP tokens are neither queries nor keys
-        tally.add("attention_scores", _query_key_pairs(takes_part, attention), 4 * width)
-        ffn_picks = (step.ffn_index < step.num_ffn_modules) & real[..., None]
-        tally.add("ffn", ffn_picks.sum(), ffn_pair_flops)
-        tally.add("router", n, _router_flops(chunk.policy, step.step))
-
-    pool_params, touched_params = 0, 0.0
-    real_flat = real.reshape(-1)
-    for pool, indices, num_choices in (
-        (attn, [s.attn_index for s in steps], chunk.policy.num_attn_modules),
-        (ffn, [s.ffn_index for s in steps], chunk.policy.num_ffn_modules),
-    ):
-        params = sum(p.numel() for p in pool.parameters())
-        pool_params += params
-        distinct = _distinct_modules(indices, num_choices, pool.num_modules, chunk.tied)
-        touched_params += int((distinct * real_flat).sum()) * params / pool.num_modules
-    return pool_params, touched_params
-
-
-def _total_parameters(model: nn.Module) -> int:
-    """Every parameter once (a tied LM head counts once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def _gpt_flops(model: GPTForCausalLM, input_ids, attention_mask, real, attention) -> FlopReport:
-    model.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    tally = _Tally()
-    for block in model.transformer.h:
-        _count_block(tally, block, real, attention)
-    return _report(model, tally, real, attention, float(_total_parameters(model)))
-
-
-def _mom_flops(model: MoMForCausalLM, input_ids, attention_mask, real, attention) -> FlopReport:
-    out = model.transformer(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_routing=True
-    )
-    tally = _Tally()
-    routed_params, touched_params = 0, 0.0
-    for layer in model.transformer.h:
-        if isinstance(layer, MoMChunk):
-            steps = [s for s in out.routing if s.chunk == layer.chunk_index]
-            params, touched = _count_mom_chunk(tally, layer, steps, real, attention)
-            routed_params += params
-            touched_params += touched
-        else:
-            _count_block(tally, layer, real, attention)
-    n = int(real.sum())
-    active = _total_parameters(model) - routed_params + touched_params / n
-    return _report(model, tally, real, attention, active)
-
-
-def _moduleformer_flops(
-    model: ModuleFormerForCausalLM, input_ids, attention_mask, real, attention
-) -> FlopReport:
-    out = model.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    tally = _Tally()
-    n = int(real.sum())
-    expert_params, touched_params = 0, 0.0
-    for block, routes in zip(model.transformer.h, out.router_outputs):
-        for module, route in zip((block.attn, block.mlp), routes):
-            router = module.router
-            # The expert embedding [A; A'] (inserted rows included).
-            embedding = _router_output_flops(
-                router.input_proj.out_features, router.num_experts, router.slots
-            )
-            tally.add("router", n, _linear_flops(router.input_proj) + embedding)
-            # top-k picks k distinct experts for every real token (padding picks none).
-            pairs = n * route.top_k_indices.shape[1]
-            params = sum(p.numel() for p in module.expert_parameters())
-            expert_params += params
-            touched_params += pairs * params / module.num_experts
-        moa, smoe = block.attn, block.mlp
-        k_att = routes[0].top_k_indices.shape[1]
-        if moa.kv_proj is not None:  # keys/values are shared by the experts: once per token
-            tally.add("attention_projections", n, _linear_flops(moa.kv_proj))
-        tally.add(
-            "attention_projections", n * k_att, _weight_flops(moa.w_q) + _weight_flops(moa.w_o)
-        )
-        tally.add("attention_scores", _query_key_pairs(real, attention), 4 * k_att * moa.att_hidden)
-        k_ffd = routes[1].top_k_indices.shape[1]
-        tally.add("ffn", n * k_ffd, _weight_flops(smoe.w_in) + _weight_flops(smoe.w_out))
-    active = _total_parameters(model) - expert_params + touched_params / n
-    return _report(model, tally, real, attention, active)
-
-
-def _report(
-    model: PreTrainedModel, tally: _Tally, real: torch.Tensor, attention: str, active: float
-) -> FlopReport:
-    n = int(real.sum())
-    tally.add("lm_head", n, _linear_flops(model.lm_head))
-    return FlopReport(
-        total=sum(tally.flops.values()),
-        tokens=n,
-        components=dict(tally.flops),
-        attention=attention,
-        active_parameters=active,
-    )
-
-
 def _check_model(model: nn.Module) -> None:
-    if not isinstance(model, SUPPORTED_MODELS):
+    if not callable(getattr(model, "count_flops", None)):
         names = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
         raise ValueError(f"cost accounting supports {names}; got {type(model).__name__}")
 
@@ -356,11 +96,7 @@ def inference_flops(
     was_training = model.training
     model.eval()
     try:
-        if isinstance(model, MoMForCausalLM):
-            return _mom_flops(model, input_ids, attention_mask, real, attention)
-        if isinstance(model, ModuleFormerForCausalLM):
-            return _moduleformer_flops(model, input_ids, attention_mask, real, attention)
-        return _gpt_flops(model, input_ids, attention_mask, real, attention)
+        return model.count_flops(input_ids, attention_mask, real, attention)
     finally:
         model.train(was_training)
 
@@ -716,7 +452,7 @@ def _cost_row(
         val_loss = results["all"]["loss"]
     return CostRow(
         name=name,
-        parameters=_total_parameters(model),
+        parameters=total_parameters(model),
         active_parameters=round(flops.active_parameters),
         flops_per_token=flops.per_token,
         peak_memory_bytes=memory.peak_bytes,
@@ -793,9 +529,6 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-SPEC_SYNTAX = "[LABEL=]ARCH:PRESET[:KaHb][:key=value...]"
-
-
 def parse_config_spec(spec: str) -> tuple[str, PreTrainedConfig]:
     """``[LABEL=]ARCH:PRESET[:KaHb][:key=value...]`` -> (row name, config).
 
@@ -839,48 +572,6 @@ def parse_config_spec(spec: str) -> tuple[str, PreTrainedConfig]:
     except ValueError as e:
         raise fail(str(e)) from None
     return label or spec, config
-
-
-def add_cost_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "models",
-        nargs="*",
-        metavar="MODEL",
-        help="saved model directories or training out_dirs (trained models; listed first)",
-    )
-    parser.add_argument(
-        "--config",
-        dest="configs",
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help=f"a random-init model from a preset, {SPEC_SYNTAX}; repeatable, e.g. "
-        "--config gpt:small --config mom:small:K3H1S --config MoE=mom:small:K2H4:policy=moe "
-        "--config moduleformer:tiny. Untrained routers pick at random, so learned routing "
-        "changes MoM/ModuleFormer FLOPs: pass trained model directories for final figures",
-    )
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences (default: 1)")
-    parser.add_argument(
-        "--seq-len", type=int, default=256, help="tokens per sequence (default: 256)"
-    )
-    parser.add_argument(
-        "--data",
-        help="prepared data directory: FLOPs are counted on its first val batch (routing on "
-        "real text) and trained models get their val loss (windows of --seq-len)",
-    )
-    parser.add_argument(
-        "--max-val-batches", type=int, help="val batches for the loss (default: all)"
-    )
-    parser.add_argument(
-        "--attention",
-        choices=ATTENTION_MODES,
-        default="causal",
-        help="attention scores: keys each query can see (causal, default) or the full "
-        "T x T of dense kernels (dense, as FlopCounterMode/DeepSpeed count)",
-    )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="init and token seed (default: 0)")
-    parser.add_argument("--json", help="also write the table to this JSON file")
 
 
 def run_cost(args: argparse.Namespace) -> list[CostRow]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +116,7 @@ def plot_training_curves(
     smoothing: float = 0.0,
     log_y: bool = False,
     title: str | None = None,
+    x_offsets: Sequence[float] | None = None,
 ) -> Path:
     """Training loss (left) and validation loss (right) of each run, one colour per run.
 
@@ -128,6 +127,9 @@ def plot_training_curves(
         x_axis: "step" (optimizer steps) or "tokens" (training tokens seen).
         smoothing: EMA factor in [0, 1) applied to the training loss only.
         log_y: logarithmic loss axis.
+        x_offsets: per run, where its x axis starts (in steps or tokens, as `x_axis`): a
+            phase-2 run continues from its phase-1 model, so it is drawn from the phase-1
+            run's last step or token count rather than from 0.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -140,6 +142,11 @@ def plot_training_curves(
         )
     if x_axis not in X_AXES:
         raise ValueError(f"x_axis must be one of {X_AXES}, got {x_axis!r}")
+    if x_offsets is not None and len(x_offsets) != len(metrics_jsonl_paths):
+        raise ValueError(
+            f"{len(x_offsets)} x offsets for {len(metrics_jsonl_paths)} runs; give one per run"
+        )
+    offsets = list(x_offsets) if x_offsets is not None else [0.0] * len(metrics_jsonl_paths)
     out_png = Path(out_png)
     if out_png.suffix.lower() != ".png":
         raise ValueError(f"the output {str(out_png)!r} must be a .png file")
@@ -152,11 +159,11 @@ def plot_training_curves(
     FigureCanvasAgg(figure)
     train_axes, val_axes = figure.subplots(1, 2, sharey=True)
     colors = [f"C{i % 10}" for i in range(len(runs))]
-    for run, color in zip(runs, colors):
+    for run, color, offset in zip(runs, colors, offsets):
         scale = _x_scale(run, x_axis)
         if run.train_steps.size:
             train_axes.plot(
-                run.train_steps * scale,
+                offset + run.train_steps * scale,
                 ema(run.train_loss, smoothing),
                 color=color,
                 marker="o" if run.train_steps.size == 1 else None,  # a lone point is no line
@@ -164,7 +171,11 @@ def plot_training_curves(
             )
         if run.val_steps.size:
             val_axes.plot(
-                run.val_steps * scale, run.val_loss, color=color, marker="o", label=run.name
+                offset + run.val_steps * scale,
+                run.val_loss,
+                color=color,
+                marker="o",
+                label=run.name,
             )
     x_label = "optimizer step" if x_axis == "step" else "training tokens"
     smoothed = f" (EMA {smoothing:g})" if smoothing else ""
@@ -185,6 +196,14 @@ def plot_training_curves(
     return out_png
 
 
+def run_length(path: str | Path, x_axis: str = "tokens") -> float:
+    """How far a run got, in steps or training tokens: where a run that continues from its
+    final model starts on the same axis."""
+    run = read_curves(path)
+    last = max(run.train_steps[-1] if run.train_steps.size else 0, run.val_steps.max(initial=0))
+    return float(last * _x_scale(run, x_axis))
+
+
 def _x_scale(run: RunCurves, x_axis: str) -> float:
     if x_axis == "step":
         return 1.0
@@ -197,15 +216,10 @@ def _x_scale(run: RunCurves, x_axis: str) -> float:
 
 
 def _atomic_savefig(figure, out_png: Path) -> None:
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.name}.", suffix=".png", dir=out_png.parent)
-    os.close(fd)
-    try:
+    from modformer.utils import atomic_path
+
+    with atomic_path(out_png, suffix=".png") as tmp:
         figure.savefig(tmp, dpi=120)
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from modformer.cli_args import add_finetune_arguments  # noqa: F401  (argparse lives there)
+from modformer.eval.finetune_config import DEFAULT_SEPARATOR, FinetuneConfig
+
 log = logging.getLogger("modformer.finetune")
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
@@ -330,50 +333,6 @@ def pad_batch(
         ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, span] = 1
     return ids, mask
-
-
-@dataclass
-class FinetuneConfig:
-    """Optimisation settings shared by both tasks.
-
-    Steps: ``max_steps`` if set, else ``epochs`` passes over the training file. The
-    learning rate warms up linearly for ``warmup_steps``, then decays linearly to 0 (the
-    usual GLUE recipe). Weight decay applies to >= 2-D weights only.
-    """
-
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 16
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    max_length: int | None = None
-    eval_batch_size: int = 32
-    seed: int = 0
-    device: str = "cpu"
-    log_interval: int = 50
-
-    def validate(self) -> None:
-        checks = [
-            ("epochs", self.epochs > 0, "must be > 0"),
-            ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1"),
-            ("batch_size", self.batch_size >= 1, "must be >= 1"),
-            ("eval_batch_size", self.eval_batch_size >= 1, "must be >= 1"),
-            ("lr", self.lr > 0, "must be > 0"),
-            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
-            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
-            ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
-            ("log_interval", self.log_interval >= 1, "must be >= 1"),
-        ]
-        for name, ok, what in checks:
-            if not ok:
-                raise ValueError(f"fine-tuning {name} {what}, got {getattr(self, name)!r}")
-
-    def total_steps(self, num_examples: int) -> int:
-        if self.max_steps is not None:
-            return self.max_steps
-        return max(1, math.ceil(self.epochs * math.ceil(num_examples / self.batch_size)))
 
 
 def _batch_indices(num_examples: int, cfg: FinetuneConfig) -> Iterator[list[int]]:
@@ -746,8 +705,6 @@ def load_classifier(
 # Summarisation as conditional generation
 # ---------------------------------------------------------------------------------------
 
-DEFAULT_SEPARATOR = "\nTL;DR:\n"  # GPT-2's zero-shot summarisation prompt
-
 
 @dataclass
 class SummarizationTask:
@@ -954,67 +911,6 @@ def finetune_summarizer(
 # ---------------------------------------------------------------------------------------
 # Command line: `modformer finetune`
 # ---------------------------------------------------------------------------------------
-
-
-def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory (with its tokenizer) or training out_dir")
-    parser.add_argument("--task", required=True, choices=["classify", "summarize"])
-    parser.add_argument("--train", required=True, help="training file (.csv, .tsv, .jsonl)")
-    parser.add_argument("--eval", help="labelled evaluation file (same format and columns)")
-    parser.add_argument("--out", required=True, help="output directory for metrics.json")
-    parser.add_argument(
-        "--save-model",
-        action="store_true",
-        help="also save the fine-tuned model (and for classify the head) in --out",
-    )
-    group = parser.add_argument_group("classify")
-    group.add_argument(
-        "--text-columns",
-        default="sentence",
-        help="one text column, or two comma-separated for sentence pairs (default: sentence)",
-    )
-    group.add_argument("--label-column", default="label", help="label column (default: label)")
-    group.add_argument(
-        "--regression", action="store_true", help="float labels (e.g. STS-B): one output, MSE"
-    )
-    group.add_argument(
-        "--labels",
-        help="comma-separated class names in index order (default: sorted training labels)",
-    )
-    group.add_argument("--dropout", type=float, default=0.1, help="head dropout (default: 0.1)")
-    group = parser.add_argument_group("summarize")
-    group.add_argument("--document-column", default="document", help="(default: document)")
-    group.add_argument("--summary-column", default="summary", help="(default: summary)")
-    group.add_argument(
-        "--separator",
-        default=DEFAULT_SEPARATOR,
-        help="text between document and summary (default: '\\nTL;DR:\\n')",
-    )
-    group.add_argument(
-        "--max-summary-tokens",
-        type=int,
-        default=64,
-        help="summary tokens trained on and generated at most (default: 64)",
-    )
-    group.add_argument(
-        "--predictions", action="store_true", help="write the eval summaries to --out"
-    )
-    group = parser.add_argument_group("optimisation")
-    defaults = FinetuneConfig()
-    group.add_argument("--epochs", type=float, default=defaults.epochs)
-    group.add_argument("--max-steps", type=int, help="steps to train (overrides --epochs)")
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    group.add_argument("--lr", type=float, default=defaults.lr)
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    group.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
-    group.add_argument(
-        "--max-length", type=int, help="tokens per input (default: the model's n_positions)"
-    )
-    group.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size)
-    group.add_argument("--seed", type=int, default=defaults.seed)
-    group.add_argument("--device", default=defaults.device, help="cpu, cuda, ... (default: cpu)")
-    group.add_argument("--log-interval", type=int, default=defaults.log_interval)
 
 
 def run_finetune(args: argparse.Namespace) -> dict[str, Any]:

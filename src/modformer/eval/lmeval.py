@@ -32,9 +32,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedConfig, PreTrainedModel
+if TYPE_CHECKING:  # transformers imports torch; `modformer lm-eval --help` need not
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 log = logging.getLogger("modformer.lmeval")
 
@@ -228,7 +229,9 @@ def add_lmeval_arguments(parser: argparse.ArgumentParser) -> None:
         help="index only the --include-path tasks (faster start-up)",
     )
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="(default: 8)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="requests per forward pass (default: 8)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     parser.add_argument(
         "--dtype", default="float32", help="float32, bfloat16, float16 or auto (default: float32)"
@@ -236,7 +239,12 @@ def add_lmeval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--limit", type=float, help="examples per task (a fraction if < 1; for quick checks)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of Python, NumPy, torch and few-shot sampling (default: 0)",
+    )
     parser.add_argument("--output", help="write the results to this JSON file")
     parser.add_argument(
         "--write-remote-code",

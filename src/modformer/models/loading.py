@@ -6,6 +6,8 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+import modformer.models  # noqa: F401  (registers the architectures with the Auto classes)
+
 
 def resolve_model_dir(path: str | Path) -> Path:
     """Accept a model directory or a training run's out_dir (whose final model is in model/)."""

@@ -1,4 +1,4 @@
-"""Auxiliary losses and statistics of top-k routers (ModuleFormer sec. 4, SPEC §3).
+"""Auxiliary losses and statistics of top-k routers (ModuleFormer sec. 4, design §3).
 
 Every function takes one router's fp32 ``logits`` of shape (tokens, experts) (the
 probabilities are ``softmax(logits)``) and an optional ``token_mask`` (tokens,) bool,
@@ -8,6 +8,7 @@ so a padded batch gives the same value as the same batch without the padding.
 - ``mutual_information_loss``: eq. 7, ``-H(m) + mean_x H(m|x)`` (pretraining).
 - ``switch_load_balancing_loss`` and ``router_z_loss``: the Switch Transformer /
   ST-MoE alternative (the official code adds them as ``switch + 0.1 * z``).
+- ``pooled_switch_loss``: JetMoE's variant, statistics pooled over all routers.
 - ``load_concentration_loss``: eq. 8, ``H(m)`` (fine-tuning; concentrates the load).
 - ``routing_regularization``: eq. 10, ``||A'||^2`` over newly inserted expert embeddings.
 - ``expert_load``: fraction of real tokens that have each expert in their top-k.
@@ -113,6 +114,42 @@ def switch_load_balancing_loss(
     num_experts = logits.shape[-1]
     assignment_share = expert_load(top_k_indices, num_experts, token_mask) / top_k_indices.shape[1]
     return num_experts * (assignment_share * marginal_expert_probs(logits, token_mask)).sum()
+
+
+def pooled_switch_loss(
+    logits: list[torch.Tensor],
+    top_k_indices: list[torch.Tensor],
+    token_mask: torch.Tensor | None = None,
+    slots: list[tuple[torch.Tensor, int] | None] | None = None,
+) -> torch.Tensor:
+    """JetMoE's balance loss (transformers' ``load_balancing_loss_func``) over R routers
+    that see the same tokens and have the same N experts: ``N * sum_m f_m * P_m`` with
+
+        f_m = mean_r (fraction of real tokens with m in router r's top-k)   (sums to k)
+        P_m = mean_r (mean router-r probability of m over the real tokens)  (sums to 1)
+
+    The statistics are pooled over the routers before the product (the per-router
+    `switch_load_balancing_loss` averaged over routers differs, and its f sums to 1).
+    ``slots[r]`` = (slot of each expert, N) places a pruned router's experts at their
+    unpruned positions (removed experts count 0), so pruning keeps the pooling.
+    """
+    loads, probs = [], []
+    for r, (z, indices) in enumerate(zip(logits, top_k_indices)):
+        load = expert_load(indices, z.shape[-1], token_mask)
+        prob = marginal_expert_probs(z, token_mask)
+        if slots is not None and slots[r] is not None:
+            where, width = slots[r]
+            load = load.new_zeros(width).index_copy(0, where, load)
+            prob = prob.new_zeros(width).index_copy(0, where, prob)
+        loads.append(load)
+        probs.append(prob)
+    widths = {load.shape[0] for load in loads}
+    if len(widths) != 1:
+        raise ValueError(
+            f"pooled_switch_loss needs routers with one expert count; got {sorted(widths)}"
+        )
+    num_experts = widths.pop()
+    return num_experts * (torch.stack(loads).mean(0) * torch.stack(probs).mean(0)).sum()
 
 
 def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None):

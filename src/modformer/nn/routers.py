@@ -1,8 +1,10 @@
-"""Token routers for Mixture-of-Modules (SPEC §2) and per-step MoE gates.
+"""Token routers for Mixture-of-Modules (design §2) and per-step MoE gates.
 
 Every router maps a token's hidden state (and, for the GRU router, its router state from
 the previous assembly step) to one logit per choice. `top_k_routing` turns logits into
-the selected choices and their weights: softmax in fp32, top-K, optional renormalisation.
+the selected choices and their weights: softmax in at least fp32 (fp64 stays fp64;
+optionally at a temperature), top-K, optional renormalisation; or the raw top-K logits
+as weights.
 
 All routers share one call signature, `router(x, state) -> (logits, new_state)`, so the
 assembly code does not care which one it holds; stateless routers return `None` as state.
@@ -188,22 +190,44 @@ class LinearRouter(nn.Module):
         return self.out(x), None
 
 
-def top_k_routing(
-    logits: torch.Tensor, k: int, renormalize: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax in fp32, keep the top-k choices per token.
+def routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Routers compute softmax and top-k in at least fp32: bf16/fp16 -> fp32, fp64 stays."""
+    return torch.promote_types(dtype, torch.float32)
 
-    Returns (weights (n, k) fp32, indices (n, k) long, probs (n, C) fp32). With
+
+def top_k_routing(
+    logits: torch.Tensor,
+    k: int,
+    renormalize: bool = True,
+    temperature: float = 1.0,
+    output: str = "softmax",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax in at least fp32 (`routing_dtype`; at `temperature`), keep the top-k choices
+    per token.
+
+    Returns (weights (n, k), indices (n, k) long, probs (n, C)), weights and probs in
+    ``routing_dtype(logits.dtype)``, probs being ``softmax(logits / temperature)``. With
     `renormalize` the k kept weights are divided by their sum (the official MoM code and
-    Mixtral do this); a SKIP choice, when kept, takes its share of that sum.
-    Renormalised weights are computed as the softmax of the k kept logits, which equals
-    ``top-k probs / their sum`` but does not depend on the choices left out, so removing
-    never-selected modules (pruning) cannot change them even in the last bit.
+    Mixtral do this); a SKIP choice, when kept, takes its share of that sum. Renormalised weights are computed as the softmax of the
+    k kept (scaled) logits, which equals ``top-k probs / their sum`` but does not depend
+    on the choices left out, so removing never-selected modules (pruning) cannot change
+    them even in the last bit.
+    `output="logits"` (the official MoM routers without softmax): the weights are the
+    raw top-k logits themselves, unnormalised and possibly negative; `renormalize` and
+    `temperature` must then be off (MoMConfig validates this).
     """
-    logits = logits.float()
-    probs = torch.softmax(logits, dim=-1)
+    if output not in ("softmax", "logits"):
+        raise ValueError(f"output must be 'softmax' or 'logits', got {output!r}")
+    logits = logits.to(routing_dtype(logits.dtype))
+    scaled = logits / temperature  # exact when temperature == 1
+    probs = torch.softmax(scaled, dim=-1)
+    if output == "logits":
+        if renormalize or temperature != 1.0:
+            raise ValueError("raw-logit routing weights take neither renormalize nor temperature")
+        weights, indices = torch.topk(logits, k, dim=-1)
+        return weights, indices, probs
     if renormalize:
-        kept_logits, indices = torch.topk(logits, k, dim=-1)
+        kept_logits, indices = torch.topk(scaled, k, dim=-1)
         return torch.softmax(kept_logits, dim=-1), indices, probs
     weights, indices = torch.topk(probs, k, dim=-1)
     return weights, indices, probs

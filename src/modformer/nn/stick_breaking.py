@@ -67,7 +67,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -169,7 +168,7 @@ def _block_weights(
     """
     z = torch.matmul(q_blk, k_vis.transpose(-1, -2))
     # softplus(z) = -logsigmoid(-z) = -log(1 - beta); 0 for invisible keys.
-    softplus_z = _fill_invisible(F.softplus(z), future, padded, 0.0)
+    softplus_z = _fill_invisible(exact_softplus(z), future, padded, 0.0)
     # S_j = sum_{l >= j} softplus(z_l), an inclusive reverse cumsum: flip, cumsum, flip.
     # (`del` frees each score-sized buffer as soon as possible: at most 3 are alive.)
     flipped = softplus_z.flip(-1)
@@ -206,6 +205,17 @@ def _block_backward(
     dq_blk = torch.matmul(dz, k_vis).mul_(scale)
     dk_vis = torch.matmul(dz.transpose(-1, -2), q_blk)
     return dq_blk, dk_vis, dv_vis
+
+
+def exact_softplus(z: Tensor) -> Tensor:
+    """``log(1 + e^z)`` to full precision for every z, in z's dtype.
+
+    ``F.softplus`` returns z itself above its threshold (20), which drops ``log1p(e^-z)``
+    (2e-9 at z = 20): invisible in fp32, but an error of order 1e-9 in fp64, whose
+    oracles must be exact. ``logaddexp(z, 0) = max(z, 0) + log1p(e^-|z|)`` is exact and
+    cannot overflow.
+    """
+    return torch.logaddexp(z, z.new_zeros(()))
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -309,16 +319,20 @@ def stick_breaking_attention_reference(
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     qd, kd, vd = q.double(), k.double(), v.double()
-    beta = torch.sigmoid(qd @ kd.transpose(-1, -2) / math.sqrt(D))  # (B, H, Tq, Tk)
+    scores = qd @ kd.transpose(-1, -2) / math.sqrt(D)  # (B, H, Tq, Tk)
+    beta = torch.sigmoid(scores)
+    # 1 - beta as sigmoid(-z): exact also where beta rounds to 1 (z > ~37 in fp64).
+    keep = torch.sigmoid(-scores)
     t = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]  # absolute query positions
     j = torch.arange(Tk, device=q.device)[None, :]
     visible = (j <= t)[None, None]  # (1, 1, Tq, Tk)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
     beta = torch.where(visible, beta, torch.zeros_like(beta))  # masked key: beta = 0
-    # between[t, j, l] = j < l <= t; masked l have beta = 0 so their factor is 1.
+    keep = torch.where(visible, keep, torch.ones_like(keep))  # ... and 1 - beta = 1
+    # between[t, j, l] = j < l <= t; masked l have 1 - beta = 1, so they break nothing.
     l_idx = torch.arange(Tk, device=q.device)
     between = (j[..., None] < l_idx) & (l_idx <= t[..., None])  # (Tq, Tk, Tk)
-    factors = torch.where(between, 1.0 - beta[..., None, :], torch.ones_like(beta[..., None, :]))
+    factors = torch.where(between, keep[..., None, :], torch.ones_like(keep[..., None, :]))
     p = beta * factors.prod(dim=-1)  # (B, H, Tq, Tk)
     return (p @ vd).to(q.dtype)

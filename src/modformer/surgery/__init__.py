@@ -1,15 +1,21 @@
 """Module surgery: pruning experts/modules by usage (`prune`), inserting experts for
 continual learning (`extend`), and the catastrophic-forgetting experiment (`forgetting`,
-imported on its own: it pulls in the trainer)."""
+imported on its own: it pulls in the trainer). Names are imported on first use (see
+modformer._lazy)."""
 
-from modformer.surgery.extend import (
-    SurgeryError,
-    apply_trainable_scope,
-    extend_model,
-    merge_inserted_experts,
-)
-from modformer.surgery.prune import finetune_then_prune, prune_model, prune_then_finetune
+from typing import TYPE_CHECKING
 
+from modformer._lazy import lazy_exports
+
+_EXPORTS = {
+    "SurgeryError": "modformer.surgery.extend",
+    "apply_trainable_scope": "modformer.surgery.extend",
+    "extend_model": "modformer.surgery.extend",
+    "merge_inserted_experts": "modformer.surgery.extend",
+    "finetune_then_prune": "modformer.surgery.prune",
+    "prune_model": "modformer.surgery.prune",
+    "prune_then_finetune": "modformer.surgery.prune",
+}
 __all__ = [
     "SurgeryError",
     "apply_trainable_scope",
@@ -19,3 +25,13 @@ __all__ = [
     "prune_model",
     "prune_then_finetune",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from modformer.surgery.extend import (
+        SurgeryError,
+        apply_trainable_scope,
+        extend_model,
+        merge_inserted_experts,
+    )
+    from modformer.surgery.prune import finetune_then_prune, prune_model, prune_then_finetune

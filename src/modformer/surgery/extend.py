@@ -1,4 +1,4 @@
-"""Expert insertion for continual learning (ModuleFormer sec. 4.3, SPEC §3), and the
+"""Expert insertion for continual learning (ModuleFormer sec. 4.3, design §3), and the
 helpers the other surgery modules share.
 
 `extend_model` adds ``N_new`` freshly initialised experts to every layer (attention and/or
@@ -46,12 +46,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from modformer.cli_args import add_extend_arguments  # noqa: F401  (argparse lives there)
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 from modformer.models.mom import MoMForCausalLM
-
-SCOPE_INSERTED = "inserted_experts"
-SCOPE_INSERTED_AND_EMBEDDINGS = "inserted_experts+embeddings"
-TRAINABLE_SCOPES = (SCOPE_INSERTED, SCOPE_INSERTED_AND_EMBEDDINGS)
+from modformer.models.trainable import (  # noqa: F401  (re-exported: the surgery API)
+    SCOPE_INSERTED,
+    SCOPE_INSERTED_AND_EMBEDDINGS,
+    TRAINABLE_SCOPES,
+    apply_trainable_scope,
+    count_parameters,
+    is_inserted_parameter,
+)
 
 # Parameter names of the inserted experts and their router rows, relative to the module
 # that holds them (SparseMoE / MixtureOfAttentionHeads and their TopKRouter).
@@ -63,11 +68,6 @@ class SurgeryError(ValueError):
 
 
 # ---- shared helpers --------------------------------------------------------------------
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Parameters counted once each (a tied LM head counts once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def require_moduleformer(model: nn.Module, what: str) -> ModuleFormerForCausalLM:
@@ -134,46 +134,6 @@ def new_config(config: Any, **changes: Any) -> Any:
 
 
 # ---- trainable scope -------------------------------------------------------------------
-
-
-def is_inserted_parameter(name: str) -> bool:
-    """Whether parameter `name` (as in `named_parameters`) belongs to an inserted expert
-    or to the rows A' of its router."""
-    parts = name.split(".")
-    return parts[-1].endswith("_inserted") or "inserted_expert_embedding" in parts
-
-
-def apply_trainable_scope(model: nn.Module) -> dict[str, int]:
-    """Set ``requires_grad`` from ``model.config.trainable_scope``; returns the trainable
-    and frozen parameter counts. Models without a scope are left as they are.
-
-    "inserted_experts": only the inserted experts and A' train. "+embeddings": the token
-    embedding too (tied to the LM head, which then trains with it).
-    """
-    config = getattr(model, "config", None)
-    scope = getattr(config, "trainable_scope", None)
-    if scope is not None:
-        if scope not in TRAINABLE_SCOPES:
-            raise SurgeryError(
-                f"trainable_scope {scope!r} is unknown; choose one of {list(TRAINABLE_SCOPES)} "
-                "or None (train everything)"
-            )
-        require_moduleformer(model, f"trainable_scope={scope!r}")
-        embedding = model.get_input_embeddings().weight
-        trainable_embedding = scope == SCOPE_INSERTED_AND_EMBEDDINGS
-        found = False
-        for name, param in model.named_parameters():
-            inserted = is_inserted_parameter(name)
-            found |= inserted
-            param.requires_grad_(inserted or (trainable_embedding and param is embedding))
-        if not found:
-            raise SurgeryError(
-                f"trainable_scope={scope!r} but the model has no inserted experts, so nothing "
-                "would train; insert experts with `modformer extend` or set trainable_scope "
-                "to None"
-            )
-    trainable = count_parameters(model, trainable_only=True)
-    return {"trainable": trainable, "frozen": count_parameters(model) - trainable}
 
 
 # ---- merge -----------------------------------------------------------------------------
@@ -325,43 +285,6 @@ def extend_model(
 
 
 # ---- CLI -------------------------------------------------------------------------------
-
-
-def add_extend_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="ModuleFormer model directory or training out_dir")
-    parser.add_argument("out", help="directory for the extended model")
-    parser.add_argument(
-        "--new-experts", type=int, required=True, help="experts to insert in every layer"
-    )
-    parser.add_argument(
-        "--only",
-        choices=["attention", "ffn"],
-        help="insert only attention or only FFN experts (default: both)",
-    )
-    parser.add_argument(
-        "--train-embeddings",
-        action="store_true",
-        help="also train the token embedding (tied to the LM head); default: frozen",
-    )
-    parser.add_argument(
-        "--routing-reg-weight",
-        type=float,
-        help="weight of the routing regulariser ||A'||^2 (eq. 10) in the following training "
-        "(default: keep the model's)",
-    )
-    parser.add_argument(
-        "--aux-loss-weight",
-        type=float,
-        default=0.0,
-        help="weight of the load-balancing loss in the following training (default: 0, as "
-        "the paper's partially trainable router; a negative value keeps the model's)",
-    )
-    parser.add_argument(
-        "--router-init-std",
-        type=float,
-        help="std of the new router rows A' (default: the config's initializer_range)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
 
 
 def run_extend(args: argparse.Namespace) -> PreTrainedModel:

@@ -33,6 +33,12 @@ from typing import Any
 
 import torch
 
+from modformer.cli_args import (
+    DEFAULT_NEW_DOMAIN,
+    DEFAULT_OLD_DOMAINS,
+    DEFAULT_REG_WEIGHTS,
+    add_forgetting_arguments,  # noqa: F401  (argparse lives there)
+)
 from modformer.surgery.extend import (
     SurgeryError,
     apply_trainable_scope,
@@ -43,10 +49,6 @@ from modformer.surgery.extend import (
 )
 
 log = logging.getLogger("modformer.forgetting")
-
-DEFAULT_OLD_DOMAINS = ("prose", "c")
-DEFAULT_NEW_DOMAIN = "python"
-DEFAULT_REG_WEIGHTS = (0.0, 0.1, 1.0)
 
 
 def _prepare_data(data_dir: Path, max_bytes_per_domain: int, vocab_size: int, seed: int):
@@ -316,72 +318,6 @@ def format_forgetting_table(result: dict[str, Any]) -> str:
 
 
 # ---- CLI -------------------------------------------------------------------------------
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers such as 0,0.1,1, got {text!r}"
-        ) from None
-
-
-def add_forgetting_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out-dir", required=True, help="where data, runs and results go")
-    parser.add_argument(
-        "--data",
-        help="prepared data with the old and new domains (default: prepare the built-in "
-        "corpus into OUT_DIR/data)",
-    )
-    parser.add_argument(
-        "--pretrain-steps", type=int, default=300, help="pretraining steps (default: 300)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=150, help="continual-training steps (default: 150)"
-    )
-    parser.add_argument(
-        "--new-experts", type=int, default=2, help="experts inserted per layer (default: 2)"
-    )
-    parser.add_argument(
-        "--reg-weights",
-        type=_float_list,
-        default=list(DEFAULT_REG_WEIGHTS),
-        help="routing-regulariser weights of the insertion runs (default: 0,0.1,1)",
-    )
-    parser.add_argument(
-        "--old-domains",
-        default=",".join(DEFAULT_OLD_DOMAINS),
-        help="comma-separated pretraining domains (default: prose,c)",
-    )
-    parser.add_argument(
-        "--new-domain", default=DEFAULT_NEW_DOMAIN, help="continual domain (default: python)"
-    )
-    parser.add_argument("--preset", default="tiny", help="model size preset (default: tiny)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (16)")
-    parser.add_argument("--block-size", type=int, default=64, help="tokens per sequence (64)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (2e-3)")
-    parser.add_argument(
-        "--eval-batches", type=int, default=4, help="val batches of 8 per domain (default: 4)"
-    )
-    parser.add_argument(
-        "--max-bytes-per-domain",
-        type=int,
-        default=1_000_000,
-        help="text per built-in domain when preparing (default: 1 MB)",
-    )
-    parser.add_argument(
-        "--vocab-size", type=int, default=1024, help="BPE vocabulary when preparing (1024)"
-    )
-    parser.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads for torch (default: 1, the fastest for these tiny models on a "
-        "shared machine; 0: torch's default)",
-    )
-    parser.add_argument("--progress", action="store_true", help="show training progress bars")
 
 
 def run_forgetting(args: argparse.Namespace) -> dict[str, Any]:

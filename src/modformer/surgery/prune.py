@@ -1,5 +1,5 @@
 """Pruning experts and modules by activation frequency (ModuleFormer sec. 4.2, 5.3 and
-appendix D.2; MoM paper sec. 4.2 / Figure 3; SPEC §3).
+appendix D.2; MoM paper sec. 4.2 / Figure 3; design §3).
 
 The activation frequency ``f_m`` of a module is how often it is in a token's top-k on
 some data (`modformer.analysis.usage`), normalised within its layer (ModuleFormer) or
@@ -53,6 +53,10 @@ import torch
 from transformers import PreTrainedModel
 
 from modformer.analysis.usage import UsageStats, check_same_tokenizer, normalize
+from modformer.cli_args import (
+    NORMS,
+    add_prune_arguments,  # noqa: F401  (argparse lives there)
+)
 from modformer.models.moduleformer import ModuleFormerForCausalLM
 from modformer.models.mom import MoMForCausalLM
 from modformer.models.mom.modeling_mom import MoMChunk
@@ -66,8 +70,6 @@ from modformer.surgery.extend import (
     rebuild,
     save_model_with_tokenizer,
 )
-
-NORMS = ("max", "sum")
 
 
 @dataclass
@@ -227,6 +229,12 @@ def _prune_mom(
             f"pruning needs a MoM with learned routing and separate modules; this one has "
             f"policy {config.policy!r}, mom_same={config.mom_same} (fixed policies index "
             "modules by step, and MoM-same modules are one module)"
+        )
+    if config.router_width == "chunk":
+        raise SurgeryError(
+            "pruning needs router_width='pool'; this MoM's routers score the chunk's N choices "
+            "whatever the pool size (router_width='chunk', the official num_attn != num_ffn "
+            "layout), which pruned router slots do not represent"
         )
     min_keep = max(1, config.K - (1 if config.skip else 0))
     state = dict(model.state_dict())
@@ -451,34 +459,6 @@ def save_pruned(
 
 
 # ---- CLI -------------------------------------------------------------------------------
-
-
-def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="ModuleFormer or MoM model directory or training out_dir")
-    parser.add_argument("out", help="directory for the pruned model (and prune_report.json)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="prepared data directory to count module usage on")
-    source.add_argument("--usage", help="usage statistics JSON written by `modformer usage`")
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        required=True,
-        help="remove modules whose normalised activation frequency is below this (0..1)",
-    )
-    parser.add_argument(
-        "--norm",
-        choices=list(NORMS),
-        default="max",
-        help="normalise each layer's frequencies by their max (default, as the paper) or sum",
-    )
-    parser.add_argument(
-        "--split", default="val", choices=["train", "val"], help="split of --data (default: val)"
-    )
-    parser.add_argument("--block-size", type=int, default=128, help="tokens per window")
-    parser.add_argument(
-        "--max-batches", type=int, help="batches per domain to count on (default: all)"
-    )
-    parser.add_argument("--report", help="also write the report JSON here")
 
 
 def run_prune(args: argparse.Namespace) -> dict[str, Any]:

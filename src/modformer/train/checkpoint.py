@@ -8,11 +8,11 @@ on the next save.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from modformer.utils import TOKENIZER_FILES
+from modformer.utils import TOKENIZER_FILES, chmod_like_new_files, make_temp_dir
+
+log = logging.getLogger(__name__)
 
 CKPT_RE = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "trainer_state.pt"
@@ -30,14 +32,49 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing or unreadable; the message says which and what to do."""
 
 
+def tokenizer_special_ids(tokenizer_dir: Path) -> dict[str, int]:
+    """The bos/eos/pad token ids of the tokenizer saved in `tokenizer_dir` ({} when there is
+    no loadable tokenizer with an end-of-text token there)."""
+    from modformer.data.corpus import DataError
+    from modformer.data.tokenizer import load_hf_tokenizer
+
+    try:
+        tokenizer = load_hf_tokenizer(tokenizer_dir).tokenizer
+    except DataError as e:
+        log.warning("saving the model without special token ids: %s", e)
+        return {}
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    return {name: value for name, value in ids.items() if value is not None}
+
+
+def set_special_token_ids(model: PreTrainedModel, ids: dict[str, int]) -> None:
+    """Write the tokenizer's ids into the config and the generation config, so that HF
+    `generate` and pipelines stop at end-of-text and pad with the right token."""
+    for name, value in ids.items():
+        setattr(model.config, name, value)
+        if getattr(model, "generation_config", None) is not None:
+            setattr(model.generation_config, name, value)
+
+
 def save_model_files(model: PreTrainedModel, dest: Path, tokenizer_dir: Path | None = None) -> None:
     """`save_pretrained` plus the tokenizer files beside it, so that `from_pretrained(dest)`
-    works for both the model and `AutoTokenizer` (generation, lm-eval)."""
+    works for both the model and `AutoTokenizer` (generation, lm-eval). The tokenizer's
+    bos/eos/pad ids go into config.json and generation_config.json."""
+    has_tokenizer = tokenizer_dir is not None and any(
+        (tokenizer_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")
+    )
+    if has_tokenizer:
+        set_special_token_ids(model, tokenizer_special_ids(tokenizer_dir))
     model.save_pretrained(dest, safe_serialization=True)
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file() and not (dest / name).exists():
-                shutil.copy2(tokenizer_dir / name, dest / name)
+                shutil.copyfile(tokenizer_dir / name, dest / name)
+    chmod_like_new_files(dest)  # outputs honour the umask, like every other file we write
 
 
 def atomic_save_model(
@@ -46,7 +83,7 @@ def atomic_save_model(
     """Save into a temp dir next to `dest`, then swap it in by rename."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = make_temp_dir(dest.parent, prefix=f".{dest.name}.tmp-")
     try:
         save_model_files(model, tmp, tokenizer_dir)
         _replace_dir(tmp, dest)
@@ -97,7 +134,7 @@ def save_checkpoint(
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     dest = ckpt_root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=ckpt_root))
+    tmp = make_temp_dir(ckpt_root, prefix=f".{dest.name}.tmp-")
     try:
         save_model_files(model, tmp / "model", tokenizer_dir)
         torch.save(trainer_state, tmp / STATE_FILE)

@@ -75,13 +75,17 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
     eval_interval: int = option(100, "evaluate every N steps (0: only at the end)")
     eval_batches: int = option(20, "validation batches per evaluation")
-    log_interval: int = option(10, "write metrics every N steps")
+    log_interval: int = option(
+        10,
+        "write metrics every N steps; without a progress bar (progress false, or stderr "
+        "not a terminal) also print a line: step, loss, lr, tokens/s, ETA",
+    )
     ckpt_interval: int = option(100, "write a checkpoint every N steps (0: only at the end)")
     keep_last: int = option(2, "checkpoints to keep")
     tensorboard: bool = option(
         False, "also write TensorBoard event files (needs tensorboard installed)"
     )
-    progress: bool = option(True, "show a progress bar")
+    progress: bool = option(True, "show a progress bar when stderr is a terminal")
     compile: bool = option(
         False,
         "torch.compile the model for training and evaluation (generation stays eager); "
@@ -91,6 +95,16 @@ class TrainConfig:
         False,
         "recompute each layer's activations in the backward pass instead of keeping them: "
         "less memory, about one more forward of compute per step",
+    )
+    parallel: str = option(
+        "ddp",
+        "under torchrun: ddp (full replicas) or fsdp (FSDP2: parameters, gradients and "
+        "optimizer state sharded; sharded checkpoints)",
+    )
+    allow_batch_change: bool = option(
+        False,
+        "on --resume, accept a global batch (batch_size x grad_accum x processes) that differs "
+        "from the checkpointed run's",
     )
     threads: int = option(0, "CPU threads for torch (0: torch's default)")
 
@@ -114,6 +128,7 @@ class TrainConfig:
             ("ckpt_interval", self.ckpt_interval >= 0, "must be >= 0"),
             ("keep_last", self.keep_last >= 1, "must be >= 1"),
             ("threads", self.threads >= 0, "must be >= 0"),
+            ("parallel", self.parallel in ("ddp", "fsdp"), "must be ddp or fsdp"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -124,6 +139,12 @@ class TrainConfig:
         if self.model.arch not in ARCHITECTURES:
             raise ConfigError(
                 f"model.arch: unknown architecture {self.model.arch!r}; choose one of {sorted(ARCHITECTURES)}"
+            )
+        if self.parallel == "fsdp" and self.precision == "fp16":
+            raise ConfigError(
+                "precision=fp16 is not supported with parallel=fsdp (it needs a sharded grad "
+                "scaler); use precision=bf16, which FSDP runs with bf16 compute and fp32 master "
+                "weights and reductions"
             )
         if not (self.device in ("auto", "cpu", "mps", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")

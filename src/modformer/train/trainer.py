@@ -1,9 +1,12 @@
 """The training loop: AdamW + warm-up/cosine, clipping, accumulation, autocast, periodic
-evaluation, metrics, atomic checkpoints, exact resume and DistributedDataParallel.
+evaluation, metrics, atomic checkpoints, exact resume, DistributedDataParallel and FSDP2.
 
-Resumption is exact on CPU fp32 because nothing depends on wall-clock state: the batch of
-step s is drawn from a generator seeded by (seed, step, rank, micro-step), and the
-checkpoint holds the model, optimizer, scheduler and RNG states of the step it was taken.
+Resumption is exact on CPU fp32 because nothing depends on wall-clock state: the global
+batch of step s (batch_size x grad_accum x processes windows) is drawn from a generator
+seeded by (seed, step), and each rank trains on its own slice of it; the checkpoint holds
+the model, optimizer, scheduler and every rank's RNG states of the step it was taken.
+Because the data is defined by global position, a run resumed on another number of
+processes with the same global batch sees the same windows (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,10 +32,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from modformer.config import ConfigError
 from modformer.data.dataset import TokenDataset
-from modformer.eval.lm import evaluate_batches
 from modformer.models.registry import build_config, build_model
-from modformer.surgery import apply_trainable_scope
+from modformer.models.trainable import apply_trainable_scope
 from modformer.train import checkpoint as ckpt_lib
+from modformer.train import dist_checkpoint as dcp_lib
 from modformer.train.config import TrainConfig
 from modformer.train.distributed import (
     DistInfo,
@@ -39,7 +43,9 @@ from modformer.train.distributed import (
     cleanup,
     init_distributed,
     resolve_device,
+    shard_model,
 )
+from modformer.train.evaluate import evaluate_batches
 
 log = logging.getLogger("modformer.train")
 
@@ -158,7 +164,11 @@ def _to_jsonable(value: torch.Tensor) -> float | list[float]:
     return value.item() if value.numel() == 1 else [round(v, 6) for v in value.flatten().tolist()]
 
 
-def _check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig) -> None:
+def _check_resume_compatible(
+    saved: dict[str, Any], cfg: TrainConfig, saved_world: int, world: int
+) -> None:
+    """Same model, data and seed; the same global batch, adapting grad_accum (or else the
+    per-process batch) when the number of processes changed. May update `cfg`."""
     now = asdict(cfg)
     for section in ("model", "data"):
         for key, value in saved[section].items():
@@ -167,9 +177,66 @@ def _check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig) -> None:
                     f"--resume: {section}.{key} was {value!r} in the checkpointed run but is "
                     f"{now[section].get(key)!r} now; resume with the same settings or use a new out_dir"
                 )
-    for key in ("batch_size", "grad_accum", "seed"):
-        if saved[key] != now[key]:
-            raise ConfigError(f"--resume: {key} was {saved[key]!r} but is {now[key]!r} now")
+    for key in ("seed", "parallel"):
+        if saved.get(key, "ddp") != now[key]:
+            raise ConfigError(
+                f"--resume: {key} was {saved.get(key, 'ddp')!r} but is {now[key]!r} now; "
+                f"resume with {key}={saved.get(key, 'ddp')}"
+            )
+    resolve_resume_batch(cfg, saved["batch_size"], saved["grad_accum"], saved_world, world)
+
+
+def resolve_resume_batch(
+    cfg: TrainConfig, saved_batch: int, saved_accum: int, saved_world: int, world: int
+) -> None:
+    """Keep the global batch (batch_size x grad_accum x processes) of the checkpointed run.
+
+    If the user kept batch_size and grad_accum but the process count changed, grad_accum is
+    rescaled (or, if that is not a whole number, batch_size). A global batch that cannot be
+    kept is an error unless allow_batch_change is set.
+    """
+    saved_global = saved_batch * saved_accum * saved_world
+    now_global = cfg.batch_size * cfg.grad_accum * world
+    if now_global == saved_global:
+        return
+    if world != saved_world and (cfg.batch_size, cfg.grad_accum) == (saved_batch, saved_accum):
+        per_rank = saved_global / world
+        if cfg.data.sequential:
+            # Sequential rows are split by position over batch_size x processes rows.
+            options = [("batch_size", per_rank / cfg.grad_accum)]
+        else:
+            options = [
+                ("grad_accum", per_rank / cfg.batch_size),
+                ("batch_size", per_rank / cfg.grad_accum),
+            ]
+        for field, value in options:
+            if value >= 1 and value == int(value):
+                setattr(cfg, field, int(value))
+                log.warning(
+                    "--resume on %d processes (checkpoint: %d): %s set to %d to keep the "
+                    "global batch of %d sequences",
+                    world,
+                    saved_world,
+                    field,
+                    int(value),
+                    saved_global,
+                )
+                return
+    if cfg.allow_batch_change:
+        log.warning(
+            "--resume: global batch changes from %d to %d sequences (allow_batch_change=true)",
+            saved_global,
+            now_global,
+        )
+        return
+    raise ConfigError(
+        f"--resume: the checkpointed run's global batch was {saved_global} sequences "
+        f"(batch_size {saved_batch} x grad_accum {saved_accum} x {saved_world} processes); "
+        f"now it would be {now_global} (batch_size {cfg.batch_size} x grad_accum "
+        f"{cfg.grad_accum} x {world} processes) and no whole grad_accum or batch_size keeps "
+        "it. Choose batch_size and grad_accum that keep it, or pass allow_batch_change=true "
+        "to train on with the new global batch"
+    )
 
 
 class SequentialStream:
@@ -203,11 +270,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    joined_existing_group = dist.is_initialized()  # e.g. several runs in one torchrun job
     info = init_distributed(device)
     try:
         return _train(cfg, resume, device, info)
     finally:
-        cleanup(info)
+        if not joined_existing_group:
+            cleanup(info)
 
 
 def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo) -> dict[str, Any]:
@@ -226,7 +295,19 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
     model.to(device)
     model.train()
     if cfg.activation_checkpointing:
+        # Before sharding: HF checkpoints each layer's forward, FSDP's hooks stay outside.
         model.activation_checkpointing_enable()
+    model_class = type(model)  # fully_shard swaps in an FSDP subclass
+    # Every rank built the same initial weights from cfg.seed (FSDP shards them in place);
+    # from here on each rank draws from its own stream (rank 0 keeps the 1-process one).
+    if info.rank > 0:
+        dcp_lib.seed_rank_rng(cfg.seed, info.rank)
+    fsdp = cfg.parallel == "fsdp"
+    if fsdp and info.enabled:
+        try:
+            shard_model(model, cfg.precision)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.compile:
         # In place (nn.Module.compile): parameters, state_dict keys and checkpoints stay
         # those of the plain model. Eval mode compiles a second graph on first use.
@@ -239,13 +320,31 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
     if resume and resume_from is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_root)
     if resume_from is not None:
-        state = ckpt_lib.load_trainer_state(resume_from)
-        _check_resume_compatible(state["config"], cfg)
-        loaded = type(model).from_pretrained(resume_from / "model")
-        model.load_state_dict(loaded.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        sharded = dcp_lib.is_sharded_checkpoint(resume_from)
+        if sharded != fsdp:
+            written_by = "fsdp" if sharded else "ddp"
+            raise ConfigError(
+                f"--resume: {resume_from} was written by a parallel={written_by} run; "
+                f"resume it with parallel={written_by}"
+            )
+        if sharded:
+            state = dcp_lib.load_trainer_state_json(resume_from)
+        else:
+            state = ckpt_lib.load_trainer_state(resume_from)
+        saved_world = state.get("world_size", info.world_size)
+        _check_resume_compatible(state["config"], cfg, saved_world, info.world_size)
+        if sharded:
+            dcp_lib.load_sharded_checkpoint(resume_from, model, optimizer)
+            dcp_lib.restore_rank_rng(resume_from, info.rank, cfg.seed)
+        else:
+            loaded = type(model).from_pretrained(resume_from / "model")
+            model.load_state_dict(loaded.state_dict())
+            optimizer.load_state_dict(state["optimizer"])
+            if info.rank < len(state["rng"]):
+                ckpt_lib.set_rng_state(state["rng"][info.rank])
+            else:  # more processes than the checkpointed run: a fresh stream for this rank
+                dcp_lib.seed_rank_rng(cfg.seed, info.rank)
         scheduler.load_state_dict(state["scheduler"])
-        ckpt_lib.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
         start_step = state["step"]
         if info.is_main:
             log.info("resumed from %s at step %d", resume_from, start_step)
@@ -256,7 +355,10 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
 
     # Routed models leave some modules unselected in a step; DDP must not wait for them.
     find_unused = model.config.model_type != "modformer_gpt"
-    ddp_model = DDP(model, find_unused_parameters=find_unused) if info.enabled else model
+    if info.enabled and not fsdp:
+        ddp_model = DDP(model, find_unused_parameters=find_unused)
+    else:
+        ddp_model = model  # FSDP shards `model` in place; it is its own wrapper
     autocast_dtype = AUTOCAST_DTYPES[cfg.precision]
     scaler = torch.amp.GradScaler(
         device.type, enabled=cfg.precision == "fp16" and device.type == "cuda"
@@ -282,16 +384,25 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
         return {"val_loss": float(loss), "val_ppl": math.exp(min(float(loss), 50.0))}
 
     def save(step: int) -> None:
+        common = {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "config": asdict(cfg),
+            "world_size": info.world_size,
+            "data_position": {"next_step": step, "sequential": cfg.data.sequential},
+        }
+        if fsdp:
+            dcp_lib.save_sharded_checkpoint(
+                ckpt_root, step, model, optimizer, common, cfg.keep_last
+            )
+            return
+        # Every rank's RNG states, gathered to rank 0 (each rank draws its own dropout etc.).
+        rng: list[Any] = [ckpt_lib.rng_state()]
+        if info.enabled:
+            rng = [None] * info.world_size
+            dist.all_gather_object(rng, ckpt_lib.rng_state())
         if info.is_main:
-            rng = [ckpt_lib.rng_state()]
-            state = {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng,
-                "config": asdict(cfg),
-                "data_position": {"next_step": step, "sequential": cfg.data.sequential},
-            }
+            state = {**common, "optimizer": optimizer.state_dict(), "rng": rng}
             ckpt_lib.save_checkpoint(
                 ckpt_root, step, model, state, cfg.keep_last, tokenizer_dir=tokenizer_dir
             )
@@ -299,32 +410,46 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
             dist.barrier()
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.data.block_size * info.world_size
+    # A bar only on a terminal; otherwise (progress false, nohup, Slurm) rank 0 prints a
+    # line every log_interval steps and at every evaluation.
+    show_bar = info.is_main and cfg.progress and sys.stderr.isatty()
+    print_lines = info.is_main and not show_bar
     bar = tqdm(
         total=cfg.max_steps,
         initial=start_step,
-        disable=not (info.is_main and cfg.progress),
+        disable=not show_bar,
         unit="step",
         dynamic_ncols=True,
     )
     last_eval: dict[str, float] = {}
-    t_last, steps_since = time.perf_counter(), 0
+    t_start = t_last = time.perf_counter()
+    steps_since = 0
+    rows_per_rank = cfg.batch_size * cfg.grad_accum
     for step in range(start_step, cfg.max_steps):
         lr = lr_at(step, cfg)
         aux_metrics: dict[str, torch.Tensor] = {}
         loss_sum = torch.zeros((), device=device)
         lm_sum = torch.zeros((), device=device)
+        if stream is None:
+            # The whole global batch of this step, by global position; this rank's rows
+            # are the slice [rank * rows_per_rank, (rank + 1) * rows_per_rank).
+            step_batch = train_ds.get_batch(
+                rows_per_rank * info.world_size,
+                cfg.data.block_size,
+                batch_generator(cfg.seed, step, 0, 0),
+            )[info.rank * rows_per_rank : (info.rank + 1) * rows_per_rank]
         for micro in range(cfg.grad_accum):
             if stream is not None:
                 x = stream.batch(step * cfg.grad_accum + micro)
             else:
-                x = train_ds.get_batch(
-                    cfg.batch_size,
-                    cfg.data.block_size,
-                    batch_generator(cfg.seed, step, info.rank, micro),
-                )
+                x = step_batch[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
             x = x.to(device)
             sync = micro == cfg.grad_accum - 1 or not info.enabled
-            ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
+            if fsdp and info.enabled:
+                ddp_model.set_requires_gradient_sync(sync)
+                ctx = contextlib.nullcontext()
+            else:
+                ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
             with (
                 ctx,
                 torch.autocast(
@@ -368,32 +493,69 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
                 "tokens_seen": done * tokens_per_step,
             }
             if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+                # Under FSDP the norm is a replicated DTensor; full_tensor() is its value.
+                norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                record["grad_norm"] = float(norm)
             record.update({k: _to_jsonable(v) for k, v in aux_metrics.items()})
             metrics.write(record)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            if print_lines:
+                per_step = (time.perf_counter() - t_start) / (done - start_step)
+                print(
+                    f"step {done}/{cfg.max_steps}  loss {loss_val:.4f}  lr {lr:.2e}  "
+                    f"tokens/s {tok_s:,.0f}  ETA {format_duration(per_step * (cfg.max_steps - done))}",
+                    flush=True,
+                )
 
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.max_steps:
             last_eval = evaluate()
             metrics.write({"step": done, **last_eval})
+            if print_lines:
+                print(_val_line(done, cfg.max_steps, last_eval), flush=True)
         if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done != cfg.max_steps:
             save(done)
         bar.update(1)
     bar.close()
 
     last_eval = evaluate()
+    if print_lines:
+        print(_val_line(cfg.max_steps, cfg.max_steps, last_eval), flush=True)
     final: dict[str, Any] = {"step": cfg.max_steps, **last_eval}
-    if info.enabled:
+    if info.enabled and not fsdp:
         final["ranks_in_sync"] = ranks_in_sync(model, info)
     metrics.write(final)
     save(cfg.max_steps)
+    export = model
+    if fsdp and info.enabled:
+        # A normal HF directory from the shards: gather the full state on rank 0 and load
+        # it into an unsharded copy of the model there.
+        full_state = dcp_lib.gather_full_model_state(model)
+        if info.is_main:
+            export = model_class(model.config)
+            export.load_state_dict(full_state)
     if info.is_main:
-        ckpt_lib.atomic_save_model(model, out_dir / "model", tokenizer_dir=tokenizer_dir)
+        ckpt_lib.atomic_save_model(export, out_dir / "model", tokenizer_dir=tokenizer_dir)
         n_params = sum(p.numel() for p in model.parameters())
         final.update({"params": n_params, "tokens_trained": cfg.max_steps * tokens_per_step})
         (out_dir / "final.json").write_text(json.dumps(final, indent=2))
     metrics.close()
     return final
+
+
+def format_duration(seconds: float) -> str:
+    """1h05m, 3m07s or 42s."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _val_line(step: int, max_steps: int, result: dict[str, float]) -> str:
+    return (
+        f"step {step}/{max_steps}  val loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.2f}"
+    )
 
 
 @torch.no_grad()

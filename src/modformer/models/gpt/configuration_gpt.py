@@ -1,4 +1,4 @@
-"""Configuration of the vanilla GPT-2 model (SPEC §1)."""
+"""Configuration of the vanilla GPT-2 model (design §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Vanilla GPT-2 as a Hugging Face `PreTrainedModel` (SPEC §1).
+"""Vanilla GPT-2 as a Hugging Face `PreTrainedModel` (design §1).
 
 Read top to bottom: `Block` is one pre-LN transformer layer, `GPTModel` the stack with
 embeddings, `GPTForCausalLM` adds the tied LM head, the loss and `generate()` support.
@@ -19,7 +19,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modformer.models.checkpointing import CheckpointingMixin, no_cache_when_checkpointing
+from modformer.models.flops import FlopCounting
 from modformer.models.gpt.configuration_gpt import GPTConfig
+from modformer.models.gpt.flops import gpt_flops
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
     cache_field,
@@ -139,7 +141,8 @@ class GPTModel(GPTPreTrainedModel):
         )
 
 
-class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
+class GPTForCausalLM(FlopCounting, GPTPreTrainedModel, GenerationMixin):
+    flop_counter = staticmethod(gpt_flops)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: GPTConfig):

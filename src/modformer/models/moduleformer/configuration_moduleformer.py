@@ -1,4 +1,4 @@
-"""Configuration of ModuleFormer (SPEC §3; ModuleFormer paper sec. 3-5, Table 1).
+"""Configuration of ModuleFormer (design §3; ModuleFormer paper sec. 3-5, Table 1).
 
 Choices the paper leaves open, and where they come from:
 
@@ -9,8 +9,10 @@ Choices the paper leaves open, and where they come from:
 - ``router_hidden`` (``D_rtr``): 256, the official code's ``gating_size``.
 - ``vocab_size``: 50295, the official code's default (the Codegen tokenizer).
 - ``router_activation``: ReLU as in eq. 2 (the official code uses GELU: set "gelu").
-- ``tie_word_embeddings``: True. With tied embeddings MoLM-4B-K2 has 4.08B parameters
-  and 353M active per token, matching Table 1's "4B" and "350M".
+- ``tie_word_embeddings``: True for the CPU presets; False for the MoLM presets, as in
+  the published MoLM configs (and IBM's code). MoLM-4B-K2 then has 4.13B parameters and
+  353M active per token (an untied input embedding counts one row per token), matching
+  Table 1's "4B" and "350M".
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from transformers import PreTrainedConfig
 
 from modformer.models.gpt.configuration_gpt import apply_preset
 from modformer.nn.activations import ACTIVATIONS
+from modformer.nn.moe import ATTENTION_TYPES, EXPERT_MLPS, ROUTER_TYPES
+from modformer.nn.norms import NORM_TYPES
 from modformer.nn.routers import check_slot_lists
 
 _MOLM = dict(
@@ -38,6 +42,7 @@ _MOLM = dict(
     k_ffd=2,
     router_hidden=256,
     use_history=True,  # sec. 5.1: keys/values of the previous batch are concatenated
+    tie_word_embeddings=False,  # the published MoLM configs have a separate lm_head
 )
 
 # The CPU presets are sized against GPT's presets of the same width: the active attention
@@ -89,9 +94,10 @@ MODULEFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "molm-8b-k2": dict(_MOLM, n_layer=48),
 }
 
-AUX_LOSS_TYPES = ("mi", "switch", "none")
+AUX_LOSS_TYPES = ("mi", "switch", "switch_pooled", "none")
 TRAINABLE_SCOPES = (None, "inserted_experts", "inserted_experts+embeddings")
 ROUTER_ACTIVATIONS = ("relu", "gelu")
+UNBOUNDED_HISTORY = -1  # history_length: keep every remembered position
 
 
 @strict
@@ -121,15 +127,44 @@ class ModuleFormerConfig(PreTrainedConfig):
     ``trainable_scope`` records which parameters training may change
     ("inserted_experts": the inserted experts and their rows A' only; with
     "+embeddings" also the token embedding, which the tied LM head shares; None: all);
-    `modformer.surgery.apply_trainable_scope` sets ``requires_grad`` from it.
+    `modformer.models.trainable.apply_trainable_scope` sets ``requires_grad`` from it.
 
     History (Transformer-XL, sec. 3.2): with ``use_history`` the model returns the
     detached keys/values of the segment it just processed as ``memory``; passing it to
     the next call prepends it to every layer's keys/values. ``history_length`` caps the
-    memory (None: exactly the previous segment).
+    memory (None: exactly the previous segment; -1: unbounded, every call appends to all
+    the memory it was given, as IBM's official code does with its cache).
+
+    Options of IBM's official code (`modformer convert moduleformer` sets them; the
+    defaults are the paper's): ``router_bias`` gives the router's first projection ``B``
+    a bias (IBM's gate is ``Linear(bias) -> GELU -> Linear(no bias)``); ``kv_bias`` gives
+    the shared ``W_k``/``W_v`` biases (they need real projections: ``att_hidden !=
+    n_embd`` or ``n_head > 1``). IBM's aux loss is the *sum* over the ``2 * n_layer``
+    routers, ours the mean: the same strength needs ``aux_loss_weight = 2 * n_layer *``
+    IBM's weight (the importer converts it). IBM's LayerNorms use eps 1e-5 whatever its
+    config says; the importer sets ``layer_norm_epsilon=1e-5``.
 
     ``n_positions`` is only the nominal context for generation: there are no position
     embeddings and stick-breaking attention has no length limit.
+
+    JetMoE-style options (ModuleFormer's successor; `modformer convert jetmoe`). The
+    defaults are ModuleFormer as above:
+
+    - ``norm_type``: "layer" (LayerNorm) or "rms" (RMSNorm), every norm of the model;
+      ``final_norm_epsilon`` is the last norm's eps (None: ``layer_norm_epsilon``; JetMoE
+      fixes its block norms at 1e-6 and gives only the final one ``rms_norm_eps``).
+    - ``expert_mlp``: "gelu" (``act(x W_1) W_2``, act = ``activation_function``) or
+      "swiglu" (``(act(x W_g) * x W_u) W_2``; JetMoE uses act = "silu").
+    - ``router_type``: "mlp" (eqs. 1-2, ``A act(B x)``, gates not renormalised) or
+      "linear" (JetMoE: ``A x`` without bias, top-k of the logits, gates = softmax of
+      the k kept logits); ``router_hidden`` / ``router_activation`` are unused then.
+    - ``attention_type``: "stick_breaking" (sec. 3.2) or "softmax_rope" (causal softmax
+      attention with rotary embeddings of base ``rope_theta`` on the full head_dim of
+      every query head and the shared keys; positions count real tokens of the
+      attention mask; the Table 4 baseline and JetMoE's attention).
+    - ``moe_output_bias``: a (n_embd,) bias added to each MoA and SMoE output (JetMoE).
+    - ``aux_loss_type="switch_pooled"``: JetMoE's balance loss, the Switch statistics
+      pooled over all 2 * n_layer routers (`modformer.nn.moe_losses.pooled_switch_loss`).
     """
 
     model_type = "modformer_moduleformer"
@@ -169,9 +204,19 @@ class ModuleFormerConfig(PreTrainedConfig):
     att_expert_slots: list[list[int]] | None = None
     ffd_expert_slots: list[list[int]] | None = None
     trainable_scope: str | None = None
+    router_bias: bool = False
+    kv_bias: bool = False
     use_history: bool = False
     history_length: int | None = None
     attention_block_size: int = 128
+    # JetMoE-style options (see the class docstring); the defaults are ModuleFormer's.
+    norm_type: str = "layer"
+    final_norm_epsilon: float | None = None
+    expert_mlp: str = "gelu"
+    router_type: str = "mlp"
+    attention_type: str = "stick_breaking"
+    rope_theta: float = 10000.0
+    moe_output_bias: bool = False
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -300,10 +345,61 @@ class ModuleFormerConfig(PreTrainedConfig):
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.history_length is not None and self.history_length <= 0:
+        history = self.history_length
+        if history is not None and history <= 0 and history != UNBOUNDED_HISTORY:
             raise ValueError(
-                f"history_length must be positive or None (None = the whole previous "
-                f"segment), got {self.history_length}"
+                f"history_length must be positive, None (the whole previous segment) or "
+                f"{UNBOUNDED_HISTORY} (unbounded), got {history}"
+            )
+        if self.kv_bias and self.att_hidden == self.n_embd and self.n_head == 1:
+            raise ValueError(
+                "kv_bias=True needs K/V projections, but with att_hidden == n_embd and "
+                "n_head=1 the keys/values are the identity; set kv_bias=False (IBM's code "
+                "has no K/V biases in this layout either)"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name, choices in (
+            ("norm_type", NORM_TYPES),
+            ("expert_mlp", EXPERT_MLPS),
+            ("router_type", ROUTER_TYPES),
+            ("attention_type", ATTENTION_TYPES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name} {getattr(self, name)!r} is unknown; choose one of {list(choices)}"
+                )
+        if self.router_bias and self.router_type != "mlp":
+            raise ValueError(
+                f"router_bias=True biases the router's first projection B, which the "
+                f"{self.router_type!r} router does not have; use router_type='mlp' or "
+                f"router_bias=False"
+            )
+        if self.final_norm_epsilon is not None and self.final_norm_epsilon <= 0:
+            raise ValueError(
+                f"final_norm_epsilon must be positive or None (None = layer_norm_epsilon), "
+                f"got {self.final_norm_epsilon}"
+            )
+        if self.aux_loss_type == "switch_pooled":
+            # A pruned router counts at its unpruned width (n_*_experts), others at theirs.
+            widths = {
+                self.n_att_experts if self.att_expert_slots else self.att_experts_in_layer(i)
+                for i in range(self.n_layer)
+            } | {
+                self.n_ffd_experts if self.ffd_expert_slots else self.ffd_experts_in_layer(i)
+                for i in range(self.n_layer)
+            }
+            if len(widths) != 1:
+                raise ValueError(
+                    f"aux_loss_type 'switch_pooled' (JetMoE) pools the statistics of all "
+                    f"routers, which needs one expert count, but the routers have "
+                    f"{sorted(widths)}; use 'switch' for different counts"
+                )
+        if self.attention_type == "softmax_rope":
+            if self.att_head_dim % 2 != 0:
+                raise ValueError(
+                    f"attention_type 'softmax_rope' rotates pairs of dimensions: the head "
+                    f"size att_hidden / n_head = {self.att_head_dim} must be even"
+                )
+            if self.rope_theta <= 0:
+                raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")

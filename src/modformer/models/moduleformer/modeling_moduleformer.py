@@ -1,8 +1,9 @@
-"""ModuleFormer as a Hugging Face `PreTrainedModel` (SPEC §3).
+"""ModuleFormer as a Hugging Face `PreTrainedModel` (design §3).
 
 Read top to bottom: `ModuleFormerMemory` is the Transformer-XL history, `ModuleFormerBlock`
 one layer (`x + MoA(LN(x))`, then `x + SMoE(LN(x))`), `ModuleFormerModel` the stack
-(token embeddings only: stick-breaking attention needs no positions), and
+(token embeddings only: stick-breaking attention needs no positions; the softmax_rope
+option rotates queries and keys by positions counted from the attention mask), and
 `ModuleFormerForCausalLM` adds the LM head, the auxiliary routing losses and
 `generate()` support.
 
@@ -37,7 +38,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modformer.models.checkpointing import CheckpointingMixin, no_cache_when_checkpointing
-from modformer.models.moduleformer.configuration_moduleformer import ModuleFormerConfig
+from modformer.models.flops import FlopCounting
+from modformer.models.moduleformer.configuration_moduleformer import (
+    UNBOUNDED_HISTORY,
+    ModuleFormerConfig,
+)
+from modformer.models.moduleformer.flops import moduleformer_flops
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
     cache_field,
@@ -51,9 +57,12 @@ from modformer.nn.moe_losses import (
     expert_load,
     load_concentration_loss,
     mutual_information_loss,
+    pooled_switch_loss,
     routing_regularization,
     switch_loss,
 )
+from modformer.nn.norms import make_norm
+from modformer.nn.rope_attention import positions_from_mask, rotary_cos_sin
 from modformer.nn.routers import RouterSlots
 
 
@@ -116,7 +125,7 @@ class ModuleFormerBlock(GradientCheckpointingLayer):
     def __init__(self, config: ModuleFormerConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = make_norm(config.norm_type, config.n_embd, config.layer_norm_epsilon)
         self.attn = MixtureOfAttentionHeads(
             config.n_embd,
             config.att_experts_in_layer(layer_idx),
@@ -128,8 +137,13 @@ class ModuleFormerBlock(GradientCheckpointingLayer):
             config.attention_block_size,
             num_inserted=config.n_inserted_att_experts,
             slots=_router_slots(config.att_expert_slots_in_layer(layer_idx), config.n_att_experts),
+            router_type=config.router_type,
+            attention_type=config.attention_type,
+            output_bias=config.moe_output_bias,
+            router_bias=config.router_bias,
+            kv_bias=config.kv_bias,
         )
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_2 = make_norm(config.norm_type, config.n_embd, config.layer_norm_epsilon)
         self.mlp = SparseMoE(
             config.n_embd,
             config.ffd_experts_in_layer(layer_idx),
@@ -140,6 +154,10 @@ class ModuleFormerBlock(GradientCheckpointingLayer):
             config.router_activation,
             num_inserted=config.n_inserted_ffd_experts,
             slots=_router_slots(config.ffd_expert_slots_in_layer(layer_idx), config.n_ffd_experts),
+            router_type=config.router_type,
+            expert_mlp=config.expert_mlp,
+            output_bias=config.moe_output_bias,
+            router_bias=config.router_bias,
         )
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -149,22 +167,33 @@ class ModuleFormerBlock(GradientCheckpointingLayer):
         token_mask: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
     ) -> tuple[torch.Tensor, tuple[RouterOutput, RouterOutput], tuple[torch.Tensor, torch.Tensor]]:
         """Returns the new x, the (MoA, SMoE) router outputs and the keys/values attended
-        to (prefix + current), from which the model builds the next memory."""
+        to (prefix + current), from which the model builds the next memory.
+
+        ``rope`` (softmax_rope attention): the (cos, sin) angles of the keys this call
+        rotates, i.e. of the current tokens, or of memory + current tokens: the memory
+        holds unrotated keys, so they are rotated at their position in each new window.
+        A KV cache holds rotated keys (the HF convention)."""
         h = self.ln_1(x)
         keys, values = self.attn.project_kv(h)
         if cache is not None:
+            keys = self.attn.rotate(keys, rope)
             keys, values = cache.update(keys, values, self.layer_idx)
-        elif memory_kv is not None:
-            keys = torch.cat([memory_kv[0].to(keys.dtype), keys], dim=2)
-            values = torch.cat([memory_kv[1].to(values.dtype), values], dim=2)
-        att_out, att_route = self.attn(h, keys, values, token_mask, key_padding_mask)
+            attended_kv = (keys, values)
+        else:
+            if memory_kv is not None:
+                keys = torch.cat([memory_kv[0].to(keys.dtype), keys], dim=2)
+                values = torch.cat([memory_kv[1].to(values.dtype), values], dim=2)
+            attended_kv = (keys, values)
+            keys = self.attn.rotate(keys, rope)
+        att_out, att_route = self.attn(h, keys, values, token_mask, key_padding_mask, rope)
         x = x + self.resid_dropout(att_out)
         ffd_out, ffd_route = self.mlp(self.ln_2(x), token_mask)
         x = x + self.resid_dropout(ffd_out)
-        return x, (att_route, ffd_route), (keys, values)
+        return x, (att_route, ffd_route), attended_kv
 
 
 class ModuleFormerPreTrainedModel(CheckpointingMixin, PreTrainedModel):
@@ -195,6 +224,8 @@ class ModuleFormerPreTrainedModel(CheckpointingMixin, PreTrainedModel):
             for param in (getattr(module, name), getattr(module, f"{name}_inserted")):
                 if param is not None:
                     init.normal_(param, mean=0.0, std=param_std)
+        if module.output_bias is not None:
+            init.zeros_(module.output_bias)
 
     def total_parameters(self) -> int:
         """Every parameter once (a tied LM head counts once)."""
@@ -202,12 +233,17 @@ class ModuleFormerPreTrainedModel(CheckpointingMixin, PreTrainedModel):
 
     def active_parameters(self) -> int:
         """Parameters one token touches: everything shared, plus k/N of each layer's
-        expert weights (it runs k of the N experts). Embeddings count in full."""
+        expert weights (it runs k of the N experts). A tied embedding counts in full (the
+        LM head uses all of it); an untied input embedding one row (the token's own)."""
         expert_fraction: dict[int, float] = {}
         for module in self.modules():
             if isinstance(module, (SparseMoE, MixtureOfAttentionHeads)):
                 for p in module.expert_parameters():
                     expert_fraction[id(p)] = module.top_k / module.num_experts
+        embedding = self.get_input_embeddings().weight
+        output = self.get_output_embeddings()
+        if output is None or output.weight is not embedding:
+            expert_fraction[id(embedding)] = 1 / embedding.shape[0]
         return round(sum(p.numel() * expert_fraction.get(id(p), 1.0) for p in self.parameters()))
 
 
@@ -217,7 +253,8 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(ModuleFormerBlock(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        final_eps = config.final_norm_epsilon or config.layer_norm_epsilon
+        self.ln_f = make_norm(config.norm_type, config.n_embd, final_eps)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -293,12 +330,53 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         key_padding_mask: torch.Tensor | None,
         seq_len: int,
     ) -> ModuleFormerMemory:
-        """Detached last ``history_length`` (default: ``seq_len``) keys/values per layer."""
+        """Detached last ``history_length`` (default: ``seq_len``; unbounded: all the
+        memory and the current segment) keys/values per layer."""
         keep = self.config.history_length or seq_len
+        if keep == UNBOUNDED_HISTORY:
+            keep = layer_kv[0][0].shape[2]
         keys = tuple(k[:, :, -keep:].detach() for k, _ in layer_kv)
         values = tuple(v[:, :, -keep:].detach() for _, v in layer_kv)
         mask = None if key_padding_mask is None else key_padding_mask[:, -keep:]
         return ModuleFormerMemory(keys, values, mask)
+
+    def _rope(
+        self,
+        key_padding_mask: torch.Tensor | None,
+        seq_len: int,
+        past_len: int,
+        use_memory: bool,
+        position_ids: torch.Tensor | None,
+        like: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE angles of the keys the blocks rotate (None for stick-breaking).
+
+        Positions count the real tokens of the mask over prefix + current (so a
+        left-padded row starts at 0); the blocks rotate the current keys (KV cache, or
+        no prefix) or memory + current keys (history). Explicit ``position_ids`` (B, T)
+        replace the current tokens' positions.
+        """
+        if self.config.attention_type != "softmax_rope":
+            return None
+        if position_ids is not None:
+            if use_memory:
+                raise ValueError(
+                    "position_ids cannot be combined with a memory: the positions of the "
+                    "memory's keys come from its mask; pass position_ids=None"
+                )
+            if position_ids.shape[-1] != seq_len:
+                raise ValueError(
+                    f"position_ids has {position_ids.shape[-1]} positions but the input has "
+                    f"{seq_len} tokens; pass one position per input token"
+                )
+            positions = position_ids.reshape(-1, seq_len)
+        else:
+            positions = positions_from_mask(key_padding_mask, past_len + seq_len, like.device)
+            if not use_memory:
+                positions = positions[:, -seq_len:]
+        return rotary_cos_sin(
+            positions, self.config.att_head_dim, self.config.rope_theta, like.dtype
+        )
 
     def forward(
         self,
@@ -309,10 +387,12 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         use_cache: bool | None = None,
         memory: ModuleFormerMemory | None = None,
         past_key_values: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> ModuleFormerModelOutput:
-        """``position_ids``/``cache_position`` (passed by `generate()`) are accepted and
-        ignored: the model has no position embeddings."""
+        """``cache_position`` (passed by `generate()`) is accepted and ignored. Stick-
+        breaking attention uses no positions (``position_ids`` is ignored); softmax_rope
+        attention takes them from the attention mask, or from ``position_ids``."""
         past_key_values = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -336,13 +416,17 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         else:
             past_len = memory.length if memory is not None else 0
         token_mask, key_padding_mask = self._masks(attention_mask, B, T, past_len, memory)
+        use_memory = memory is not None and past_key_values is None
+        rope = self._rope(key_padding_mask, T, past_len, use_memory, position_ids, inputs_embeds)
 
         x = self.drop(inputs_embeds)
         router_outputs = []
         layer_kv = []
         for i, block in enumerate(self.h):
             memory_kv = (memory.keys[i], memory.values[i]) if memory is not None else None
-            x, routes, kv = block(x, token_mask, key_padding_mask, memory_kv, cache=past_key_values)
+            x, routes, kv = block(
+                x, token_mask, key_padding_mask, memory_kv, rope, cache=past_key_values
+            )
             router_outputs.append(routes)
             layer_kv.append(kv)
         x = self.ln_f(x)
@@ -359,7 +443,8 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         )
 
 
-class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
+class ModuleFormerForCausalLM(FlopCounting, ModuleFormerPreTrainedModel, GenerationMixin):
+    flop_counter = staticmethod(moduleformer_flops)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: ModuleFormerConfig):
@@ -394,12 +479,20 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
         if config.aux_loss_type != "none":
             if config.aux_loss_type == "mi":
                 per_router = [mutual_information_loss(z, token_mask) for z in logits]
-            else:
+            elif config.aux_loss_type == "switch":
                 per_router = [
                     switch_loss(r.logits, r.top_k_indices, token_mask, config.switch_z_loss_coef)
                     for routes in router_outputs
                     for r in routes
                 ]
+            else:  # "switch_pooled": JetMoE's one loss over the statistics of all routers
+                indices = [r.top_k_indices for routes in router_outputs for r in routes]
+                slots = [
+                    None if router.slots is None else (router.slots.slots, router.slots.num_slots)
+                    for layer_routers in routers
+                    for router in layer_routers
+                ]
+                per_router = [pooled_switch_loss(logits, indices, token_mask, slots)]
             balance = torch.stack(per_router).mean()
             aux_loss = aux_loss + config.aux_loss_weight * balance
             metrics[f"aux/{config.aux_loss_type}"] = balance.detach()
@@ -452,6 +545,7 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             memory=memory,
+            position_ids=kwargs.get("position_ids"),
         )
         hidden = out.last_hidden_state
         hidden = keep_positions(hidden, logits_to_keep)

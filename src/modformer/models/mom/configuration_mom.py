@@ -1,4 +1,4 @@
-"""Configuration of Mixture-of-Modules (SPEC §2; MoM paper sec. 3-4, appendices A, B, D).
+"""Configuration of Mixture-of-Modules (design §2; MoM paper sec. 3-4, appendices A, B, D).
 
 A MoM model is a GPT-2 whose layers are grouped by a chunk string such as
 ``[1-1-4-1-4-1]``: a ``1`` is a fixed standard block, an ``N`` is a chunk of ``N``
@@ -44,6 +44,36 @@ pruned chunk's choices (its modules, plus SKIP when on). ``attn_module_slots`` /
 router computes its logits at the unpruned layout (`modformer.nn.routers.RouterSlots`),
 so pruning never-selected modules leaves the logits bit-identical. None: 0..n-1.
 
+Router width (``router_width``): ``"pool"`` (default) gives each router one choice per
+module of its pool (plus SKIP). ``"chunk"`` is the official MoM code's layout for
+``num_attn != num_ffn``: both routers of a chunk of size N score N choices (plus SKIP)
+whatever their pool's size, and a choice at or above a smaller pool's size picks no
+module (it acts as SKIP, and takes its share of the renormalised weights). Write N as
+max(N_A, N_F) in the chunk string and the pool sizes in ``attn_modules_per_chunk`` /
+``ffn_modules_per_chunk``. It needs the learned policy, SKIP on, and an unpruned model
+(no ``*_module_slots``; such a model cannot be pruned).
+
+Router outputs (learned routers and the MoE gates; the official MoM code's ``router_type``
+and ``router_softmax_temperature``):
+
+- ``router_temperature`` T: routing weights come from ``softmax(logits / T)`` (the
+  official pretraining script uses T = 0.2). It changes the weights, not the top-K picks.
+  With ``renormalize`` the kept weights are ``softmax(kept logits / T)``.
+- ``router_output``: ``"softmax"`` (default) or ``"logits"``, the official routers without
+  "softmax" in their type: the raw top-K logits are the weights, unnormalised and possibly
+  negative. It needs ``renormalize=False`` and T = 1 (neither applies to raw logits);
+  ``Selection.probs`` (balance loss, loads) is still ``softmax(logits)``.
+
+All-SKIP tokens (``all_skip_tokens``): a token whose K picks are all SKIP at an attention
+step (K = 1 with SKIP, or the layer_skip / early_exit policies) has no q, k, v there and
+no output (the residual passes through). ``"drop"`` (default, design §2) also removes it
+from that step's keys, so later tokens attend only to tokens that ran a module; the KV
+cache then holds a "is a key" flag layer per chunk step. ``"zero_key"`` is the official
+MoM code's behaviour: the token stays in the keys with k = v = 0, so every later query
+sees it with score 0 and value 0 (it takes softmax mass, and the logits differ from
+"drop" by order 1); no flag layers are needed. The option matters only when a token can
+pick SKIP alone.
+
 ``K`` and ``skip`` are ignored by the policies that pick one module per step (vanilla,
 layer_skip, early_exit, parameter_sharing). Layer numbers (``skip_layers``, the routing
 trace) count assembled layers: fixed blocks and chunk steps in order, so with ``H == N``
@@ -74,6 +104,9 @@ POLICIES = (
 # Policies whose step h uses module h (of attention, and of FFN unless MoE): H must be N.
 STEP_IS_MODULE_POLICIES = ("vanilla", "layer_skip", "early_exit", "moe", "moe_share")
 ROUTERS = ("gru", "mlp")
+ROUTER_OUTPUTS = ("softmax", "logits")
+ALL_SKIP_TOKENS = ("drop", "zero_key")
+ROUTER_WIDTHS = ("pool", "chunk")
 
 _CHUNKS_SYNTAX = re.compile(r"^\[\s*[1-9]\d*\s*(-\s*[1-9]\d*\s*)*\]$")
 _MOM_NAME_SYNTAX = re.compile(r"^K(\d+)H(\d+)(S?)$")
@@ -163,6 +196,10 @@ class MoMConfig(PreTrainedConfig):
     router: str = "gru"
     router_dim: int = 256
     renormalize: bool = True
+    router_temperature: float = 1.0
+    router_output: str = "softmax"
+    all_skip_tokens: str = "drop"
+    router_width: str = "pool"
     weighted_qkv: bool = False
     mom_same: bool = False
     balance_loss_weight: float = 0.0
@@ -216,9 +253,18 @@ class MoMConfig(PreTrainedConfig):
 
     @property
     def attention_may_skip_all(self) -> bool:
-        """Whether a token may select only SKIP at an attention step, which then masks it
-        out of that step's keys (and needs a key-flag layer in the KV cache)."""
+        """Whether a token may select only SKIP at an attention step and is then masked
+        out of that step's keys (and needs a key-flag layer in the KV cache). Never with
+        `all_skip_tokens="zero_key"`: such tokens stay keys (k = v = 0)."""
+        if self.all_skip_tokens == "zero_key":
+            return False
         if self.policy == "learned":
+            if self.router_width == "chunk":  # choices beyond a smaller pool pick nothing
+                sizes = [n for n in self.chunk_sizes if n > 1]
+                return any(
+                    n - self.learned_pool_sizes(c, n)[0] + int(self.skip) >= self.K
+                    for c, n in enumerate(sizes)
+                )
             return self.skip and self.K == 1  # with K >= 2 some pick is always a module
         return self.policy in ("layer_skip", "early_exit")
 
@@ -248,15 +294,6 @@ class MoMConfig(PreTrainedConfig):
             None if ffn is None else ffn[chunk_index],
         )
 
-    def ffn_pool_size(self, num_modules: int) -> int:
-        """FFN modules stored for a chunk of `num_modules` (before `mom_same` tying)."""
-        experts = self.num_experts if self.num_experts is not None else num_modules
-        if self.policy == "moe":
-            return self.H * experts
-        if self.policy == "moe_share":
-            return experts
-        return num_modules
-
     # ---- validation (run by @strict on construction; messages name the field) ----------
 
     def validate_architecture(self):
@@ -278,6 +315,32 @@ class MoMConfig(PreTrainedConfig):
             raise ValueError(f"router {self.router!r} is unknown; choose one of {list(ROUTERS)}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy {self.policy!r} is unknown; choose one of {list(POLICIES)}")
+        if self.router_output not in ROUTER_OUTPUTS:
+            raise ValueError(
+                f"router_output {self.router_output!r} is unknown; choose one of "
+                f"{list(ROUTER_OUTPUTS)}"
+            )
+        if self.all_skip_tokens not in ALL_SKIP_TOKENS:
+            raise ValueError(
+                f"all_skip_tokens {self.all_skip_tokens!r} is unknown; choose one of "
+                f"{list(ALL_SKIP_TOKENS)}"
+            )
+        if self.router_width not in ROUTER_WIDTHS:
+            raise ValueError(
+                f"router_width {self.router_width!r} is unknown; choose one of "
+                f"{list(ROUTER_WIDTHS)}"
+            )
+        if not self.router_temperature > 0:
+            raise ValueError(
+                f"router_temperature must be > 0 (weights are softmax(logits / T)), got "
+                f"{self.router_temperature}"
+            )
+        if self.router_output == "logits" and (self.renormalize or self.router_temperature != 1):
+            raise ValueError(
+                "router_output='logits' uses the raw top-K logits as weights; set "
+                f"renormalize=False and router_temperature=1.0 (got renormalize="
+                f"{self.renormalize}, router_temperature={self.router_temperature})"
+            )
         if self.balance_loss_weight < 0:
             raise ValueError(f"balance_loss_weight must be >= 0, got {self.balance_loss_weight}")
         if self.num_experts is not None and self.num_experts <= 0:
@@ -311,9 +374,33 @@ class MoMConfig(PreTrainedConfig):
                 raise ValueError(f"{slots_name} needs {counts_name} (a pruned model's sizes)")
             counts = getattr(self, counts_name) or chunk_sizes
             check_slot_lists(slots_name, getattr(self, slots_name), counts, chunk_sizes)
+        if self.router_width == "chunk":
+            if (
+                self.policy != "learned"
+                or not self.skip
+                or self.mom_same
+                or self.attn_module_slots is not None
+                or self.ffn_module_slots is not None
+            ):
+                raise ValueError(
+                    "router_width='chunk' (routers score the chunk's N choices whatever the "
+                    "pool size, as the official MoM code) needs the learned policy with "
+                    "skip=True, without mom_same, and an unpruned model (no "
+                    f"attn/ffn_module_slots); got policy={self.policy!r}, skip={self.skip}, "
+                    f"mom_same={self.mom_same}"
+                )
+            for c, size in enumerate(chunk_sizes):
+                if max(self.learned_pool_sizes(c, size)) > size:
+                    raise ValueError(
+                        f"router_width='chunk' needs at most N modules per pool, but chunk {c} "
+                        f"(N={size} in chunks={self.chunks!r}) has pools "
+                        f"{self.learned_pool_sizes(c, size)}; write N = max(N_A, N_F)"
+                    )
         if self.policy == "learned":
             for c, size in enumerate(chunk_sizes):
                 for kind, n in zip(("attention", "FFN"), self.learned_pool_sizes(c, size)):
+                    if self.router_width == "chunk":
+                        n = size  # every router of the chunk scores N choices
                     limit = n + 1 if self.skip else n
                     if limit < self.K:
                         choices = f"{n} modules + SKIP" if self.skip else f"{n} modules"

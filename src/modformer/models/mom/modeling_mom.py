@@ -1,4 +1,4 @@
-"""Mixture-of-Modules as a Hugging Face `PreTrainedModel` (SPEC §2).
+"""Mixture-of-Modules as a Hugging Face `PreTrainedModel` (design §2).
 
 Read top to bottom:
 
@@ -15,12 +15,15 @@ Read top to bottom:
 
 Attention assembly (eq. 5): q/k/v of a token are the sums over its picked modules of
 `LN_k(x) W_k` (times r_k when `weighted_qkv`), heads attend causally, and the output is
-`sum_k r_k * a W^O_k`. A token whose picks are all SKIP is neither a query nor a key at
-that step: it is masked out of the keys (boolean SDPA mask) and gets no output.
+`sum_k r_k * a W^O_k`. A token whose picks are all SKIP gets no output at that step, and
+by default (`all_skip_tokens="drop"`) is no key either: it is masked out of the keys
+(boolean SDPA mask). With `all_skip_tokens="zero_key"` (the official code) it stays in the
+keys: its q/k/v rows are exactly zero (SKIP pairs are left out of the grouped GEMMs), so
+it is a zero key with a zero value and no mask is needed.
 
 KV cache: every assembled attention layer has its own cache layer, numbered in order
 over fixed blocks and chunk steps (`layer`). When a token may skip a whole attention step
-(K=1 with SKIP, layer-skip, early exit) the "is a key" flags of each chunk step live in
+(K=1 with SKIP, layer-skip, early exit) and is then dropped, the "is a key" flags of each chunk step live in
 extra cache layers after those (shape (B, 1, T, 1)), so beam reordering and cropping keep
 them aligned with the keys. `config.num_hidden_layers` counts both kinds.
 
@@ -44,8 +47,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modformer.models.checkpointing import CheckpointingMixin, no_cache_when_checkpointing
+from modformer.models.flops import FlopCounting
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
+from modformer.models.mom.flops import mom_flops
 from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
@@ -74,9 +79,10 @@ class RoutingStep:
     """The decisions of one chunk step. B, T: batch and tokens of the call.
 
     attn_index / ffn_index: (B, T, k) long pool indices; the value num_attn_modules /
-        num_ffn_modules means SKIP. For the `moe` policy FFN indices count over the
+        num_ffn_modules means SKIP (with `router_width="chunk"` also a choice beyond
+        the pool, which runs no module either). For the `moe` policy FFN indices count over the
         H * E pool (expert e of step h is h * E + e).
-    attn_weight / ffn_weight: (B, T, k) fp32 weights r_k.
+    attn_weight / ffn_weight: (B, T, k) weights r_k, in at least fp32.
     A token runs `(attn_index < num_attn_modules).sum(-1)` attention modules here.
     """
 
@@ -416,6 +422,8 @@ class MoMChunk(GradientCheckpointingLayer):
         self.steps = config.H
         self.first_layer = first_layer
         self.key_flag_layer = key_flag_layer
+        # All-SKIP tokens stay in the keys as zero keys (the official MoM code's choice).
+        self.zero_keys = config.all_skip_tokens == "zero_key"
         self.policy: AssemblyPolicy = build_policy(config, num_modules, first_layer, chunk_index)
         # MoM-same: one stored module per type that every router pick uses.
         self.tied = config.mom_same
@@ -648,7 +656,8 @@ class MoMModel(MoMPreTrainedModel):
         )
 
 
-class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
+class MoMForCausalLM(FlopCounting, MoMPreTrainedModel, GenerationMixin):
+    flop_counter = staticmethod(mom_flops)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: MoMConfig):

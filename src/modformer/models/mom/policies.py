@@ -1,4 +1,4 @@
-"""Assembly policies: who decides which modules a token runs at each step (SPEC §2).
+"""Assembly policies: who decides which modules a token runs at each step (design §2).
 
 A policy answers two questions per assembly step h of a chunk: which attention modules
 (and weights) each token uses on `x_h`, and which FFN modules on `u_h`. The learned
@@ -33,11 +33,12 @@ class Selection:
     """The modules one decision picked for each of n tokens.
 
     index: (n, k) long, pool indices; the value `num_modules` of the pool means SKIP.
-    weight: (n, k) fp32 weights r_k.
-    probs: (n, C) fp32 router distribution, for the balance loss and load metrics
+    weight: (n, k) weights r_k, in at least fp32 (`routing_dtype`).
+    probs: (n, C) router distribution (at least fp32), for the balance loss and load metrics
         (routed policies only).
     router_index: (n, k) the picks in the router's own choice space, where it differs
-        from `index` (the per-step MoE routers pick among E experts of a larger pool).
+        from `index` (the per-step MoE routers pick among E experts of a larger pool;
+        chunk-wide MoM routers score N choices over a smaller pool).
     """
 
     index: torch.Tensor
@@ -131,8 +132,13 @@ class LearnedPolicy(AssemblyPolicy):
         super().__init__(num_attn_modules, num_ffn_modules, first_layer)
         extra = 1 if config.skip else 0
         router_cls = GRURouter if config.router == "gru" else MLPRouter
+        # router_width="chunk": both routers score the chunk's N choices (+ SKIP); picks at
+        # or above a smaller pool's size run no module (they become its SKIP index).
+        self.chunk_wide = config.router_width == "chunk"
         routers = []
         for num_modules, kept in zip((num_attn_modules, num_ffn_modules), slots):
+            if self.chunk_wide:
+                num_modules = chunk_size
             router_slots = None
             if kept is not None:
                 # SKIP keeps the last slot, after the chunk's unpruned pool.
@@ -144,22 +150,33 @@ class LearnedPolicy(AssemblyPolicy):
         self.attn_router, self.ffn_router = routers
         self.k = config.K
         self.renormalize = config.renormalize
+        self.temperature = config.router_temperature
+        self.output = config.router_output
 
-    def _route(self, router: nn.Module, x: torch.Tensor, state: torch.Tensor | None):
+    def _route(
+        self, router: nn.Module, x: torch.Tensor, state: torch.Tensor | None, num_modules: int
+    ):
         logits, state = router(x, state)
-        weight, index, probs = top_k_routing(logits, self.k, self.renormalize)
+        weight, index, probs = top_k_routing(
+            logits, self.k, self.renormalize, self.temperature, self.output
+        )
         if router.slots is not None:
             index, probs = router.slots.choice_index(index), router.slots.choices(probs)
+        if self.chunk_wide:
+            pool_index = index.clamp(max=num_modules)  # no module there: the pool's SKIP
+            return Selection(pool_index, weight, probs, router_index=index), state
         return Selection(index=index, weight=weight, probs=probs), state
 
     def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
         selection, state.attn_router_state = self._route(
-            self.attn_router, x, state.attn_router_state
+            self.attn_router, x, state.attn_router_state, self.num_attn_modules
         )
         return selection
 
     def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
-        selection, state.ffn_router_state = self._route(self.ffn_router, u, state.ffn_router_state)
+        selection, state.ffn_router_state = self._route(
+            self.ffn_router, u, state.ffn_router_state, self.num_ffn_modules
+        )
         return selection
 
 
@@ -248,8 +265,9 @@ class MoEPolicy(AssemblyPolicy):
 
     `shared=False` (MoE): step h routes among experts h*E .. h*E+E-1 of an H*E pool.
     `shared=True` (MoE-share): every step routes among the same E experts.
-    Each step has its own linear router (softmax in fp32, top-K, renormalised when
-    `config.renormalize`, as Mixtral does).
+    Each step has its own linear router (softmax in at least fp32, top-K, renormalised when
+    `config.renormalize`, as Mixtral does; `router_temperature` and `router_output`
+    apply as to the learned routers).
     """
 
     routed = True
@@ -261,6 +279,8 @@ class MoEPolicy(AssemblyPolicy):
         self.shared = shared
         self.k = config.K
         self.renormalize = config.renormalize
+        self.temperature = config.router_temperature
+        self.output = config.router_output
         self.routers = nn.ModuleList(
             LinearRouter(config.n_embd, self.num_experts) for _ in range(config.H)
         )
@@ -270,7 +290,9 @@ class MoEPolicy(AssemblyPolicy):
 
     def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
         logits, _ = self.routers[step](u)
-        weight, expert, probs = top_k_routing(logits, self.k, self.renormalize)
+        weight, expert, probs = top_k_routing(
+            logits, self.k, self.renormalize, self.temperature, self.output
+        )
         index = expert if self.shared else expert + step * self.num_experts
         return Selection(index=index, weight=weight, probs=probs, router_index=expert)
 

@@ -1,9 +1,16 @@
-"""Phase-2 initialisation: a MoM model from a trained vanilla GPT (SPEC §2; paper sec. 3.4).
+"""Phase-2 initialisation: a MoM model from a trained vanilla GPT (design §2; paper sec. 3.4).
 
 Layer l of the vanilla model becomes module l - l0 of the chunk that covers it (l0 = the
 chunk's first layer): its ln_1 + attention become an attention module, its ln_2 + MLP an
 FFN module. A fixed ``1`` block takes its layer as is. Embeddings, the final LN and the LM
 head are copied; routers keep their fresh initialisation.
+
+Router width: unless `router_dim` is given, it scales with the model,
+``phase2_router_dim(n_embd) = max(8, n_embd // 4)``. The MoMConfig default (256, the
+official code's) suits d = 768; on a small model it makes the two GRU routers of a chunk
+larger than the layers they route (at d = 128 a ``[1-2-1]`` K2H3S model had +44%
+parameters over its vanilla source), so a MoM-vs-vanilla comparison would not be at
+equal parameters. At d / 4 the routers add about 2% there.
 
 Policy-specific copies:
 - ``mom_same`` (the MoM-same ablation): the chunk's one tied module is the chunk's first
@@ -78,6 +85,11 @@ def load_vanilla(src: GPTForCausalLM | str | Path) -> GPTForCausalLM:
     )
 
 
+def phase2_router_dim(n_embd: int) -> int:
+    """The router width phase-2 initialisation uses by default (see the module docstring)."""
+    return max(8, n_embd // 4)
+
+
 def mom_config_from_gpt(
     gpt_config: GPTConfig, chunks: str | None, mom_name: str | None = None, **overrides: Any
 ) -> MoMConfig:
@@ -89,6 +101,7 @@ def mom_config_from_gpt(
             f"{fixed} come from the source model and cannot be overridden in phase-2 initialisation"
         )
     fields = {name: getattr(gpt_config, name) for name in SHAPE_FIELDS + INHERITED_FIELDS}
+    fields["router_dim"] = phase2_router_dim(gpt_config.n_embd)
     if chunks is None:
         chunks = default_chunks(gpt_config.n_layer)
     config = MoMConfig(**{**fields, **overrides}, chunks=chunks, mom=mom_name)
@@ -97,6 +110,17 @@ def mom_config_from_gpt(
             f"chunks={chunks!r} covers {config.num_vanilla_layers} layers but the source "
             f"model has n_layer={gpt_config.n_layer}; the chunk sizes must sum to n_layer"
         )
+    for kind in ("attn", "ffn"):
+        sizes = getattr(config, f"{kind}_modules_per_chunk")
+        chunk_sizes = [n for n in config.chunk_sizes if n > 1]
+        if sizes is not None and list(sizes) != chunk_sizes:
+            raise ValueError(
+                f"{kind}_modules_per_chunk={list(sizes)} differs from the chunks' layer counts "
+                f"{chunk_sizes}: phase-2 initialisation fills module i of a chunk with its "
+                f"layer i, so every pool has one module per layer; build a model with smaller "
+                f"pools with MoMConfig(..., {kind}_modules_per_chunk=...) and train it from "
+                "scratch, or prune the converted model (modformer prune)"
+            )
     return config
 
 

@@ -1,0 +1,42 @@
+"""`modformer export hf MODEL DST`: a saved modformer model as a native transformers
+directory that loads without modformer (no trust_remote_code).
+
+- ``GPTForCausalLM`` -> ``GPT2LMHeadModel`` (`modformer.convert.gpt2.export_gpt2`);
+- ``ModuleFormerForCausalLM`` with JetMoE's options -> ``JetMoeForCausalLM``
+  (`modformer.convert.jetmoe.export_jetmoe`; an option JetMoE lacks is an error naming it).
+
+Other architectures (MoM) have no native transformers class: an error says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from modformer.cli_args import add_export_arguments  # noqa: F401  (argparse lives there)
+from modformer.convert.gpt2 import ConversionError, export_gpt2
+from modformer.convert.jetmoe import export_jetmoe
+from modformer.models.gpt import GPTForCausalLM
+from modformer.models.moduleformer import ModuleFormerForCausalLM
+
+
+def export_hf(model: PreTrainedModel, dst: str | Path, tokenizer_dir: Path | None = None) -> Path:
+    """Write `model` as the native transformers class of its architecture."""
+    if isinstance(model, GPTForCausalLM):
+        return export_gpt2(model, dst, tokenizer_dir)
+    if isinstance(model, ModuleFormerForCausalLM):
+        return export_jetmoe(model, dst, tokenizer_dir)
+    raise ConversionError(
+        f"{type(model).__name__} has no native transformers counterpart; `export hf` writes "
+        f"GPT models as GPT2LMHeadModel and JetMoE-style ModuleFormers as JetMoeForCausalLM"
+    )
+
+
+def run_export(args) -> None:
+    from modformer.models.loading import load_model, resolve_model_dir
+
+    src = resolve_model_dir(args.model)
+    model = load_model(src, "cpu")
+    dst = export_hf(model, args.dst, tokenizer_dir=src)
+    print(f"exported {args.model} ({type(model).__name__}) -> {dst}")

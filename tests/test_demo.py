@@ -1,0 +1,45 @@
+"""`modformer demo`: a run of some stages merges its results into results.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modformer import demo
+from modformer.cli import build_parser
+from modformer.config import ConfigError
+
+
+@pytest.fixture
+def cheap_stages(monkeypatch):
+    """The stages' bookkeeping without their training: data prep and the report stubbed."""
+    meta = {"domains": ["python"], "splits": {"train": {"tokens": 10}, "val": {"tokens": 2}}}
+    monkeypatch.setattr(demo, "_prepare_data", lambda args, data_dir: {**meta, "vocab_size": 257})
+    monkeypatch.setattr(
+        demo, "stage_report", lambda args, data_dir, work: {"figures": ["report/a.png"]}
+    )
+
+
+def test_report_stage_merges_into_results_json(tmp_path, cheap_stages, capsys):
+    earlier = {
+        "vanilla": {"val_loss": 3.2, "params": 123},
+        "mom": [{"name": "MoM", "val_loss": 3.1}],
+        "report": {"figures": ["old.png"]},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    args = build_parser().parse_args(
+        ["demo", "--work-dir", str(tmp_path), "--stages", "report", "--no-progress"]
+    )
+    demo.run_demo(args)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == {**earlier, "report": {"figures": ["report/a.png"]}}
+    assert "report/a.png" in capsys.readouterr().out
+
+
+def test_unreadable_results_json_is_a_clear_error_before_any_stage(tmp_path, cheap_stages):
+    (tmp_path / "results.json").write_text("[1, 2")
+    args = build_parser().parse_args(["demo", "--work-dir", str(tmp_path), "--stages", "report"])
+    with pytest.raises(ConfigError, match="not a demo results file.*delete it"):
+        demo.run_demo(args)
+    assert (tmp_path / "results.json").read_text() == "[1, 2"
