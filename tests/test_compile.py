@@ -37,7 +37,7 @@ def tiny_config(arch: str, **kw):
             n_embd=32,
             n_head=4,
             router_dim=16,
-            chunks="[1-2-1]",
+            chunks="[2]",  # one chunk, no fixed blocks (the GPT case covers those)
             balance_loss_weight=0.01,
         )
         if arch == "mom_skip":
@@ -47,7 +47,7 @@ def tiny_config(arch: str, **kw):
         base = dict(
             vocab_size=VOCAB,
             n_embd=32,
-            n_layer=2,
+            n_layer=1,
             n_att_experts=4,
             att_hidden=32,
             n_head=2,
