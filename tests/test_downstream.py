@@ -525,6 +525,14 @@ def test_cli_classify_saves_a_reloadable_classifier(tmp_path, model_dir, capsys)
     assert task.labels == ["no", "yes"]
     reloaded = score_classifier(classifier, load_tokenizer(out / "model"), task, test, 64)
     assert reloaded == pytest.approx(metrics["eval"])
+    # Saved the Hugging Face way: the head is in the model, its labels in the config.
+    assert not list(out.rglob("*.pt"))
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert hf.config.id2label == {0: "no", 1: "yes"}
+    assert hf.config.problem_type == "single_label_classification"
+    assert "- made by: finetune\n- from: " in (out / "model" / "README.md").read_text()
 
 
 def test_cli_summarize_saves_a_generating_model(tmp_path, model_dir):

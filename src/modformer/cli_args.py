@@ -47,7 +47,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--save-model",
         action="store_true",
-        help="also save the fine-tuned model (and for classify the head) in --out",
+        help="also save the fine-tuned model in --out/model (classify: its "
+        "...ForSequenceClassification, for AutoModelForSequenceClassification)",
     )
     group = parser.add_argument_group("classify")
     group.add_argument(

@@ -351,7 +351,8 @@ def run_point(point: SweepPoint) -> tuple[dict[str, Any], str]:
     atomic_write_text(record_path, json.dumps(recorded, indent=1))
     cfg = from_dict(TrainConfig, point.settings)
     resume = bool(ckpt_lib.list_checkpoints(point.out_dir / "checkpoints"))
-    final = train(cfg, resume=resume)
+    # The sweep owns its point directories: a point without a checkpoint restarts clean.
+    final = train(cfg, resume=resume, overwrite=not resume)
     return final, "resumed" if resume else "trained"
 
 

@@ -11,7 +11,10 @@ interface every one of them shares is used:
   reads. Calling the stack directly, rather than the causal-LM forward with a hook on the
   LM head, skips the vocabulary projection, which would otherwise cost a large share of
   each step for nothing. Routing auxiliary losses are therefore not added while
-  fine-tuning a classifier.
+  fine-tuning a classifier. The head and the stack form the architecture's Hugging Face
+  ``...ForSequenceClassification`` (models/classification.py), saved with
+  ``save_pretrained`` (labels in its config) and loaded with
+  ``AutoModelForSequenceClassification``, with or without modformer.
 - **Summarisation** fine-tunes the causal LM itself on ``document + separator + summary +
   eos`` with the loss on the summary tokens only (labels -100 elsewhere), so the model's
   own loss (with any routing auxiliary loss) is optimised; summaries are generated
@@ -30,6 +33,7 @@ runs either task from the command line (`add_finetune_arguments` / `run_finetune
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import logging
@@ -49,11 +53,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from modformer.cli_args import add_finetune_arguments  # noqa: F401  (argparse lives there)
 from modformer.eval.finetune_config import DEFAULT_SEPARATOR, FinetuneConfig
+from modformer.models.model_card import Provenance
 
 log = logging.getLogger("modformer.finetune")
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
-HEAD_FILE = "classifier_head.pt"
 CLASSIFIER_META_FILE = "classifier.json"
 
 
@@ -421,31 +425,69 @@ def last_hidden_states(
     return out.last_hidden_state
 
 
-class SequenceClassifier(nn.Module):
-    """A causal LM with a linear head on the last real token's final hidden state.
+def sequence_classification_class(lm: PreTrainedModel) -> type[PreTrainedModel]:
+    """The ``<Arch>ForSequenceClassification`` class of ``lm``'s architecture."""
+    auto_classes = getattr(type(lm), "auto_classes", None)
+    classes = auto_classes() if auto_classes is not None else {}
+    if "AutoModelForSequenceClassification" not in classes:
+        raise ValueError(
+            f"{type(lm).__name__} has no sequence-classification class; fine-tune a modformer "
+            "model (gpt, mom or moduleformer)"
+        )
+    return classes["AutoModelForSequenceClassification"]
 
-    Inputs must be right-padded (real tokens first, then padding), as `pad_batch` makes
-    them; ``num_outputs`` is the number of classes, or 1 for regression.
+
+class SequenceClassifier(nn.Module):
+    """A causal LM's transformer stack with a linear head on the last real token's final
+    hidden state (GPT-1/GPT-2 style; see models/classification.py).
+
+    ``model`` is the architecture's Hugging Face ``...ForSequenceClassification``, built
+    around ``lm``'s own stack (shared, not copied: fine-tuning trains ``lm`` in place), so
+    `save_classifier` saves it the HF way and ``AutoModelForSequenceClassification``
+    loads it. Inputs must be right-padded (real tokens first, then padding), as
+    `pad_batch` makes them; ``num_outputs`` is the number of classes, or 1 for regression.
     """
 
     def __init__(self, lm: PreTrainedModel, num_outputs: int, dropout: float = 0.1) -> None:
         super().__init__()
         if num_outputs < 1:
             raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
-        self.lm = lm
-        hidden_size = lm.get_output_embeddings().in_features
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden_size, num_outputs)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        base = lm.base_model
+        if base is lm:
+            raise ValueError(
+                f"{type(lm).__name__} has no base model under base_model_prefix "
+                f"{lm.base_model_prefix!r}; pass a causal LM with a transformer stack"
+            )
+        config = copy.deepcopy(lm.config)
+        config.num_labels = num_outputs
+        config.classifier_dropout = dropout
+        # Built on the meta device (no memory, no init), then given lm's stack and a head.
+        with torch.device("meta"):
+            model = sequence_classification_class(lm)(config)
+        setattr(model, model.base_model_prefix, base)
+        weight = lm.get_output_embeddings().weight
+        model.score = nn.Linear(
+            weight.shape[1], num_outputs, device=weight.device, dtype=weight.dtype
+        )
+        nn.init.normal_(model.score.weight, std=0.02)
+        nn.init.zeros_(model.score.bias)
+        self.model = model.train(lm.training)
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel) -> SequenceClassifier:
+        """Wrap a loaded ``...ForSequenceClassification`` (see `load_classifier`)."""
+        classifier = cls.__new__(cls)
+        nn.Module.__init__(classifier)
+        classifier.model = model
+        return classifier
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.model.score
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, num_outputs) logits (or the regression value in column 0)."""
-        hidden = last_hidden_states(self.lm, input_ids, attention_mask)
-        last = attention_mask.sum(dim=1) - 1  # right padding: index of the last real token
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        pooled = hidden[rows, last.to(hidden.device)]
-        return self.head(self.dropout(pooled))
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 @dataclass
@@ -653,15 +695,18 @@ def finetune_classifier(
 
 
 def save_model_with_tokenizer(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: str | Path
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dest: str | Path,
+    provenance: Provenance | None = None,
 ) -> Path:
     """Atomically save ``model`` with ``tokenizer`` beside it (loadable by `load_model`,
-    `load_tokenizer`, `modformer generate` and lm-eval)."""
+    `load_tokenizer`, `modformer generate` and lm-eval); `provenance` for its card."""
     from modformer.train.checkpoint import atomic_save_model
 
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         tokenizer.save_pretrained(tokenizer_dir)
-        return atomic_save_model(model, dest, tokenizer_dir=Path(tokenizer_dir))
+        return atomic_save_model(model, dest, Path(tokenizer_dir), provenance)
 
 
 def save_classifier(
@@ -669,14 +714,24 @@ def save_classifier(
     task: ClassificationTask,
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
+    provenance: Provenance | None = None,
 ) -> Path:
-    """The fine-tuned LM and tokenizer in ``out_dir/model``, the head in
-    ``out_dir/classifier_head.pt`` and the task in ``out_dir/classifier.json``."""
+    """The fine-tuned ``...ForSequenceClassification`` (labels, ``problem_type`` in its
+    config) and tokenizer in ``out_dir/model``, loadable with
+    ``AutoModelForSequenceClassification`` (with or without modformer), and the task's
+    columns in ``out_dir/classifier.json``."""
     from modformer.utils import atomic_write_text
 
     out_dir = Path(out_dir)
-    save_model_with_tokenizer(classifier.lm, tokenizer, out_dir / "model")
-    torch.save({k: v.cpu() for k, v in classifier.head.state_dict().items()}, out_dir / HEAD_FILE)
+    config = classifier.model.config
+    if task.regression:
+        config.problem_type = "regression"
+        config.id2label = {0: task.label_column}
+    else:
+        config.problem_type = "single_label_classification"
+        config.id2label = dict(enumerate(task.labels or []))
+    config.label2id = {name: index for index, name in config.id2label.items()}
+    save_model_with_tokenizer(classifier.model, tokenizer, out_dir / "model", provenance)
     atomic_write_text(out_dir / CLASSIFIER_META_FILE, json.dumps(asdict(task), indent=2))
     return out_dir
 
@@ -685,7 +740,9 @@ def load_classifier(
     out_dir: str | Path, device: str = "cpu"
 ) -> tuple[SequenceClassifier, ClassificationTask]:
     """Inverse of `save_classifier`."""
-    from modformer.models.loading import load_model
+    from transformers import AutoModelForSequenceClassification
+
+    import modformer.models  # noqa: F401  (registers the classification classes)
 
     out_dir = Path(out_dir)
     meta_path = out_dir / CLASSIFIER_META_FILE
@@ -695,10 +752,16 @@ def load_classifier(
             "of `modformer finetune --task classify --save-model`"
         )
     task = ClassificationTask(**json.loads(meta_path.read_text(encoding="utf-8")))
-    classifier = SequenceClassifier(load_model(out_dir / "model", device), task.num_outputs)
-    state = torch.load(out_dir / HEAD_FILE, map_location=device, weights_only=True)
-    classifier.head.load_state_dict(state)
-    return classifier.to(device).eval(), task
+    config_path = out_dir / "model" / "config.json"
+    architectures = json.loads(config_path.read_text(encoding="utf-8")).get("architectures") or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ValueError(
+            f"{str(config_path)!r} holds a {architectures or 'model'} without a classification "
+            "head (saved before heads were saved the Hugging Face way?); fine-tune it again "
+            "with `modformer finetune --task classify --save-model`"
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(out_dir / "model")
+    return SequenceClassifier.from_model(model.to(device).eval()), task
 
 
 # ---------------------------------------------------------------------------------------
@@ -943,6 +1006,11 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     cfg.validate()
     out_dir = Path(args.out)
     model = load_model(model_dir, args.device)
+
+    def provenance(metrics: dict[str, Any]) -> Provenance:
+        steps = metrics.get("train_steps")
+        return Provenance("finetune", source=str(model_dir), data=str(args.train), steps=steps)
+
     if args.task == "classify":
         task = ClassificationTask(
             text_columns=tuple(c.strip() for c in args.text_columns.split(",")),
@@ -954,7 +1022,7 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
             model, tokenizer, args.train, task, cfg, args.eval, args.dropout
         )
         if args.save_model:
-            save_classifier(classifier, task, tokenizer, out_dir)
+            save_classifier(classifier, task, tokenizer, out_dir, provenance(metrics))
         metrics["labels"] = task.labels
     else:
         task = SummarizationTask(
@@ -967,7 +1035,7 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
             model, tokenizer, args.train, task, cfg, args.eval
         )
         if args.save_model:
-            save_model_with_tokenizer(model, tokenizer, out_dir / "model")
+            save_model_with_tokenizer(model, tokenizer, out_dir / "model", provenance(metrics))
         if args.predictions and predictions is not None:
             atomic_write_text(
                 out_dir / "predictions.jsonl",

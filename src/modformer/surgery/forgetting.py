@@ -290,7 +290,7 @@ def _run_methods(settings: dict[str, Any], runs: Path) -> list[dict[str, Any]]:
                 seed=settings["seed"],
             )
             start = runs / f"extended_reg{weight:g}"
-            save_model_with_tokenizer(extended, start, pretrained)
+            save_model_with_tokenizer(extended, start, pretrained, method="extend")
             row = continual(f"moduleformer insert reg={weight:g}", start, before)
             # The freshly inserted experts before any training: their routing share alone
             # already moves the losses.

@@ -453,7 +453,7 @@ def save_pruned(
     """The pruned model (with the source's tokenizer) and its prune_report.json."""
     from modformer.utils import atomic_write_text
 
-    out = save_model_with_tokenizer(model, out_dir, source_dir)
+    out = save_model_with_tokenizer(model, out_dir, source_dir, method="prune")
     atomic_write_text(Path(out) / "prune_report.json", json.dumps(report, indent=1))
     return out
 

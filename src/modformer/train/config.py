@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,11 @@ class TrainConfig:
         "from the checkpointed run's",
     )
     threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    nonfinite: str = option(
+        "stop",
+        "on a NaN/inf loss or gradient norm: stop (keeping the last good checkpoint) or skip "
+        "that step's update",
+    )
 
     def validate(self) -> None:
         checks = [
@@ -130,6 +136,20 @@ class TrainConfig:
             ("threads", self.threads >= 0, "must be >= 0"),
             ("parallel", self.parallel in ("ddp", "fsdp"), "must be ddp or fsdp"),
         ]
+        for name in (
+            "optim.lr",
+            "optim.min_lr",
+            "optim.weight_decay",
+            "optim.beta1",
+            "optim.beta2",
+            "optim.eps",
+            "optim.grad_clip",
+        ):
+            value = eval_path(self, name)
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        checks.append(("nonfinite", self.nonfinite in ("stop", "skip"), "must be stop or skip"))
+        checks.append(("optim.eps", self.optim.eps > 0, "must be > 0"))
         for name, ok, what in checks:
             if not ok:
                 value = eval_path(self, name)
@@ -184,7 +204,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the latest checkpoint in out_dir (same settings required)",
+        help="continue from the newest intact checkpoint in out_dir (same settings required)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in out_dir (final model, metrics, "
+        "checkpoints); without it such an out_dir is refused",
     )
     add_dataclass_arguments(parser, TrainConfig)
 

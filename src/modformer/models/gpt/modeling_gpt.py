@@ -19,6 +19,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modformer.models.checkpointing import CheckpointingMixin, no_cache_when_checkpointing
+from modformer.models.classification import SequenceClassificationMixin
+from modformer.models.export_code import PortableModelMixin
 from modformer.models.flops import FlopCounting
 from modformer.models.gpt.configuration_gpt import GPTConfig
 from modformer.models.gpt.flops import gpt_flops
@@ -63,13 +65,21 @@ class Block(GradientCheckpointingLayer):
         return x
 
 
-class GPTPreTrainedModel(CheckpointingMixin, PreTrainedModel):
+class GPTPreTrainedModel(CheckpointingMixin, PortableModelMixin, PreTrainedModel):
     config_class = GPTConfig
     config: GPTConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["Block"]
     _supports_sdpa = True
     _supports_cache_class = True
+
+    @classmethod
+    def auto_classes(cls) -> dict[str, type]:
+        return {
+            "AutoModel": GPTModel,
+            "AutoModelForCausalLM": GPTForCausalLM,
+            "AutoModelForSequenceClassification": GPTForSequenceClassification,
+        }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -186,3 +196,9 @@ class GPTForCausalLM(FlopCounting, GPTPreTrainedModel, GenerationMixin):
         return ModformerCausalLMOutput(
             loss=loss, lm_loss=loss, logits=logits, **cache_field(output_cache(out))
         )
+
+
+class GPTForSequenceClassification(SequenceClassificationMixin, GPTPreTrainedModel):
+    """`GPTModel` with a `score` head on the last real token (models/classification.py)."""
+
+    base_model_class = GPTModel

@@ -38,6 +38,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modformer.models.checkpointing import CheckpointingMixin, no_cache_when_checkpointing
+from modformer.models.classification import SequenceClassificationMixin
+from modformer.models.export_code import PortableModelMixin
 from modformer.models.flops import FlopCounting
 from modformer.models.moduleformer.configuration_moduleformer import (
     UNBOUNDED_HISTORY,
@@ -196,12 +198,20 @@ class ModuleFormerBlock(GradientCheckpointingLayer):
         return x, (att_route, ffd_route), attended_kv
 
 
-class ModuleFormerPreTrainedModel(CheckpointingMixin, PreTrainedModel):
+class ModuleFormerPreTrainedModel(CheckpointingMixin, PortableModelMixin, PreTrainedModel):
     config_class = ModuleFormerConfig
     config: ModuleFormerConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["ModuleFormerBlock"]
     _supports_cache_class = True
+
+    @classmethod
+    def auto_classes(cls) -> dict[str, type]:
+        return {
+            "AutoModel": ModuleFormerModel,
+            "AutoModelForCausalLM": ModuleFormerForCausalLM,
+            "AutoModelForSequenceClassification": ModuleFormerForSequenceClassification,
+        }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -565,3 +575,11 @@ class ModuleFormerForCausalLM(FlopCounting, ModuleFormerPreTrainedModel, Generat
             **cache_field(output_cache(out)),
             memory=out.memory,
         )
+
+
+class ModuleFormerForSequenceClassification(
+    SequenceClassificationMixin, ModuleFormerPreTrainedModel
+):
+    """`ModuleFormerModel` with a `score` head on the last real token (models/classification.py)."""
+
+    base_model_class = ModuleFormerModel

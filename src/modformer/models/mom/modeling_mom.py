@@ -47,6 +47,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modformer.models.checkpointing import CheckpointingMixin, no_cache_when_checkpointing
+from modformer.models.classification import SequenceClassificationMixin
+from modformer.models.export_code import PortableModelMixin
 from modformer.models.flops import FlopCounting
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
@@ -494,13 +496,21 @@ class MoMChunk(GradientCheckpointingLayer):
 # ---- models ----------------------------------------------------------------------------
 
 
-class MoMPreTrainedModel(CheckpointingMixin, PreTrainedModel):
+class MoMPreTrainedModel(CheckpointingMixin, PortableModelMixin, PreTrainedModel):
     config_class = MoMConfig
     config: MoMConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["Block", "MoMChunk"]
     _supports_sdpa = True
     _supports_cache_class = True
+
+    @classmethod
+    def auto_classes(cls) -> dict[str, type]:
+        return {
+            "AutoModel": MoMModel,
+            "AutoModelForCausalLM": MoMForCausalLM,
+            "AutoModelForSequenceClassification": MoMForSequenceClassification,
+        }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -720,3 +730,9 @@ class MoMForCausalLM(FlopCounting, MoMPreTrainedModel, GenerationMixin):
             **cache_field(output_cache(out)),
             routing=out.routing,
         )
+
+
+class MoMForSequenceClassification(SequenceClassificationMixin, MoMPreTrainedModel):
+    """`MoMModel` with a `score` head on the last real token (models/classification.py)."""
+
+    base_model_class = MoMModel
