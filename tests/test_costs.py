@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from modformer.cli_args import add_cost_arguments
+from modformer.commands.cost import run_cost
 from modformer.data.dataset import TokenDataset
 from modformer.eval.costs import (
     CostRow,
-    add_cost_arguments,
     cost_table,
     count_flops_with_torch,
     flops_per_token,
@@ -22,7 +23,6 @@ from modformer.eval.costs import (
     parse_config_spec,
     peak_memory,
     peak_tensor_bytes,
-    run_cost,
 )
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM

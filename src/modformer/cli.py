@@ -349,9 +349,9 @@ def run_convert_jetmoe(args: argparse.Namespace) -> None:
 
 def run_convert_mom(args: argparse.Namespace) -> None:
     from modformer.convert.mom import mom_from_vanilla
+    from modformer.models.io import atomic_save_model
     from modformer.models.loading import resolve_model_dir
     from modformer.models.model_card import Provenance
-    from modformer.train.checkpoint import atomic_save_model
 
     src = resolve_model_dir(args.src)  # a model dir, a training out_dir or a HF GPT-2 dir
     options = {}
@@ -427,7 +427,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "finetune",
-        "modformer.eval.downstream",
+        "modformer.commands.finetune",
         "modformer.cli_args:add_finetune_arguments",
         "run_finetune",
         "fine-tune and score a model on local classification or summarisation data",
@@ -484,7 +484,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "cost",
-        "modformer.eval.costs",
+        "modformer.commands.cost",
         "modformer.cli_args:add_cost_arguments",
         "run_cost",
         "params, FLOPs/token, peak memory (and val loss) per model: MoM Table 1",
@@ -642,7 +642,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
     device = getattr(args, "device", None)
     if isinstance(device, str):
-        from modformer.train.distributed import resolve_device
+        from modformer.devices import resolve_device
 
         resolve_device(device)
     for dest, is_dir in OUTPUT_ARGUMENTS.get(args.command, []):

@@ -315,7 +315,7 @@ def _make_init(point: SweepPoint) -> None:
     import torch
 
     from modformer.convert.mom import mom_from_vanilla
-    from modformer.train.checkpoint import atomic_save_model
+    from modformer.models.io import atomic_save_model
 
     init_dir = point.out_dir / "init"
     if (init_dir / "config.json").is_file():

@@ -13,11 +13,10 @@ does not see buffers a kernel allocates outside PyTorch (MKL/oneDNN workspaces).
 
 from __future__ import annotations
 
-import argparse
 import json
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from modformer.cli_args import SPEC_SYNTAX, add_cost_arguments
+from modformer.defaults import SPEC_SYNTAX
 from modformer.models.flops import (  # noqa: F401  (FlopReport, COMPONENTS: re-exported)
     ATTENTION_MODES,
     COMPONENTS,
@@ -572,67 +571,3 @@ def parse_config_spec(spec: str) -> tuple[str, PreTrainedConfig]:
     except ValueError as e:
         raise fail(str(e)) from None
     return label or spec, config
-
-
-def run_cost(args: argparse.Namespace) -> list[CostRow]:
-    from modformer.models.loading import load_model
-
-    if not args.models and not args.configs:
-        raise ValueError("give at least one MODEL directory or --config SPEC (e.g. gpt:small)")
-    entries: list[tuple[str, PreTrainedModel | PreTrainedConfig]] = [
-        parse_config_spec(spec) for spec in args.configs
-    ]
-    entries = [(path, load_model(path)) for path in args.models] + entries
-    rows = cost_table(
-        entries,
-        args.batch_size,
-        args.seq_len,
-        data_dir=args.data,
-        device=args.device,
-        attention=args.attention,
-        max_val_batches=args.max_val_batches,
-        seed=args.seed,
-    )
-    tokens = "the first val batch of " + args.data if args.data else "random token ids"
-    print(
-        f"inference costs: batch {args.batch_size} x {args.seq_len} tokens on {args.device}, "
-        f"{args.attention} attention, FLOPs on {tokens}"
-    )
-    print(format_cost_table(rows))
-    if any(not row.trained for row in rows):
-        print(
-            "note: --config models are random-init; their routers pick modules at random, "
-            "and learned routing changes MoM/ModuleFormer FLOPs and active parameters"
-        )
-    if args.json:
-        from modformer.utils import atomic_write_text
-
-        payload = {
-            "batch_size": args.batch_size,
-            "seq_len": args.seq_len,
-            "device": str(args.device),
-            "attention": args.attention,
-            "tokens": "data" if args.data else "random",
-            "rows": [asdict(row) for row in rows],
-        }
-        atomic_write_text(args.json, json.dumps(payload, indent=2))
-    return rows
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m modformer.eval.costs ...`: the same as `modformer cost ...`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m modformer.eval.costs",
-        description="Inference costs (params, FLOPs/token, peak memory, val loss) per model.",
-    )
-    add_cost_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run_cost(args)
-    except ValueError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from transformers.utils import logging as hf_logging
 
 import modformer.models  # noqa: F401  (registers the architectures with the Auto classes)
-from modformer.train.checkpoint import MANIFEST_FILE, CheckpointError, verify_manifest
+from modformer.models.io import MANIFEST_FILE, CheckpointError, verify_manifest
 
 
 class ModelLoadError(ValueError):
@@ -139,7 +139,7 @@ def load_pretrained(
 
 
 def load_model(path: str | Path, device: str = "cpu") -> PreTrainedModel:
-    from modformer.train.distributed import resolve_device
+    from modformer.devices import resolve_device
 
     model_dir = resolve_model_dir(path)
     target = resolve_device(device)  # before loading: a clear error for a missing CUDA

@@ -46,7 +46,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from modformer.cli_args import add_extend_arguments  # noqa: F401  (argparse lives there)
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 from modformer.models.mom import MoMForCausalLM
 from modformer.models.trainable import (  # noqa: F401  (re-exported: the surgery API)
@@ -97,9 +96,9 @@ def save_model_with_tokenizer(
     """Save `model` atomically to `out_dir`, with the tokenizer of `source_dir` (a model
     directory or training out_dir) beside it when it has one; the model card says it
     was made by `method` ("prune", "extend") from `source_dir`."""
+    from modformer.models.io import atomic_save_model
     from modformer.models.loading import load_tokenizer
     from modformer.models.model_card import Provenance
-    from modformer.train.checkpoint import atomic_save_model
 
     source = None if source_dir is None else str(source_dir)
     provenance = Provenance(method=method, source=source)

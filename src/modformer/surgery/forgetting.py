@@ -33,12 +33,7 @@ from typing import Any
 
 import torch
 
-from modformer.cli_args import (
-    DEFAULT_NEW_DOMAIN,
-    DEFAULT_OLD_DOMAINS,
-    DEFAULT_REG_WEIGHTS,
-    add_forgetting_arguments,  # noqa: F401  (argparse lives there)
-)
+from modformer.defaults import DEFAULT_NEW_DOMAIN, DEFAULT_OLD_DOMAINS, DEFAULT_REG_WEIGHTS
 from modformer.surgery.extend import (
     SurgeryError,
     apply_trainable_scope,

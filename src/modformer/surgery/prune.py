@@ -53,10 +53,7 @@ import torch
 from transformers import PreTrainedModel
 
 from modformer.analysis.usage import UsageStats, check_same_tokenizer, normalize
-from modformer.cli_args import (
-    NORMS,
-    add_prune_arguments,  # noqa: F401  (argparse lives there)
-)
+from modformer.defaults import NORMS
 from modformer.models.moduleformer import ModuleFormerForCausalLM
 from modformer.models.mom import MoMForCausalLM
 from modformer.models.mom.modeling_mom import MoMChunk
