@@ -309,7 +309,7 @@ def test_moduleformer_matmuls_match_flop_counter(layout):
     c = report.components
     d, layers, att = model.config.n_embd, model.config.n_layer, model.config.att_hidden
     shared_kv = layers * B * T * 2 * d * 2 * att  # W_k|W_v once per token: an nn.Linear
-    assert counted["aten._grouped_mm"] == c["ffn"] + c["attention_projections"] - shared_kv
+    assert counted["modformer.grouped_mm"] == c["ffn"] + c["attention_projections"] - shared_kv
     # The stick-breaking matmuls (q.k and p.v), and any weighted row sums.
     assert counted["aten.bmm"] - row_sums == c["attention_scores"]
     # nn.Linear with a bias (IBM's router B and K/V) runs as addmm.

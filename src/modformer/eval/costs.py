@@ -133,6 +133,20 @@ def _grouped_mm_flops(a, b, offs=None, bias=None, out_dtype=None, *, out_val=Non
 _grouped_mm_flops._get_raw = True  # FlopCounterMode passes tensors (for offs), not shapes
 
 
+def _grouped_mm_op_flops(x, weight, offsets, zero_left_out=True, *, out_val=None) -> int:
+    """`modformer::grouped_mm` (nn/grouped.py), whichever kernel runs inside it."""
+    return _grouped_mm_flops(x, weight, offsets)
+
+
+def _grouped_mm_weight_grad_flops(x, grad_y, offsets, *, out_val=None) -> int:
+    """`modformer::grouped_mm_weight_grad`: (K, rows) x (rows, N) per group."""
+    return 2 * x.shape[1] * grad_y.shape[1] * int(offsets[-1])
+
+
+_grouped_mm_op_flops._get_raw = True
+_grouped_mm_weight_grad_flops._get_raw = True
+
+
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """The CPU flash SDPA kernel: dense, like torch's formula for the CUDA kernels."""
     return sdpa_flop_count(query_shape, key_shape, value_shape)
@@ -141,6 +155,8 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 # Ops FlopCounterMode has no formula for in torch 2.x (it would count them as 0).
 _EXTRA_FLOP_FORMULAS = {
     torch.ops.aten._grouped_mm: _grouped_mm_flops,
+    torch.ops.modformer.grouped_mm: _grouped_mm_op_flops,
+    torch.ops.modformer.grouped_mm_weight_grad: _grouped_mm_weight_grad_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
 }
 
@@ -150,7 +166,7 @@ def count_flops_with_torch(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> dict[str, int]:
     """FLOPs of one no-grad forward as `torch.utils.flop_counter.FlopCounterMode` counts
-    them, by aten op (``{"aten.mm": ..., "aten._grouped_mm": ...}``), with formulas added
+    them, by op (``{"aten.mm": ..., "modformer.grouped_mm": ...}``), with formulas added
     for grouped GEMMs and the CPU SDPA kernel. Dense attention, every computed matmul
     (including implementation overheads): the cross-check for `inference_flops`."""
     was_training = model.training

@@ -87,7 +87,16 @@ class TrainConfig:
         False, "also write TensorBoard event files (needs tensorboard installed)"
     )
     progress: bool = option(True, "show a progress bar when stderr is a terminal")
-    compile: bool = option(False, "torch.compile the model")
+    compile: bool = option(
+        False,
+        "torch.compile the model for training and evaluation (generation stays eager); "
+        "the first steps are slower while it compiles",
+    )
+    activation_checkpointing: bool = option(
+        False,
+        "recompute each layer's activations in the backward pass instead of keeping them: "
+        "less memory, about one more forward of compute per step",
+    )
     parallel: str = option(
         "ddp",
         "under torchrun: ddp (full replicas) or fsdp (FSDP2: parameters, gradients and "

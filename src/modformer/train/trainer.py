@@ -385,6 +385,9 @@ def _train(
         )
     model.to(device)
     model.train()
+    if cfg.activation_checkpointing:
+        # Before sharding: HF checkpoints each layer's forward, FSDP's hooks stay outside.
+        model.activation_checkpointing_enable()
     model_class = type(model)  # fully_shard swaps in an FSDP subclass
     # Every rank built the same initial weights from cfg.seed (FSDP shards them in place);
     # from here on each rank draws from its own stream (rank 0 keeps the 1-process one).
@@ -396,6 +399,10 @@ def _train(
             shard_model(model, cfg.precision)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if cfg.compile:
+        # In place (nn.Module.compile): parameters, state_dict keys and checkpoints stay
+        # those of the plain model. Eval mode compiles a second graph on first use.
+        model.compile()
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.optim.lr)
 
