@@ -87,7 +87,7 @@ def test_moduleformer_balance_quick(two_domains, tmp_path):
     out = tmp_path / "balance"
     payload = run_experiment("moduleformer-balance", out, [0], "quick")  # pairing: vs-dense
     rows = {(r["arm"], r["seed"]): r for r in payload["results"]}
-    assert {a for a, _ in rows} == {"mi", "switch", "none", "softmax_rope"}
+    assert {a for a, _ in rows} == {"mi", "switch", "none", "softmax_rope", "mi_x10"}
     for (arm, _), r in rows.items():
         extra = r["extra"]
         assert 0.0 <= extra["usage_entropy"] <= 1.0 and extra["experts"] == 4 * (4 + 8)
