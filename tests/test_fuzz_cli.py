@@ -755,6 +755,11 @@ BAD: list[tuple[str, list[str], str]] = [
     # ---- routing-report
     ("routing-missing-out", ["routing-report", "{mf}", "{data}"], "--out-dir"),
     (
+        "forgetting-out-dir-exists",
+        ["forgetting", "--out-dir", "{finished}"],
+        "pass --overwrite",
+    ),
+    (
         "routing-out-dir-exists",
         ["routing-report", "{mf}", "{data}", "--out-dir", "{finished}"],
         "pass --overwrite",

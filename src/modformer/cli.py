@@ -619,6 +619,7 @@ GUARDED_OUTPUTS: dict[str, list[str]] = {
     "export": ["dst"],
     "plot-curves": ["out"],
     "routing-report": ["out_dir"],
+    "forgetting": ["out_dir"],
 }
 
 
