@@ -153,6 +153,8 @@ def env(tiny_data_dir, tmp_path_factory) -> dict[str, Path]:
     (finished / "final.json").write_text('{"step": 1}\n')
     paths["finished"] = finished
     (root / "eval.json").write_text("{}")
+    (root / "curves.png").write_bytes(b"an earlier figure")
+    paths["existing_png"] = root / "curves.png"
     paths["existing_json"] = root / "eval.json"
     (root / "text.txt").write_text("def alpha_beta(x): return x + gamma\n" * 20)
     paths["text"] = root / "text.txt"
@@ -721,6 +723,11 @@ BAD: list[tuple[str, list[str], str]] = [
     ("plot-bad-metrics", ["plot-curves", "{bad_metrics}", "--out", "{out}.png"], "metrics.jsonl"),
     ("plot-out-under-file", ["plot-curves", "{finished}", "--out", "{blocked}/c.png"], "is a file"),
     (
+        "plot-out-exists",
+        ["plot-curves", "{finished}", "--out", "{existing_png}"],
+        "pass --overwrite",
+    ),
+    (
         "plot-smooth-text",
         ["plot-curves", "{finished}", "--out", "{out}.png", "--smooth", "x"],
         "invalid",
@@ -747,6 +754,16 @@ BAD: list[tuple[str, list[str], str]] = [
     ),
     # ---- routing-report
     ("routing-missing-out", ["routing-report", "{mf}", "{data}"], "--out-dir"),
+    (
+        "forgetting-out-dir-exists",
+        ["forgetting", "--out-dir", "{finished}"],
+        "pass --overwrite",
+    ),
+    (
+        "routing-out-dir-exists",
+        ["routing-report", "{mf}", "{data}", "--out-dir", "{finished}"],
+        "pass --overwrite",
+    ),
     (
         "routing-out-under-file",
         ["routing-report", "{mf}", "{data}", "--out-dir", "{blocked}"],

@@ -617,6 +617,9 @@ GUARDED_OUTPUTS: dict[str, list[str]] = {
     "prune": ["out", "report"],
     "extend": ["out"],
     "export": ["dst"],
+    "plot-curves": ["out"],
+    "routing-report": ["out_dir"],
+    "forgetting": ["out_dir"],
 }
 
 

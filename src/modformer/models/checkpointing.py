@@ -18,13 +18,23 @@ the non-reentrant checkpoint supports, so `use_reentrant=True` is refused.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
+from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.utils import logging as hf_logging
 
 logger = hf_logging.get_logger(__name__)
+
+# Older transformers releases (5.4 among those we support) name the switch only
+# `gradient_checkpointing_enable` and checkpoint every layer; newer ones add
+# `activation_checkpointing_enable` (and deprecate the old name) with `every_n_layers`.
+_HF_HAS_ACTIVATION_CHECKPOINTING = hasattr(PreTrainedModel, "activation_checkpointing_enable")
+_HF_SETTER_TAKES_EVERY_N = (
+    "every_n_layers" in inspect.signature(PreTrainedModel._set_gradient_checkpointing).parameters
+)
 
 
 class CheckpointingMixin:
@@ -54,7 +64,34 @@ class CheckpointingMixin:
                 "preserve_rng_state=False would let the backward recomputation draw new dropout "
                 "masks, so gradients would not match the forward; leave it at True"
             )
-        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        if _HF_SETTER_TAKES_EVERY_N:
+            super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        elif every_n_layers != 1:
+            raise ValueError(
+                "every_n_layers needs a newer transformers (this one checkpoints every layer)"
+            )
+        else:
+            super()._set_gradient_checkpointing(enable, gradient_checkpointing_func)
+
+    if not _HF_HAS_ACTIVATION_CHECKPOINTING:
+
+        def activation_checkpointing_enable(
+            self,
+            activation_checkpointing_kwargs: dict | None = None,
+            every_n_layers: int = 1,
+            offload: bool = False,
+        ) -> None:
+            """The newer transformers' name, on a release that has only the older one."""
+            if every_n_layers != 1 or offload:
+                raise ValueError(
+                    "every_n_layers and offload need a newer transformers (this one "
+                    "checkpoints every layer and keeps the inputs on the device)"
+                )
+            kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+        def activation_checkpointing_disable(self) -> None:
+            self.gradient_checkpointing_disable()
 
 
 def checkpointing_active(stack: torch.nn.Module) -> bool:

@@ -217,7 +217,7 @@ class PortableModelMixin:
     @classmethod
     def auto_classes(cls) -> dict[str, type]:
         """Auto class name -> model class, for ``auto_map``."""
-        raise NotImplementedError(f"{cls.__name__} must list its Auto classes")
+        raise TypeError(f"{cls.__name__} must define auto_classes(), the Auto classes it serves")
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
         is_main_process = args[0] if args else kwargs.get("is_main_process", True)
