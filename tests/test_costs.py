@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from modformer.cli_args import add_cost_arguments
+from modformer.commands.cost import run_cost
 from modformer.data.dataset import TokenDataset
 from modformer.eval.costs import (
     CostRow,
-    add_cost_arguments,
     cost_table,
     count_flops_with_torch,
     flops_per_token,
@@ -22,7 +23,6 @@ from modformer.eval.costs import (
     parse_config_spec,
     peak_memory,
     peak_tensor_bytes,
-    run_cost,
 )
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
@@ -309,7 +309,7 @@ def test_moduleformer_matmuls_match_flop_counter(layout):
     c = report.components
     d, layers, att = model.config.n_embd, model.config.n_layer, model.config.att_hidden
     shared_kv = layers * B * T * 2 * d * 2 * att  # W_k|W_v once per token: an nn.Linear
-    assert counted["aten._grouped_mm"] == c["ffn"] + c["attention_projections"] - shared_kv
+    assert counted["modformer.grouped_mm"] == c["ffn"] + c["attention_projections"] - shared_kv
     # The stick-breaking matmuls (q.k and p.v), and any weighted row sums.
     assert counted["aten.bmm"] - row_sums == c["attention_scores"]
     # nn.Linear with a bias (IBM's router B and K/V) runs as addmm.

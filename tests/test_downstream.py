@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from modformer.cli_args import add_finetune_arguments
+from modformer.commands.finetune import run_finetune
 from modformer.data.dataset import load_tokenizer as load_data_tokenizer
 from modformer.eval.downstream import (
     IGNORE_INDEX,
@@ -23,7 +25,6 @@ from modformer.eval.downstream import (
     SummarizationTask,
     _truncate_pair,
     accuracy,
-    add_finetune_arguments,
     classification_metrics,
     encode_for_classification,
     encode_for_summarization,
@@ -40,11 +41,9 @@ from modformer.eval.downstream import (
     pad_batch,
     pearson,
     predict_classifier,
-    rank_average_ties,
     read_records,
     regression_metrics,
     rouge_scores,
-    run_finetune,
     score_classifier,
     score_summarizer,
     spearman,
@@ -162,7 +161,6 @@ def test_degenerate_metrics():
 def test_correlations_by_hand():
     # dx = [-1.5,-.5,.5,1.5], dy = [-3,-1,0,4]: r = 11 / sqrt(5 * 26)
     assert pearson([1, 2, 3, 4], [2, 4, 5, 9]) == pytest.approx(11 / math.sqrt(130))
-    np.testing.assert_allclose(rank_average_ties([10, 20, 20, 5]), [2, 3.5, 3.5, 1])
     # ranks [1, 2.5, 2.5, 4] vs [1, 3, 2, 4]: 4.5 / sqrt(4.5 * 5)
     assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
     # a monotone but non-linear relation: Spearman 1, Pearson below 1
@@ -525,6 +523,14 @@ def test_cli_classify_saves_a_reloadable_classifier(tmp_path, model_dir, capsys)
     assert task.labels == ["no", "yes"]
     reloaded = score_classifier(classifier, load_tokenizer(out / "model"), task, test, 64)
     assert reloaded == pytest.approx(metrics["eval"])
+    # Saved the Hugging Face way: the head is in the model, its labels in the config.
+    assert not list(out.rglob("*.pt"))
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert hf.config.id2label == {0: "no", 1: "yes"}
+    assert hf.config.problem_type == "single_label_classification"
+    assert "- made by: finetune\n- from: " in (out / "model" / "README.md").read_text()
 
 
 def test_cli_summarize_saves_a_generating_model(tmp_path, model_dir):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import make_text_inputs
+from modformer.cli_args import add_forgetting_arguments
 from modformer.data.prepare import prepare
 from modformer.surgery import SurgeryError
 from modformer.surgery.forgetting import (
-    add_forgetting_arguments,
     format_forgetting_table,
     run_forgetting,
     run_forgetting_experiment,

@@ -19,7 +19,6 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 
 from modformer.eval.lmeval import (  # noqa: E402
-    REMOTE_CODE_MODULE,
     add_lmeval_arguments,
     evaluate_lm_eval,
     results_summary,
@@ -174,9 +173,16 @@ def test_remote_code_lets_plain_transformers_load_the_model(model_dir, tmp_path)
 
     remote = tmp_path / "remote"
     shutil.copytree(model_dir, remote)
+    # As an older modformer saved it: no model code, no auto_map.
+    for code in remote.glob("*.py"):
+        code.unlink()
+    config = json.loads((remote / "config.json").read_text())
+    del config["auto_map"]
+    (remote / "config.json").write_text(json.dumps(config))
     write_remote_code(remote)
     config = json.loads((remote / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForCausalLM"] == f"{REMOTE_CODE_MODULE}.GPTForCausalLM"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt.GPTForCausalLM"
+    assert (remote / "modeling_gpt.py").is_file()
     ids = [[1, 2, 3, 4, 5]]
     code = (
         "import json, sys, torch\n"

@@ -156,10 +156,9 @@ def test_every_option_of_every_subcommand_has_help():
     assert not missing, "options without help text: " + ", ".join(missing)
 
 
-def test_cli_choices_agree_with_the_library():
-    """cli_args repeats a few torch-side constants as argparse choices (it must not import
-    torch); they must stay equal."""
-    from modformer import cli_args
+def test_cli_choices_are_the_librarys():
+    """The help's choices are the library's own constants (modformer.defaults), not copies."""
+    from modformer import cli_args, defaults
     from modformer.models.flops import ATTENTION_MODES
 
-    assert cli_args.ATTENTION_MODES == ATTENTION_MODES
+    assert cli_args.ATTENTION_MODES is defaults.ATTENTION_MODES is ATTENTION_MODES

@@ -11,6 +11,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM
 
 from modformer.analysis.usage import UsageStats, collect_usage
+from modformer.cli_args import add_prune_arguments
 from modformer.data.corpus import DataError
 from modformer.data.dataset import TokenDataset
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
@@ -19,7 +20,6 @@ from modformer.models.mom import MoMConfig, MoMForCausalLM
 from modformer.nn.routers import RouterSlots
 from modformer.surgery import SurgeryError, extend_model, prune_model
 from modformer.surgery.prune import (
-    add_prune_arguments,
     finetune_then_prune,
     prune_then_finetune,
     run_prune,

@@ -182,8 +182,13 @@ def test_readme_moduleformer_commands(demo_run, monkeypatch, capsys):
 
 
 def test_readme_python_api(tmp_path, monkeypatch):
-    (block,) = _blocks("python")
+    """Every ```python block runs, in order, in one directory (the second loads what the
+    first saved, with trust_remote_code)."""
+    api, remote = _blocks("python")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102  (our own README)
+    exec(compile(api, "README.md", "exec"), namespace)  # noqa: S102  (our own README)
     assert type(namespace["model"]).__name__ == "GPTForCausalLM"
+    remote_namespace: dict = {}
+    exec(compile(remote, "README.md", "exec"), remote_namespace)  # noqa: S102
+    assert type(remote_namespace["model"]).__name__ == "GPTForCausalLM"

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from modformer.analysis.routing_report import (
-    add_routing_report_arguments,
     build_report,
     kl_table,
     run_routing_report,
@@ -21,6 +20,7 @@ from modformer.analysis.routing_report import (
     write_routing_report,
 )
 from modformer.analysis.usage import UsageError, UsageStats, collect_usage, collect_usage_on_data
+from modformer.cli_args import add_routing_report_arguments
 from test_usage import random_batches, tiny_moduleformer, tiny_mom, two_domain_data  # noqa: F401
 
 

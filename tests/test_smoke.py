@@ -156,6 +156,23 @@ def test_one_training_step_and_auto_class_round_trip(arch, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_activation_checkpointing_gives_the_plain_gradients(arch):
+    """The switch exists under its current name on every supported transformers release."""
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for checkpointing in (False, True):
+        model = build(arch).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_tokenizer_trains_and_round_trips(tmp_path):
     from modformer.data.tokenizer import load_hf_tokenizer, train_bpe_tokenizer
 

@@ -15,7 +15,6 @@ from conftest import make_text_inputs
 from modformer.analysis.usage import (
     UsageError,
     UsageStats,
-    add_usage_arguments,
     check_same_tokenizer,
     collect_usage,
     collect_usage_on_data,
@@ -23,6 +22,7 @@ from modformer.analysis.usage import (
     merge_usage,
     run_usage,
 )
+from modformer.cli_args import add_usage_arguments
 from modformer.data.corpus import DataError
 from modformer.data.prepare import prepare
 from modformer.models.gpt import GPTConfig, GPTForCausalLM

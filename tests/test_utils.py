@@ -14,8 +14,11 @@ from modformer.utils import RETAIN_MEMORY_ENV, atomic_write_text
 # Allocates, fills and frees 64 MiB a few times; prints the fewest minor page faults of
 # the later rounds. (Small allocations between rounds can land in the freed block and
 # make the heap grow once more; a training step reaches its steady state the same way.)
+# The script imports the models (and so transformers) first, as every training process
+# does: on the near-empty heap of a bare `import torch` glibc keeps returning the block.
 FAULTS_SCRIPT = """
 import resource, torch
+import modformer.models
 from modformer.utils import retain_freed_memory
 print(retain_freed_memory())
 def faults_of_round_trip():

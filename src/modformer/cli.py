@@ -19,6 +19,7 @@ from typing import Any
 
 from modformer import __version__
 from modformer.config import ConfigError
+from modformer.errors import ModformerError
 from modformer.utils import retain_freed_memory
 
 
@@ -41,7 +42,7 @@ def run_train(args: argparse.Namespace) -> dict:
     from modformer.train.trainer import train
 
     cfg = train_config_from_args(args)
-    final = train(cfg, resume=args.resume)
+    final = train(cfg, resume=args.resume, overwrite=args.overwrite)
     # Under torchrun every rank returns; one line is enough (RANK is torchrun's).
     if "val_loss" in final and int(os.environ.get("RANK", "0")) == 0:
         print(
@@ -71,21 +72,43 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batches", type=int, help="stop after this many batches (default: all)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> dict:
     from modformer.eval.lm import evaluate_split, evaluate_text_file
     from modformer.models.loading import load_model, load_tokenizer
+    from modformer.utils import check_output_path
 
-    model = load_model(args.model, args.device)
     if args.block_size < 2:
         raise ConfigError(f"--block-size must be >= 2, got {args.block_size}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ConfigError(f"--max-batches must be >= 1, got {args.max_batches}")
+    if args.json:
+        check_output_path(args.json, "--json file")
+        if Path(args.json).exists() and not args.overwrite:
+            raise ConfigError(
+                f"--json file {args.json} already exists; pass --overwrite to replace it"
+            )
+    model = load_model(args.model, args.device)
+    n_positions = getattr(model.config, "n_positions", None)
+    if n_positions is not None and args.block_size > n_positions:
+        raise ConfigError(
+            f"--block-size {args.block_size} exceeds the model's context (n_positions={n_positions})"
+        )
     if args.text:
         tokenizer = load_tokenizer(args.model)
         if tokenizer is None:
             raise ConfigError(
                 f"{args.model} has no tokenizer.json; evaluate prepared data with --data instead"
+            )
+        if len(tokenizer) > model.config.vocab_size:
+            raise ConfigError(
+                f"the tokenizer in {args.model} has {len(tokenizer)} tokens but the model only "
+                f"{model.config.vocab_size}; they do not belong together"
             )
         results = {
             "text": evaluate_text_file(
@@ -144,6 +167,8 @@ def run_generate(args: argparse.Namespace) -> str:
     from modformer.generation import generate_text
     from modformer.models.loading import load_model, load_tokenizer
 
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model = load_model(args.model, args.device)
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
@@ -275,6 +300,24 @@ def _convert(sub: argparse._SubParsersAction) -> None:
     o.add_argument("dst", help="output model directory")
     o.set_defaults(func=run_convert_mom_official)
 
+    for kind in conv.choices.values():  # no import replaces a model silently
+        kind.add_argument("--overwrite", action="store_true", help="replace an existing DST model")
+
+
+def check_model_destination(dst: str, overwrite: bool) -> None:
+    """Before any work: `dst` can be written, and an existing model there is replaced only
+    with --overwrite (and a non-model directory never)."""
+    from modformer.utils import check_output_path
+
+    path = check_output_path(dst, "output directory", directory=True)
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"output directory {dst} is not empty and holds no model; choose another one"
+            )
+        if not overwrite:
+            raise ConfigError(f"{dst} already holds a model; pass --overwrite to replace it")
+
 
 def run_convert_gpt2(args: argparse.Namespace) -> None:
     from modformer.convert.gpt2 import convert_gpt2
@@ -306,8 +349,9 @@ def run_convert_jetmoe(args: argparse.Namespace) -> None:
 
 def run_convert_mom(args: argparse.Namespace) -> None:
     from modformer.convert.mom import mom_from_vanilla
+    from modformer.models.io import atomic_save_model
     from modformer.models.loading import resolve_model_dir
-    from modformer.train.checkpoint import atomic_save_model
+    from modformer.models.model_card import Provenance
 
     src = resolve_model_dir(args.src)  # a model dir, a training out_dir or a HF GPT-2 dir
     options = {}
@@ -330,7 +374,7 @@ def run_convert_mom(args: argparse.Namespace) -> None:
         mom_same=args.mom_same,
         **options,
     )
-    atomic_save_model(model, args.dst, tokenizer_dir=Path(src))
+    atomic_save_model(model, args.dst, Path(src), Provenance(method="convert", source=str(src)))
     n = sum(p.numel() for p in model.parameters())
     print(
         f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"
@@ -383,7 +427,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "finetune",
-        "modformer.eval.downstream",
+        "modformer.commands.finetune",
         "modformer.cli_args:add_finetune_arguments",
         "run_finetune",
         "fine-tune and score a model on local classification or summarisation data",
@@ -440,7 +484,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "cost",
-        "modformer.eval.costs",
+        "modformer.commands.cost",
         "modformer.cli_args:add_cost_arguments",
         "run_cost",
         "params, FLOPs/token, peak memory (and val loss) per model: MoM Table 1",
@@ -511,6 +555,7 @@ def _mounted(name: str) -> Callable[[argparse._SubParsersAction], None]:
     def add_parser(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=help_, description=description)
         _function(module, add)(p)
+        add_overwrite_option(name, p)
         p.set_defaults(func=run_command)
 
     return add_parser
@@ -538,6 +583,89 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+# The output paths of each command, checked before any work starts (so that a path under
+# a regular file fails at once, not after training): (argument dest, is a directory).
+# `train` checks its out_dir itself, since the library entry point needs it too.
+OUTPUT_ARGUMENTS: dict[str, list[tuple[str, bool]]] = {
+    "prepare": [("output_dir", True)],
+    "eval": [("json", False)],
+    "convert": [("dst", True)],
+    "export": [("dst", True)],
+    "finetune": [("out", True)],
+    "lm-eval": [("output", False)],
+    "plot-curves": [("out", False)],
+    "cost": [("json", False)],
+    "usage": [("out", False)],
+    "routing-report": [("out_dir", True)],
+    "sweep": [("out_dir", True)],
+    "prune": [("out", True), ("report", False)],
+    "extend": [("out", True)],
+    "forgetting": [("out_dir", True)],
+    "demo": [("work_dir", True)],
+    "reproduce": [("out_dir", True)],
+}
+
+
+# Outputs that are results (models, metrics) of the mounted commands: one that exists is
+# replaced only with --overwrite, which the CLI adds to these commands. (train, eval,
+# convert and prepare have their own --overwrite.)
+GUARDED_OUTPUTS: dict[str, list[str]] = {
+    "finetune": ["out"],
+    "lm-eval": ["output"],
+    "cost": ["json"],
+    "usage": ["out"],
+    "prune": ["out", "report"],
+    "extend": ["out"],
+    "export": ["dst"],
+    "plot-curves": ["out"],
+    "routing-report": ["out_dir"],
+    "forgetting": ["out_dir"],
+}
+
+
+def add_overwrite_option(name: str, parser: argparse.ArgumentParser) -> None:
+    if name in GUARDED_OUTPUTS:
+        parser.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace the results of an earlier run at the output path(s); without it "
+            "an existing output is refused",
+        )
+
+
+def _flag(command: str, dest: str) -> str:
+    positional = dest in ("dst", "output_dir") or (dest == "out" and command in ("prune", "extend"))
+    return dest.upper() if positional else "--" + dest.replace("_", "-")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Checks every command shares, before any work: its output paths can be written and
+    its --device exists on this machine."""
+    from modformer.utils import OutputPathError, check_output_path
+
+    device = getattr(args, "device", None)
+    if isinstance(device, str):
+        from modformer.devices import resolve_device
+
+        resolve_device(device)
+    for dest, is_dir in OUTPUT_ARGUMENTS.get(args.command, []):
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and value:
+            check_output_path(value, _flag(args.command, dest), directory=is_dir)
+    if args.command == "convert":
+        check_model_destination(args.dst, args.overwrite)
+    for dest in GUARDED_OUTPUTS.get(args.command, []):
+        value = getattr(args, dest, None)
+        if not isinstance(value, str) or not value or getattr(args, "overwrite", False):
+            continue
+        path = Path(value)
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            raise OutputPathError(
+                f"{_flag(args.command, dest)} {value} already holds earlier results; pass "
+                "--overwrite to replace them, or choose another path"
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modformer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -555,9 +683,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     error path: the checkpoint module imports torch)."""
     from huggingface_hub.errors import StrictDataclassError
 
-    from modformer.train.checkpoint import CheckpointError
-
-    return (ValueError, FileNotFoundError, CheckpointError, StrictDataclassError)
+    return (ValueError, FileNotFoundError, ModformerError, StrictDataclassError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,19 +697,54 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    try:
-        args.func(args)
-    except Exception as e:
-        # Our errors carry the problem and the fix; a traceback would bury them.
-        if args.verbose or not isinstance(e, _user_error_types()):
-            raise
-        from huggingface_hub.errors import StrictDataclassError
+    from modformer.invocation import cli_command
 
-        # `@strict` configs wrap the validator's ValueError: show the validator's message.
-        message = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ else e
+    try:
+        check_arguments(args)
+        with cli_command(sys.argv[1:] if argv is None else argv):  # for the model cards
+            args.func(args)
+    except Exception as e:
+        if args.verbose:
+            raise
+        if isinstance(e, _user_error_types()):
+            # Our errors carry the problem and the fix; a traceback would bury them.
+            from huggingface_hub.errors import StrictDataclassError
+
+            # `@strict` configs wrap the validator's ValueError: show the validator's message.
+            message = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ else e
+        else:
+            # Out of memory and disk full are facts about the machine, not bugs: one line.
+            # Anything else is a bug and keeps its traceback.
+            message = resource_error_message(e)
+            if message is None:
+                raise
         print(f"modformer {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def resource_error_message(e: BaseException) -> str | None:
+    """One line for out-of-memory and file-system errors; None for anything else (a bug,
+    which keeps its traceback)."""
+    import errno
+
+    import torch
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    ):
+        return (
+            "out of memory; lower the batch size (or block size / model size), or use a "
+            "machine with more memory"
+        )
+    if not isinstance(e, OSError):
+        return None
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device{where}; free some space and run again"
+    if e.errno is not None:
+        return f"{e.strerror or e}{where}; check the path and its permissions"
+    return None
 
 
 if __name__ == "__main__":

@@ -1,27 +1,24 @@
 """Argument definitions of the subcommands whose library modules import torch.
 
 They live here, torch-free, so that `modformer SUB --help` (and building the whole
-parser) starts in a fraction of a second; each library module re-exports its
-`add_*_arguments`. The choices and defaults shown in the help are defined here once and
-imported by the library modules that check them (ATTENTION_MODES is the one copy: its
-owner, modformer.models.flops, imports torch; a test keeps the two equal).
+parser) starts in a fraction of a second. The choices and defaults shown in the help come
+from `modformer.defaults`, which the library modules that check them import too.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from modformer.defaults import (
+    ATTENTION_MODES,
+    DEFAULT_KL_EPSILON,
+    DEFAULT_NEW_DOMAIN,
+    DEFAULT_OLD_DOMAINS,
+    DEFAULT_REG_WEIGHTS,
+    NORMS,
+    SPEC_SYNTAX,
+)
 from modformer.eval.finetune_config import DEFAULT_SEPARATOR, FinetuneConfig
-
-NORMS = ("max", "sum")  # how a layer's usage counts are normalised (usage, prune, reports)
-DEFAULT_KL_EPSILON = 1e-6  # smoothing of the per-domain distributions in routing reports
-# How `modformer cost` counts attention scores: modformer.models.flops.ATTENTION_MODES, which
-# imports torch (tests/test_package.py checks the two agree).
-ATTENTION_MODES = ("causal", "dense")
-SPEC_SYNTAX = "[LABEL=]ARCH:PRESET[:KaHb][:key=value...]"  # `modformer cost --config`
-DEFAULT_OLD_DOMAINS = ("prose", "c")  # the forgetting experiment's pretraining domains
-DEFAULT_NEW_DOMAIN = "python"
-DEFAULT_REG_WEIGHTS = (0.0, 0.1, 1.0)
 
 
 def _float_list(text: str) -> list[float]:
@@ -47,7 +44,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--save-model",
         action="store_true",
-        help="also save the fine-tuned model (and for classify the head) in --out",
+        help="also save the fine-tuned model in --out/model (classify: its "
+        "...ForSequenceClassification, for AutoModelForSequenceClassification)",
     )
     group = parser.add_argument_group("classify")
     group.add_argument(

@@ -194,7 +194,7 @@ def _train_and_measure(
 
 def stage_mom(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
     from modformer.convert.mom import mom_from_vanilla
-    from modformer.train.checkpoint import atomic_save_model
+    from modformer.models.io import atomic_save_model
 
     vanilla = work / "vanilla" / "model"
     if not (vanilla / "config.json").is_file():

@@ -3,6 +3,8 @@ model's context and a sliding window past it."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
@@ -63,9 +65,15 @@ def generate_ids(
     the window is full every token is predicted from the last `context_limit` tokens."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not greedy and temperature <= 0:
+    if not greedy and not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(
-            f"temperature must be > 0 for sampling, got {temperature}; or use greedy decoding"
+            f"temperature must be a finite number > 0 for sampling, got {temperature}; or use "
+            "greedy decoding"
+        )
+    if not greedy and top_k is not None and top_k < 1:
+        raise ValueError(
+            f"top_k must be >= 1, got {top_k}; to sample from the whole vocabulary pass the "
+            f"vocabulary size ({model.config.vocab_size})"
         )
     window = context_limit(model)
     if window is not None and ids.shape[1] > window:
@@ -100,6 +108,12 @@ def generate_text(
     seed: int = 0,
 ) -> str:
     """The continuation of `prompt` (any number of tokens; see `generate_ids`)."""
+    vocab_size = model.config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size}: they "
+            "do not belong together; use the tokenizer the model was trained with"
+        )
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:

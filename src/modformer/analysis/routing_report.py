@@ -41,11 +41,7 @@ from modformer.analysis.usage import (
     UsageStats,
     collect_usage_on_data,
 )
-from modformer.cli_args import (
-    DEFAULT_KL_EPSILON,
-    NORMS,
-    add_routing_report_arguments,  # noqa: F401  (argparse lives there)
-)
+from modformer.defaults import DEFAULT_KL_EPSILON, NORMS
 
 # ---- numbers -----------------------------------------------------------------------------
 

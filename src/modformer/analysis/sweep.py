@@ -315,7 +315,7 @@ def _make_init(point: SweepPoint) -> None:
     import torch
 
     from modformer.convert.mom import mom_from_vanilla
-    from modformer.train.checkpoint import atomic_save_model
+    from modformer.models.io import atomic_save_model
 
     init_dir = point.out_dir / "init"
     if (init_dir / "config.json").is_file():
@@ -351,7 +351,8 @@ def run_point(point: SweepPoint) -> tuple[dict[str, Any], str]:
     atomic_write_text(record_path, json.dumps(recorded, indent=1))
     cfg = from_dict(TrainConfig, point.settings)
     resume = bool(ckpt_lib.list_checkpoints(point.out_dir / "checkpoints"))
-    final = train(cfg, resume=resume)
+    # The sweep owns its point directories: a point without a checkpoint restarts clean.
+    final = train(cfg, resume=resume, overwrite=not resume)
     return final, "resumed" if resume else "trained"
 
 

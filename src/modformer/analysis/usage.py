@@ -36,10 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modformer.cli_args import (
-    NORMS,
-    add_usage_arguments,  # noqa: F401  (argparse lives there)
-)
+from modformer.defaults import NORMS
 
 ARCH_MODULEFORMER = "moduleformer"
 ARCH_MOM = "mom"

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from modformer.cli_args import add_export_arguments  # noqa: F401  (argparse lives there)
 from modformer.convert.gpt2 import ConversionError, export_gpt2
 from modformer.convert.jetmoe import export_jetmoe
 from modformer.models.gpt import GPTForCausalLM

@@ -107,10 +107,11 @@ def load_gpt2_directory(src: str | Path) -> GPTForCausalLM:
 
 def convert_gpt2(src: str | Path, dst: str | Path) -> GPTForCausalLM:
     """`modformer convert gpt2 SRC DST`: import and save, with SRC's tokenizer files."""
-    from modformer.train.checkpoint import atomic_save_model
+    from modformer.models.io import atomic_save_model
+    from modformer.models.model_card import Provenance
 
     model = load_gpt2_directory(src)
-    atomic_save_model(model, dst, tokenizer_dir=Path(src))
+    atomic_save_model(model, dst, Path(src), Provenance(method="convert", source=str(src)))
     return model
 
 

@@ -20,7 +20,7 @@ def write_hf_directory(
     tokenizer_dir: Path | None,
 ) -> Path:
     """config.json + model.safetensors (+ tokenizer files) written atomically to `dst`."""
-    from modformer.train.checkpoint import _replace_dir
+    from modformer.models.io import _replace_dir
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

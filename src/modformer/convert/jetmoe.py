@@ -266,10 +266,11 @@ def load_jetmoe_directory(src: str | Path) -> ModuleFormerForCausalLM:
 
 def convert_jetmoe(src: str | Path, dst: str | Path) -> ModuleFormerForCausalLM:
     """`modformer convert jetmoe SRC DST`: import and save, with SRC's tokenizer files."""
-    from modformer.train.checkpoint import atomic_save_model
+    from modformer.models.io import atomic_save_model
+    from modformer.models.model_card import Provenance
 
     model = load_jetmoe_directory(src)
-    atomic_save_model(model, dst, tokenizer_dir=Path(src))
+    atomic_save_model(model, dst, Path(src), Provenance(method="convert", source=str(src)))
     return model
 
 

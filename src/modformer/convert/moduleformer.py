@@ -341,8 +341,9 @@ def convert_moduleformer(
     history_length: int | None = UNBOUNDED_HISTORY,
 ) -> ModuleFormerForCausalLM:
     """`modformer convert moduleformer SRC DST`: import and save, with SRC's tokenizer files."""
-    from modformer.train.checkpoint import atomic_save_model
+    from modformer.models.io import atomic_save_model
+    from modformer.models.model_card import Provenance
 
     model = load_moduleformer_directory(src, drop_training_options, history_length)
-    atomic_save_model(model, dst, tokenizer_dir=Path(src))
+    atomic_save_model(model, dst, Path(src), Provenance(method="convert", source=str(src)))
     return model

@@ -72,9 +72,14 @@ def load_vanilla(src: GPTForCausalLM | str | Path) -> GPTForCausalLM:
             f"{path} holds no config.json; pass a GPTForCausalLM, a saved modformer GPT "
             "directory or a Hugging Face GPT-2 directory"
         )
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{config_path} is not a JSON object ({e})") from None
     if model_type == GPTConfig.model_type:
-        return GPTForCausalLM.from_pretrained(path)
+        from modformer.models.loading import load_pretrained
+
+        return load_pretrained(path, GPTForCausalLM)
     if model_type == "gpt2":
         from modformer.convert.gpt2 import load_gpt2_directory
 

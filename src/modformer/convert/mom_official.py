@@ -423,8 +423,9 @@ def load_mom_official(src: str | Path) -> MoMForCausalLM:
 
 def convert_mom_official(src: str | Path, dst: str | Path) -> MoMForCausalLM:
     """`modformer convert mom-official SRC DST`: import and save, with SRC's tokenizer files."""
-    from modformer.train.checkpoint import atomic_save_model
+    from modformer.models.io import atomic_save_model
+    from modformer.models.model_card import Provenance
 
     model = load_mom_official(src)
-    atomic_save_model(model, dst, tokenizer_dir=Path(src))
+    atomic_save_model(model, dst, Path(src), Provenance(method="convert", source=str(src)))
     return model

@@ -86,6 +86,9 @@ def _validate_meta(meta: Any, meta_path: Path) -> None:
         info = meta["splits"].get(split)
         if not isinstance(info, dict) or not isinstance(info.get("tokens"), int):
             raise fail(f"splits.{split} is missing or has no token count")
+        max_id = info.get("max_token_id")  # absent in data prepared before it was recorded
+        if max_id is not None and (not isinstance(max_id, int) or not -1 <= max_id < vocab_size):
+            raise fail(f"splits.{split}.max_token_id {max_id!r} is outside [0, {vocab_size})")
         position = 0
         for name, bounds in info.get("domains", {}).items():
             if (
@@ -163,6 +166,7 @@ class TokenDataset:
         else:
             self._ranges = [self.domain_ranges[name] for name in self._domains]
         self._data = self._open_tokens(split_info["tokens"])
+        self._max_token_id: int | None = None
 
     def _open_tokens(self, num_tokens: int) -> np.memmap:
         path = self.data_dir / f"{self.split}.bin"
@@ -221,14 +225,33 @@ class TokenDataset:
             return self._data[merged[0][0] : merged[0][1]]
         return np.concatenate([self._data[start:end] for start, end in merged])
 
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id of the split (-1 when empty): from meta.json, or found by
+        scanning the file for data prepared before meta.json recorded it."""
+        recorded = self.meta["splits"][self.split].get("max_token_id")
+        if recorded is None:
+            if self._max_token_id is None:
+                self._max_token_id = int(self._data.max()) if len(self._data) else -1
+            return self._max_token_id
+        return recorded
+
     def check_vocab_fits(self, model_vocab_size: int) -> None:
-        """Raise if a token id of this data could fall outside the model's embedding."""
+        """Raise if a token id of this data falls outside the model's embedding (or the
+        data's own vocabulary), before any batch would hit an IndexError."""
         if self.vocab_size > model_vocab_size:
             raise DataError(
                 f"the data in {str(self.data_dir)!r} has vocab_size {self.vocab_size} but the "
                 f"model's vocab_size is {model_vocab_size}; build the model with vocab_size >= "
                 f"{self.vocab_size} (e.g. from meta.json), or prepare the data with a smaller "
                 "tokenizer"
+            )
+        max_id = self.max_token_id
+        if max_id >= self.vocab_size:
+            raise DataError(
+                f"{str(self.data_dir / (self.split + '.bin'))!r} holds token id {max_id}, outside "
+                f"its vocabulary of {self.vocab_size} (meta.json): the file is corrupt or does not "
+                f"belong to this meta.json; re-run `modformer prepare {self.data_dir} --overwrite`"
             )
 
     def _window_starts(

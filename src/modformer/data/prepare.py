@@ -5,7 +5,8 @@ Output directory (format version 1)::
     train.bin, val.bin   flat token streams (np.memmap-able), uint16 when vocab_size <= 65536
                          else uint32; every document is followed by the eos token
     meta.json            dtype, vocab_size, eos_token_id, tokenizer, seed, val_fraction,
-                         sources, per-split token counts and domain ranges, per-domain
+                         sources, per-split token counts, largest token id and domain
+                         ranges, per-domain
                          counts, skipped inputs, creation time
     tokenizer/           loadable with `transformers.PreTrainedTokenizerFast.from_pretrained`
 
@@ -56,7 +57,7 @@ from modformer.data.tokenizer import (
     tokenizer_kind,
     train_bpe_tokenizer,
 )
-from modformer.utils import make_temp_dir
+from modformer.utils import check_output_path, make_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +125,14 @@ class _TokenFile:
     def __init__(self, path: Path, dtype: np.dtype) -> None:
         self.dtype = dtype
         self.num_tokens = 0
+        self.max_token_id = -1  # recorded in meta.json: readers check it against the model
         self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed in `close`)
 
     def write(self, token_ids: np.ndarray) -> None:
         self._file.write(token_ids.astype(self.dtype, copy=False).tobytes())
         self.num_tokens += len(token_ids)
+        if len(token_ids):
+            self.max_token_id = max(self.max_token_id, int(token_ids.max()))
 
     def close(self) -> None:
         self._file.flush()
@@ -211,7 +215,12 @@ def _write_corpus(
         for file in files.values():
             file.close()
     splits = {
-        split: {"tokens": files[split].num_tokens, "domains": ranges[split]} for split in SPLITS
+        split: {
+            "tokens": files[split].num_tokens,
+            "max_token_id": files[split].max_token_id,
+            "domains": ranges[split],
+        }
+        for split in SPLITS
     }
     return splits, domain_stats
 
@@ -227,6 +236,7 @@ def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
 def _check_destination(output_dir: Path, overwrite: bool) -> None:
     """Refuse to clobber: a non-empty directory is replaced only with `overwrite`, and only
     if it is a previous `prepare` output (has meta.json), never some other directory."""
+    check_output_path(output_dir, "output directory", directory=True)
     if not output_dir.exists():
         return
     if not output_dir.is_dir():

@@ -13,11 +13,10 @@ does not see buffers a kernel allocates outside PyTorch (MKL/oneDNN workspaces).
 
 from __future__ import annotations
 
-import argparse
 import json
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from modformer.cli_args import SPEC_SYNTAX, add_cost_arguments
+from modformer.defaults import SPEC_SYNTAX
 from modformer.models.flops import (  # noqa: F401  (FlopReport, COMPONENTS: re-exported)
     ATTENTION_MODES,
     COMPONENTS,
@@ -134,6 +133,20 @@ def _grouped_mm_flops(a, b, offs=None, bias=None, out_dtype=None, *, out_val=Non
 _grouped_mm_flops._get_raw = True  # FlopCounterMode passes tensors (for offs), not shapes
 
 
+def _grouped_mm_op_flops(x, weight, offsets, zero_left_out=True, *, out_val=None) -> int:
+    """`modformer::grouped_mm` (nn/grouped.py), whichever kernel runs inside it."""
+    return _grouped_mm_flops(x, weight, offsets)
+
+
+def _grouped_mm_weight_grad_flops(x, grad_y, offsets, *, out_val=None) -> int:
+    """`modformer::grouped_mm_weight_grad`: (K, rows) x (rows, N) per group."""
+    return 2 * x.shape[1] * grad_y.shape[1] * int(offsets[-1])
+
+
+_grouped_mm_op_flops._get_raw = True
+_grouped_mm_weight_grad_flops._get_raw = True
+
+
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """The CPU flash SDPA kernel: dense, like torch's formula for the CUDA kernels."""
     return sdpa_flop_count(query_shape, key_shape, value_shape)
@@ -142,6 +155,8 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 # Ops FlopCounterMode has no formula for in torch 2.x (it would count them as 0).
 _EXTRA_FLOP_FORMULAS = {
     torch.ops.aten._grouped_mm: _grouped_mm_flops,
+    torch.ops.modformer.grouped_mm: _grouped_mm_op_flops,
+    torch.ops.modformer.grouped_mm_weight_grad: _grouped_mm_weight_grad_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
 }
 
@@ -151,7 +166,7 @@ def count_flops_with_torch(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> dict[str, int]:
     """FLOPs of one no-grad forward as `torch.utils.flop_counter.FlopCounterMode` counts
-    them, by aten op (``{"aten.mm": ..., "aten._grouped_mm": ...}``), with formulas added
+    them, by op (``{"aten.mm": ..., "modformer.grouped_mm": ...}``), with formulas added
     for grouped GEMMs and the CPU SDPA kernel. Dense attention, every computed matmul
     (including implementation overheads): the cross-check for `inference_flops`."""
     was_training = model.training
@@ -556,67 +571,3 @@ def parse_config_spec(spec: str) -> tuple[str, PreTrainedConfig]:
     except ValueError as e:
         raise fail(str(e)) from None
     return label or spec, config
-
-
-def run_cost(args: argparse.Namespace) -> list[CostRow]:
-    from modformer.models.loading import load_model
-
-    if not args.models and not args.configs:
-        raise ValueError("give at least one MODEL directory or --config SPEC (e.g. gpt:small)")
-    entries: list[tuple[str, PreTrainedModel | PreTrainedConfig]] = [
-        parse_config_spec(spec) for spec in args.configs
-    ]
-    entries = [(path, load_model(path)) for path in args.models] + entries
-    rows = cost_table(
-        entries,
-        args.batch_size,
-        args.seq_len,
-        data_dir=args.data,
-        device=args.device,
-        attention=args.attention,
-        max_val_batches=args.max_val_batches,
-        seed=args.seed,
-    )
-    tokens = "the first val batch of " + args.data if args.data else "random token ids"
-    print(
-        f"inference costs: batch {args.batch_size} x {args.seq_len} tokens on {args.device}, "
-        f"{args.attention} attention, FLOPs on {tokens}"
-    )
-    print(format_cost_table(rows))
-    if any(not row.trained for row in rows):
-        print(
-            "note: --config models are random-init; their routers pick modules at random, "
-            "and learned routing changes MoM/ModuleFormer FLOPs and active parameters"
-        )
-    if args.json:
-        from modformer.utils import atomic_write_text
-
-        payload = {
-            "batch_size": args.batch_size,
-            "seq_len": args.seq_len,
-            "device": str(args.device),
-            "attention": args.attention,
-            "tokens": "data" if args.data else "random",
-            "rows": [asdict(row) for row in rows],
-        }
-        atomic_write_text(args.json, json.dumps(payload, indent=2))
-    return rows
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m modformer.eval.costs ...`: the same as `modformer cost ...`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m modformer.eval.costs",
-        description="Inference costs (params, FLOPs/token, peak memory, val loss) per model.",
-    )
-    add_cost_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run_cost(args)
-    except ValueError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,11 +11,11 @@ that holds its tokenizer files (as ``modformer train`` saves it):
 2. ``python -m modformer.eval.lmeval [lm_eval arguments]``: lm-eval's own command line,
    unchanged, in a process that has imported modformer first, e.g.
    ``python -m modformer.eval.lmeval --model hf --model_args pretrained=DIR --tasks T``.
-3. The plain ``lm_eval`` command with ``trust_remote_code=True``, after
-   `write_remote_code` (``modformer lm-eval MODEL --write-remote-code``) has put a
-   two-line entry file into MODEL and an ``auto_map`` into its ``config.json``. The entry
-   file only imports the classes from the installed modformer package, so no model code
-   is copied and the directory stays in step with the library.
+3. The plain ``lm_eval`` command with ``trust_remote_code=True``, which needs neither
+   modformer nor an import: every saved model carries its own model code and an
+   ``auto_map`` in its ``config.json`` (`modformer.models.export_code`). For a directory
+   saved before modformer did that, `write_remote_code` (``modformer lm-eval MODEL
+   --write-remote-code``) writes them.
 
 A local task lives in ``docs/lm_eval_task/`` (YAML + JSONL + README with the commands).
 Nothing is downloaded: the model and tokenizer come from the directory (given to lm-eval
@@ -39,7 +39,6 @@ if TYPE_CHECKING:  # transformers imports torch; `modformer lm-eval --help` need
 
 log = logging.getLogger("modformer.lmeval")
 
-REMOTE_CODE_MODULE = "modformer_remote_code"
 _INSTALL_HINT = "pip install 'lm-eval[hf]>=0.4.13' (or pip install 'modformer[eval]')"
 
 
@@ -157,16 +156,14 @@ def results_summary(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_remote_code(model: str | Path) -> Path:
-    """Make MODEL loadable by any Hugging Face tool with ``trust_remote_code=True``
-    without importing modformer first (e.g. the plain ``lm_eval`` command).
-
-    Writes ``modformer_remote_code.py`` (which imports the config and model classes from
-    the installed modformer package) into the model directory and points
-    ``config.json``'s ``auto_map`` at it. Returns the model directory. ``save_pretrained``
-    keeps the ``auto_map`` but not the file: run it again on a re-saved model. (Where
-    modformer is imported, its registered classes are used and both are ignored.)
+    """Make MODEL loadable by any Hugging Face tool with ``trust_remote_code=True`` where
+    modformer is not installed (e.g. the plain ``lm_eval`` command): (re)write the
+    self-contained model code and the ``auto_map`` that ``save_pretrained`` writes (see
+    `modformer.models.export_code`), for directories saved before it did. Returns the
+    model directory. (Where modformer is imported, its registered classes are used.)
     """
     import modformer.models  # noqa: F401  (the Auto mappings must know modformer's types)
+    from modformer.models.export_code import write_remote_code as write_model_code
     from modformer.models.loading import resolve_model_dir
     from modformer.utils import atomic_write_text
 
@@ -174,19 +171,7 @@ def write_remote_code(model: str | Path) -> Path:
     config_path = model_dir / "config.json"
     config_dict = json.loads(config_path.read_text(encoding="utf-8"))
     config_class, model_class = _modformer_classes(config_dict.get("model_type"), config_path)
-    lines = [
-        '"""Hugging Face remote-code entry point written by `modformer lm-eval '
-        "--write-remote-code`:",
-        'the classes come from the installed modformer package."""',
-        "",
-    ]
-    for cls in (config_class, model_class):
-        lines.append(f"from {cls.__module__} import {cls.__name__}  # noqa: F401")
-    atomic_write_text(model_dir / f"{REMOTE_CODE_MODULE}.py", "\n".join(lines) + "\n")
-    config_dict["auto_map"] = {
-        "AutoConfig": f"{REMOTE_CODE_MODULE}.{config_class.__name__}",
-        "AutoModelForCausalLM": f"{REMOTE_CODE_MODULE}.{model_class.__name__}",
-    }
+    config_dict["auto_map"] = write_model_code(config_class, model_class.auto_classes(), model_dir)
     atomic_write_text(config_path, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     return model_dir
 
@@ -249,7 +234,8 @@ def add_lmeval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--write-remote-code",
         action="store_true",
-        help="instead of evaluating: add an auto_map entry point to MODEL so that the plain "
+        help="instead of evaluating: write the model code and auto_map into MODEL (saved "
+        "models have them; this is for older directories) so that the plain "
         "`lm_eval --model hf --model_args pretrained=MODEL,trust_remote_code=True` works",
     )
 
@@ -260,7 +246,7 @@ def run_lmeval(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.write_remote_code:
         model_dir = write_remote_code(args.model)
         print(
-            f"wrote {REMOTE_CODE_MODULE}.py and auto_map into {model_dir}; now run\n"
+            f"wrote the model code and auto_map into {model_dir}; now run\n"
             f"  lm_eval --model hf --model_args pretrained={model_dir.resolve()},"
             "trust_remote_code=True --tasks ..."
         )

@@ -20,8 +20,24 @@ class Experiment:
 
 EXPERIMENTS: dict[str, Experiment] = {}
 
-SCALES = ("full", "quick")  # quick: a few steps per arm, to check the plumbing
+# ModuleFormer paper (docs/results.md, "## ModuleFormer").
+EXPERIMENTS["moduleformer-vs-dense"] = Experiment(
+    "modformer.experiments.moduleformer_vs_dense",
+    "ModuleFormer vs dense GPTs of equal active compute and equal total parameters and a "
+    "dense ModuleFormer; inference latency/throughput ratios (Tables 2-3)",
+)
+EXPERIMENTS["moduleformer-balance"] = Experiment(
+    "modformer.experiments.moduleformer_balance",
+    "MI vs Switch vs no balance loss (usage entropy, dead experts) and stick-breaking vs "
+    "softmax+RoPE with length extrapolation at 2x (Table 4)",
+)
+EXPERIMENTS["moduleformer-specialisation"] = Experiment(
+    "modformer.experiments.moduleformer_specialisation",
+    "per-domain FFN-expert KL of the MI and Switch models of moduleformer-balance against a "
+    "split-half noise floor and an untrained model (Fig. 2)",
+)
 
+# Mixture-of-Modules paper (docs/results.md, "## Mixture-of-Modules").
 EXPERIMENTS["mom-vs-vanilla"] = Experiment(
     "modformer.experiments.mom_vs_vanilla",
     "MoM_E/I/P vs vanilla continued, vanilla at equal FLOPs, parameter sharing (MoM Table 1)",
@@ -34,3 +50,5 @@ EXPERIMENTS["mom-routing"] = Experiment(
     "modformer.experiments.mom_routing",
     "depth-order diagonal mass, SKIP and all-SKIP rates of mom-vs-vanilla's MoMs (Fig. 6)",
 )
+
+SCALES = ("full", "quick")  # quick: a few steps per arm, to check the plumbing

@@ -45,9 +45,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from modformer.defaults import ATTENTION_MODES  # noqa: F401  (part of this module's API)
 from modformer.nn.routers import RouterSlots
 
-ATTENTION_MODES = ("causal", "dense")
 COMPONENTS = ("attention_projections", "attention_scores", "ffn", "router", "lm_head")
 
 

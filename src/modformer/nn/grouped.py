@@ -6,6 +6,11 @@ grouped GEMM over the contiguous per-module segments (`torch.nn.functional.group
 whose group offsets live on the device, so no `.tolist()` is needed), and scatter the
 results back. This is the ScatterMoE/MegaBlocks idea in plain PyTorch.
 
+The grouped GEMM is the custom op `torch.ops.modformer.grouped_mm` (with a fake
+implementation and its own backward), so `torch.compile` sees one opaque node whatever
+kernel runs inside: `F.grouped_mm` where the device and dtype have it, else one matmul per
+group (fp64; fp32 on CUDA), which reads the group sizes back to the host.
+
 Moving rows between tokens and pairs is done with gathers in both directions:
 `gather_pairs` copies each token's row to its pairs (backward: un-sort, sum over the k
 picks), `combine_pairs` un-sorts the pair rows with the inverse permutation and sums
@@ -73,7 +78,14 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
     CPU: fp32/bf16/fp16; CUDA: bf16 on sm90+. Row strides must be multiples of 16 bytes.
     """
-    if not hasattr(F, "grouped_mm") or x.dtype != weight.dtype:
+    if x.dtype != weight.dtype:
+        return False
+    return _kernel_supported(x, weight.shape[1], weight.shape[2])
+
+
+def _kernel_supported(x: torch.Tensor, d_in: int, d_out: int) -> bool:
+    """grouped_mm runs x's dtype and device with (d_in x d_out) group matrices."""
+    if not hasattr(F, "grouped_mm"):
         return False
     if x.device.type == "cpu":
         ok_dtype = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -81,47 +93,13 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
         ok_dtype = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
     else:
         return False
-    aligned = all((n * x.element_size()) % 16 == 0 for n in weight.shape[1:])
+    aligned = all((n * x.element_size()) % 16 == 0 for n in (d_in, d_out))
     return ok_dtype and aligned
 
 
 def _rows_in_groups(n_rows: int, offsets: torch.Tensor) -> torch.Tensor:
     """(N, 1) bool: rows inside some group's segment (the rest are left-out pairs)."""
     return (torch.arange(n_rows, device=offsets.device) < offsets[-1])[:, None]
-
-
-class _GroupedMM(torch.autograd.Function):
-    """`F.grouped_mm` whose rows past the last group are exact zeros, forward and backward.
-
-    grouped_mm leaves those rows uninitialised; left-out pairs (e.g. SKIP) live there.
-    The fills are in place: the products are fresh tensors of our own, and an
-    out-of-place fill would copy each of them once more. With `zero_left_out=False`
-    (the caller knows every row is in a group) they are skipped.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, zero_left_out: bool
-    ):
-        ctx.save_for_backward(x, weight, offsets)
-        ctx.zero_left_out = zero_left_out
-        y = F.grouped_mm(x, weight, offs=offsets)
-        if zero_left_out:
-            y.masked_fill_(~_rows_in_groups(x.shape[0], offsets), 0.0)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        x, weight, offsets = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.grouped_mm(grad_y, weight.transpose(1, 2), offs=offsets)
-            if ctx.zero_left_out:
-                grad_x.masked_fill_(~_rows_in_groups(x.shape[0], offsets), 0.0)
-        if ctx.needs_input_grad[1]:
-            grad_w = F.grouped_mm(x.t(), grad_y, offs=offsets)
-        return grad_x, grad_w, None, None
 
 
 def _looped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -132,6 +110,78 @@ def _looped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     parts = [x[s:e] @ weight[g] for g, (s, e) in enumerate(zip(starts, ends))]
     parts.append(x.new_zeros(x.shape[0] - ends[-1], weight.shape[2]))
     return torch.cat(parts)
+
+
+def _looped_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, offsets: torch.Tensor):
+    """`_looped_mm`'s weight gradient: (G, d_in, d_out), group g's `x^T @ grad_y`."""
+    ends = offsets.tolist()
+    starts = [0, *ends[:-1]]
+    return torch.stack([x[s:e].t() @ grad_y[s:e] for s, e in zip(starts, ends)])
+
+
+# The grouped GEMM is a custom op (`torch.ops.modformer.grouped_mm`) so torch.compile
+# treats it as one opaque node with a fake (shape-only) implementation and our own
+# backward: the meta function of `aten._grouped_mm` only accepts bf16 (the CUDA kernel's
+# rule), which broke compiling fp32 models on CPU. The kernel choice (grouped_mm or a
+# per-group loop) is made inside the op, at run time, so it never enters the graph.
+
+
+@torch.library.custom_op("modformer::grouped_mm", mutates_args=())
+def _grouped_mm_op(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, zero_left_out: bool
+) -> torch.Tensor:
+    """`y[j] = x[j] @ weight[g]` for rows j of group g; rows past the last group are 0
+    (or garbage with `zero_left_out=False`, for callers that have no such rows)."""
+    if not grouped_mm_supported(x, weight):
+        return _looped_mm(x, weight, offsets)
+    y = F.grouped_mm(x, weight, offs=offsets)
+    if zero_left_out:
+        # grouped_mm leaves rows past the last group uninitialised; left-out pairs (e.g.
+        # SKIP) live there. In place: y is a fresh tensor of our own.
+        y.masked_fill_(~_rows_in_groups(x.shape[0], offsets), 0.0)
+    return y
+
+
+@_grouped_mm_op.register_fake
+def _(x, weight, offsets, zero_left_out):
+    return x.new_empty(x.shape[0], weight.shape[2])
+
+
+@torch.library.custom_op("modformer::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad_op(
+    x: torch.Tensor, grad_y: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """(G, d_in, d_out): group g's `x[rows of g]^T @ grad_y[rows of g]` (rows past the last
+    group take no part)."""
+    grad_y = grad_y.contiguous()
+    if x.dtype != grad_y.dtype or not _kernel_supported(x, x.shape[1], grad_y.shape[1]):
+        return _looped_weight_grad(x, grad_y, offsets)
+    return F.grouped_mm(x.t(), grad_y, offs=offsets)
+
+
+@_grouped_mm_weight_grad_op.register_fake
+def _(x, grad_y, offsets):
+    return x.new_empty(offsets.shape[0], x.shape[1], grad_y.shape[1])
+
+
+def _grouped_mm_setup_context(ctx, inputs, output) -> None:
+    x, weight, offsets, zero_left_out = inputs
+    ctx.save_for_backward(x, weight, offsets)
+    ctx.zero_left_out = zero_left_out
+
+
+def _grouped_mm_backward(ctx, grad_y: torch.Tensor):
+    x, weight, offsets = ctx.saved_tensors
+    grad_y = grad_y.contiguous()
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _grouped_mm_op(grad_y, weight.transpose(1, 2), offsets, ctx.zero_left_out)
+    if ctx.needs_input_grad[1]:
+        grad_w = _grouped_mm_weight_grad_op(x, grad_y, offsets)
+    return grad_x, grad_w, None, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
 
 
 def grouped_linear(
@@ -153,10 +203,7 @@ def grouped_linear(
             f"grouped_linear: expected x (N, d_in) and weight (G, d_in, d_out), got "
             f"{tuple(x.shape)} and {tuple(weight.shape)}"
         )
-    if grouped_mm_supported(x, weight):
-        y = _GroupedMM.apply(x, weight, offsets, zero_left_out)
-    else:
-        y = _looped_mm(x, weight, offsets)
+    y = _grouped_mm_op(x, weight, offsets, zero_left_out)
     if bias is not None:
         group_of_row = torch.searchsorted(
             offsets, torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype), right=True

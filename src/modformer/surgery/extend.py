@@ -46,7 +46,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from modformer.cli_args import add_extend_arguments  # noqa: F401  (argparse lives there)
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 from modformer.models.mom import MoMForCausalLM
 from modformer.models.trainable import (  # noqa: F401  (re-exported: the surgery API)
@@ -89,19 +88,26 @@ def load_model_dir(path: str | Path) -> PreTrainedModel:
 
 
 def save_model_with_tokenizer(
-    model: PreTrainedModel, out_dir: str | Path, source_dir: str | Path | None
+    model: PreTrainedModel,
+    out_dir: str | Path,
+    source_dir: str | Path | None,
+    method: str | None = None,
 ) -> Path:
     """Save `model` atomically to `out_dir`, with the tokenizer of `source_dir` (a model
-    directory or training out_dir) beside it when it has one."""
+    directory or training out_dir) beside it when it has one; the model card says it
+    was made by `method` ("prune", "extend") from `source_dir`."""
+    from modformer.models.io import atomic_save_model
     from modformer.models.loading import load_tokenizer
-    from modformer.train.checkpoint import atomic_save_model
+    from modformer.models.model_card import Provenance
 
+    source = None if source_dir is None else str(source_dir)
+    provenance = Provenance(method=method, source=source)
     tokenizer = load_tokenizer(source_dir) if source_dir is not None else None
     if tokenizer is None:
-        return atomic_save_model(model, out_dir)
+        return atomic_save_model(model, out_dir, provenance=provenance)
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         tokenizer.save_pretrained(tokenizer_dir)
-        return atomic_save_model(model, out_dir, tokenizer_dir=Path(tokenizer_dir))
+        return atomic_save_model(model, out_dir, Path(tokenizer_dir), provenance)
 
 
 def rebuild(model: PreTrainedModel, config: Any, state: dict[str, torch.Tensor]) -> PreTrainedModel:
@@ -301,7 +307,7 @@ def run_extend(args: argparse.Namespace) -> PreTrainedModel:
         router_init_std=args.router_init_std,
         seed=args.seed,
     )
-    save_model_with_tokenizer(extended, args.out, args.model)
+    save_model_with_tokenizer(extended, args.out, args.model, method="extend")
     trainable = count_parameters(extended, trainable_only=True)
     config = extended.config
     print(

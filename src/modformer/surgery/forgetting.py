@@ -33,12 +33,7 @@ from typing import Any
 
 import torch
 
-from modformer.cli_args import (
-    DEFAULT_NEW_DOMAIN,
-    DEFAULT_OLD_DOMAINS,
-    DEFAULT_REG_WEIGHTS,
-    add_forgetting_arguments,  # noqa: F401  (argparse lives there)
-)
+from modformer.defaults import DEFAULT_NEW_DOMAIN, DEFAULT_OLD_DOMAINS, DEFAULT_REG_WEIGHTS
 from modformer.surgery.extend import (
     SurgeryError,
     apply_trainable_scope,
@@ -290,7 +285,7 @@ def _run_methods(settings: dict[str, Any], runs: Path) -> list[dict[str, Any]]:
                 seed=settings["seed"],
             )
             start = runs / f"extended_reg{weight:g}"
-            save_model_with_tokenizer(extended, start, pretrained)
+            save_model_with_tokenizer(extended, start, pretrained, method="extend")
             row = continual(f"moduleformer insert reg={weight:g}", start, before)
             # The freshly inserted experts before any training: their routing share alone
             # already moves the losses.

@@ -53,10 +53,7 @@ import torch
 from transformers import PreTrainedModel
 
 from modformer.analysis.usage import UsageStats, check_same_tokenizer, normalize
-from modformer.cli_args import (
-    NORMS,
-    add_prune_arguments,  # noqa: F401  (argparse lives there)
-)
+from modformer.defaults import NORMS
 from modformer.models.moduleformer import ModuleFormerForCausalLM
 from modformer.models.mom import MoMForCausalLM
 from modformer.models.mom.modeling_mom import MoMChunk
@@ -453,7 +450,7 @@ def save_pruned(
     """The pruned model (with the source's tokenizer) and its prune_report.json."""
     from modformer.utils import atomic_write_text
 
-    out = save_model_with_tokenizer(model, out_dir, source_dir)
+    out = save_model_with_tokenizer(model, out_dir, source_dir, method="prune")
     atomic_write_text(Path(out) / "prune_report.json", json.dumps(report, indent=1))
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,16 @@ class TrainConfig:
         False, "also write TensorBoard event files (needs tensorboard installed)"
     )
     progress: bool = option(True, "show a progress bar when stderr is a terminal")
-    compile: bool = option(False, "torch.compile the model")
+    compile: bool = option(
+        False,
+        "torch.compile the model for training and evaluation (generation stays eager); "
+        "the first steps are slower while it compiles",
+    )
+    activation_checkpointing: bool = option(
+        False,
+        "recompute each layer's activations in the backward pass instead of keeping them: "
+        "less memory, about one more forward of compute per step",
+    )
     parallel: str = option(
         "ddp",
         "under torchrun: ddp (full replicas) or fsdp (FSDP2: parameters, gradients and "
@@ -98,6 +108,11 @@ class TrainConfig:
         "from the checkpointed run's",
     )
     threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    nonfinite: str = option(
+        "stop",
+        "on a NaN/inf loss or gradient norm: stop (keeping the last good checkpoint) or skip "
+        "that step's update",
+    )
 
     def validate(self) -> None:
         checks = [
@@ -121,6 +136,20 @@ class TrainConfig:
             ("threads", self.threads >= 0, "must be >= 0"),
             ("parallel", self.parallel in ("ddp", "fsdp"), "must be ddp or fsdp"),
         ]
+        for name in (
+            "optim.lr",
+            "optim.min_lr",
+            "optim.weight_decay",
+            "optim.beta1",
+            "optim.beta2",
+            "optim.eps",
+            "optim.grad_clip",
+        ):
+            value = eval_path(self, name)
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        checks.append(("nonfinite", self.nonfinite in ("stop", "skip"), "must be stop or skip"))
+        checks.append(("optim.eps", self.optim.eps > 0, "must be > 0"))
         for name, ok, what in checks:
             if not ok:
                 value = eval_path(self, name)
@@ -175,7 +204,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the latest checkpoint in out_dir (same settings required)",
+        help="continue from the newest intact checkpoint in out_dir (same settings required)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in out_dir (final model, metrics, "
+        "checkpoints); without it such an out_dir is refused",
     )
     add_dataclass_arguments(parser, TrainConfig)
 

@@ -9,6 +9,8 @@ A checkpoint `step_000100/` of a `parallel=fsdp` run holds
 - `rng/rank_00000.json` ...: every rank's RNG states (Python, NumPy, torch, CUDA).
 - `trainer_state.json`: step, scheduler, data position, the run's config and the
   world size and batch factors it ran with. Plain JSON: nothing here is unpickled.
+- `manifest.json`: sha256 and size of every file above, checked on resume like the
+  unsharded checkpoints' (`modformer.train.checkpoint.verify_checkpoint`).
 
 It is written like the unsharded checkpoints: into `.step_000100.tmp-dcp/`, renamed by
 rank 0 once every rank has finished, so a crash mid-write leaves no `step_*` directory.
@@ -37,7 +39,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from modformer.train.checkpoint import CheckpointError, _replace_dir, list_checkpoints
+from modformer.train.checkpoint import (
+    CheckpointError,
+    _replace_dir,
+    list_checkpoints,
+    write_manifest,
+)
 
 DCP_DIR = "dcp"
 RNG_DIR = "rng"
@@ -119,6 +126,7 @@ def save_sharded_checkpoint(
     _barrier()
     if rank == 0:
         (tmp / STATE_JSON).write_text(json.dumps(trainer_state, indent=1))
+        write_manifest(tmp)  # sha256 of every shard: verified on --resume
         _replace_dir(tmp, dest)
         for old in list_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

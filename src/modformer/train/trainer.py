@@ -28,10 +28,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from modformer.config import ConfigError
 from modformer.data.dataset import TokenDataset
+from modformer.errors import ModformerError
+from modformer.models.loading import ModelLoadError, check_finite, load_pretrained
+from modformer.models.model_card import Provenance
 from modformer.models.registry import build_config, build_model
 from modformer.models.trainable import apply_trainable_scope
 from modformer.train import checkpoint as ckpt_lib
@@ -46,10 +49,17 @@ from modformer.train.distributed import (
     shard_model,
 )
 from modformer.train.evaluate import evaluate_batches
+from modformer.utils import DirectoryLock, check_output_path
 
 log = logging.getLogger("modformer.train")
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What a training out_dir holds once a run has written results: replaced only with overwrite.
+RESULT_FILES = ("model", "final.json", "metrics.jsonl")
+
+
+class NonFiniteError(ModformerError):
+    """Training produced a NaN/inf loss, gradient norm or model; nothing bad was saved."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -92,7 +102,10 @@ def load_or_build_model(cfg: TrainConfig, vocab_size: int) -> PreTrainedModel:
                 f"model.init_from: {path} is not a saved model directory (no config.json); "
                 "point it at the output of `modformer train` or `modformer convert`"
             )
-        model = AutoModelForCausalLM.from_pretrained(path)
+        try:
+            model = load_pretrained(path)
+        except ModelLoadError as e:
+            raise ConfigError(f"model.init_from: {e}") from None
         if cfg.model.overrides:
             log.warning("model.overrides are ignored when model.init_from is set")
     else:
@@ -126,13 +139,27 @@ class MetricsWriter:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            # Drop entries past the checkpoint: those steps are about to be redone.
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # Drop entries past the checkpoint: those steps are about to be redone. A line
+            # that is not JSON (torn by a kill mid-write) is dropped with a warning.
+            kept = []
+            for number, line in enumerate(self.path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    step = int(record.get("step", 0))
+                except (ValueError, TypeError, AttributeError):
+                    log.warning(
+                        "%s line %d is not a JSON record (torn write?); dropped it",
+                        self.path,
+                        number,
+                    )
+                    continue
+                if step <= resume_step:
+                    kept.append(line)
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if tensorboard:
@@ -264,22 +291,79 @@ class SequentialStream:
         return torch.as_tensor(np.stack(rows).astype(np.int64))
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Run training as configured; returns the final metrics (rank 0's view)."""
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run training as configured; returns the final metrics (rank 0's view).
+
+    `resume` continues from the newest intact checkpoint in out_dir; `overwrite` allows a
+    fresh run to replace the results (final model, metrics, checkpoints) already there.
+    While it runs, rank 0 holds out_dir's DirectoryLock, so a second run there fails fast.
+    """
     cfg.validate()
+    out_dir = check_output_path(cfg.out_dir, "out_dir", directory=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     joined_existing_group = dist.is_initialized()  # e.g. several runs in one torchrun job
-    info = init_distributed(device)
+    is_main = (dist.get_rank() if joined_existing_group else int(os.environ.get("RANK", "0"))) == 0
+    lock = DirectoryLock(out_dir, "training run") if is_main else None
+    if lock is not None:
+        lock.acquire()
     try:
-        return _train(cfg, resume, device, info)
+        if is_main:
+            ckpt_lib.clean_stale(out_dir / "checkpoints")
+            ckpt_lib.clean_stale(out_dir)
+        info = init_distributed(device)
+        try:
+            return _train(cfg, resume, overwrite, device, info)
+        finally:
+            if not joined_existing_group:
+                cleanup(info)
     finally:
-        if not joined_existing_group:
-            cleanup(info)
+        if lock is not None:
+            lock.release()
 
 
-def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo) -> dict[str, Any]:
+def _prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool, has_checkpoints: bool) -> None:
+    """Refuse to replace an earlier run's results unless asked to (rank 0, fresh start)."""
+    if has_checkpoints and not overwrite:
+        raise ConfigError(
+            f"{out_dir} already holds checkpoints; pass --resume to continue that run, "
+            "--overwrite to replace it, or choose another out_dir"
+        )
+    results = [name for name in RESULT_FILES if (out_dir / name).exists()]
+    if results and not overwrite:
+        why = " and no checkpoint to resume from" if resume else ""
+        raise ConfigError(
+            f"{out_dir} holds the results of an earlier run ({', '.join(results)}){why}; "
+            "pass --overwrite to replace them, or choose another out_dir"
+        )
+    if overwrite:
+        import shutil
+
+        for name in (*RESULT_FILES, "checkpoints"):
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+
+
+def _nonfinite_message(
+    step: int, loss: float, grad_norm: float | None, ckpt_root: Path, cfg: TrainConfig
+) -> str:
+    norm = f", gradient norm {grad_norm}" if grad_norm is not None else ""
+    last = ckpt_lib.latest_checkpoint(ckpt_root)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+    return (
+        f"training diverged at step {step}: loss {loss}{norm}. Nothing of this step was "
+        f"saved and {kept}. Lower optim.lr (now {cfg.optim.lr:g}) or raise optim.warmup_steps, "
+        "then start again (or --resume); nonfinite=skip skips such steps instead"
+    )
+
+
+def _train(
+    cfg: TrainConfig, resume: bool, overwrite: bool, device: torch.device, info: DistInfo
+) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     ckpt_root = out_dir / "checkpoints"
     torch.manual_seed(cfg.seed)
@@ -287,13 +371,23 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
     train_ds = TokenDataset(cfg.data.dir, "train", domains=cfg.data.domains)
     val_ds = TokenDataset(cfg.data.dir, "val", domains=cfg.data.domains)
     model = load_or_build_model(cfg, train_ds.vocab_size)
+    for ds in (train_ds, val_ds):  # at the door, not as an IndexError mid-training
+        ds.check_vocab_fits(model.config.vocab_size)
     n_positions = getattr(model.config, "n_positions", None)
     if n_positions is not None and cfg.data.block_size > n_positions:
         raise ConfigError(
             f"data.block_size ({cfg.data.block_size}) exceeds the model's n_positions ({n_positions})"
         )
+    if getattr(model.config, "use_history", False) and not cfg.data.sequential:
+        raise ConfigError(
+            "the model uses Transformer-XL history (use_history=true), which needs each batch "
+            "to continue the previous one: set data.sequential=true (or use_history=false)"
+        )
     model.to(device)
     model.train()
+    if cfg.activation_checkpointing:
+        # Before sharding: HF checkpoints each layer's forward, FSDP's hooks stay outside.
+        model.activation_checkpointing_enable()
     model_class = type(model)  # fully_shard swaps in an FSDP subclass
     # Every rank built the same initial weights from cfg.seed (FSDP shards them in place);
     # from here on each rank draws from its own stream (rank 0 keeps the 1-process one).
@@ -305,11 +399,17 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
             shard_model(model, cfg.precision)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if cfg.compile:
+        # In place (nn.Module.compile): parameters, state_dict keys and checkpoints stay
+        # those of the plain model. Eval mode compiles a second graph on first use.
+        model.compile()
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.optim.lr)
 
     start_step = 0
-    resume_from = ckpt_lib.latest_checkpoint(ckpt_root) if resume else None
+    resume_from = (
+        ckpt_lib.find_resume_checkpoint(ckpt_root, move_aside=info.is_main) if resume else None
+    )
     if resume and resume_from is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_root)
     if resume_from is not None:
@@ -321,30 +421,38 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
                 f"resume it with parallel={written_by}"
             )
         if sharded:
+            ckpt_lib.verify_checkpoint(resume_from)
             state = dcp_lib.load_trainer_state_json(resume_from)
         else:
-            state = ckpt_lib.load_trainer_state(resume_from)
-        saved_world = state.get("world_size", info.world_size)
-        _check_resume_compatible(state["config"], cfg, saved_world, info.world_size)
-        if sharded:
-            dcp_lib.load_sharded_checkpoint(resume_from, model, optimizer)
-            dcp_lib.restore_rank_rng(resume_from, info.rank, cfg.seed)
-        else:
-            loaded = type(model).from_pretrained(resume_from / "model")
-            model.load_state_dict(loaded.state_dict())
-            optimizer.load_state_dict(state["optimizer"])
-            if info.rank < len(state["rng"]):
-                ckpt_lib.set_rng_state(state["rng"][info.rank])
-            else:  # more processes than the checkpointed run: a fresh stream for this rank
-                dcp_lib.seed_rank_rng(cfg.seed, info.rank)
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
+            state = ckpt_lib.load_trainer_state(resume_from)  # verified against its manifest
+        try:
+            saved_world = state.get("world_size", info.world_size)
+            _check_resume_compatible(state["config"], cfg, saved_world, info.world_size)
+            if sharded:
+                dcp_lib.load_sharded_checkpoint(resume_from, model, optimizer)
+                dcp_lib.restore_rank_rng(resume_from, info.rank, cfg.seed)
+            else:
+                loaded = load_pretrained(resume_from / "model", model_class)
+                model.load_state_dict(loaded.state_dict())
+                optimizer.load_state_dict(state["optimizer"])
+                if info.rank < len(state["rng"]):
+                    ckpt_lib.set_rng_state(state["rng"][info.rank])
+                else:  # more processes than the checkpointed run: a fresh stream for this rank
+                    dcp_lib.seed_rank_rng(cfg.seed, info.rank)
+            scheduler.load_state_dict(state["scheduler"])
+            start_step = int(state["step"])
+        except (ConfigError, ckpt_lib.CheckpointError):
+            raise
+        except (ModelLoadError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ckpt_lib.CheckpointError(
+                f"checkpoint {resume_from} does not fit this run's model ({message}); resume "
+                "with the settings it was written with, or use a new out_dir"
+            ) from None
         if info.is_main:
             log.info("resumed from %s at step %d", resume_from, start_step)
-    elif info.is_main and out_dir.exists() and ckpt_lib.list_checkpoints(ckpt_root):
-        raise ConfigError(
-            f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose another out_dir"
-        )
+    elif info.is_main:
+        _prepare_out_dir(out_dir, resume, overwrite, bool(ckpt_lib.list_checkpoints(ckpt_root)))
 
     # Routed models leave some modules unselected in a step; DDP must not wait for them.
     find_unused = model.config.model_type != "modformer_gpt"
@@ -417,6 +525,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
     last_eval: dict[str, float] = {}
     t_start = t_last = time.perf_counter()
     steps_since = 0
+    skipped = 0  # non-finite steps skipped under nonfinite=skip
     rows_per_rank = cfg.batch_size * cfg.grad_accum
     for step in range(start_step, cfg.max_steps):
         lr = lr_at(step, cfg)
@@ -460,17 +569,39 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
             for key, value in (getattr(out, "aux_metrics", None) or {}).items():
                 aux_metrics[key] = aux_metrics.get(key, 0) + value.detach() / cfg.grad_accum
         scaler.unscale_(optimizer)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             if cfg.optim.grad_clip > 0
-            else None
+            else torch.nn.utils.get_total_norm(grads)
         )
+        if hasattr(grad_norm, "full_tensor"):  # under FSDP a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
+        done = step + 1
+        # One host sync per step: a NaN/inf must be caught before the update puts it into
+        # the weights. fp16's GradScaler skips steps with inf gradients itself, so there
+        # only the loss is checked. The flag is all-reduced so every rank decides alike.
+        health = loss_sum if scaler.is_enabled() else loss_sum + grad_norm
+        bad = all_reduce_mean((~torch.isfinite(health)).float(), info)
+        if bool(bad > 0):
+            loss_now, norm_now = float(loss_sum), float(grad_norm)
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.nonfinite == "stop":
+                metrics.write({"step": done, "nonfinite": True, "loss": loss_now})
+                raise NonFiniteError(_nonfinite_message(done, loss_now, norm_now, ckpt_root, cfg))
+            skipped += 1
+            log.warning(
+                "step %d: loss %s, gradient norm %s: step skipped", done, loss_now, norm_now
+            )
+            scaler.update()
+            scheduler.step()
+            bar.update(1)
+            continue
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         steps_since += 1
-        done = step + 1
 
         if done % cfg.log_interval == 0 or done == cfg.max_steps:
             elapsed = time.perf_counter() - t_last
@@ -485,10 +616,9 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
                 "tokens_per_s": tok_s,
                 "tokens_seen": done * tokens_per_step,
             }
-            if grad_norm is not None:
-                # Under FSDP the norm is a replicated DTensor; full_tensor() is its value.
-                norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                record["grad_norm"] = float(norm)
+            record["grad_norm"] = float(grad_norm)
+            if skipped:
+                record["skipped_steps"] = skipped
             record.update({k: _to_jsonable(v) for k, v in aux_metrics.items()})
             metrics.write(record)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
@@ -513,7 +643,14 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
     last_eval = evaluate()
     if print_lines:
         print(_val_line(cfg.max_steps, cfg.max_steps, last_eval), flush=True)
+    if not math.isfinite(last_eval["val_loss"]):
+        raise NonFiniteError(
+            f"the final validation loss is {last_eval['val_loss']}: the model is broken, so it "
+            f"was not saved ({skipped} step(s) skipped as non-finite); lower optim.lr and train again"
+        )
     final: dict[str, Any] = {"step": cfg.max_steps, **last_eval}
+    if skipped:
+        final["skipped_steps"] = skipped
     if info.enabled and not fsdp:
         final["ranks_in_sync"] = ranks_in_sync(model, info)
     metrics.write(final)
@@ -527,7 +664,19 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo)
             export = model_class(model.config)
             export.load_state_dict(full_state)
     if info.is_main:
-        ckpt_lib.atomic_save_model(export, out_dir / "model", tokenizer_dir=tokenizer_dir)
+        try:  # on the unsharded model: FSDP's local shards would not agree across ranks
+            check_finite(export, "the trained model")
+        except ModelLoadError as e:
+            raise NonFiniteError(f"{e}; it was not saved") from None
+        provenance = Provenance(
+            method="train",
+            source=cfg.model.init_from,
+            data=cfg.data.dir,
+            steps=cfg.max_steps,
+            tokens=cfg.max_steps * tokens_per_step,
+            val_loss=last_eval.get("val_loss"),
+        )
+        ckpt_lib.atomic_save_model(export, out_dir / "model", tokenizer_dir, provenance)
         n_params = sum(p.numel() for p in model.parameters())
         final.update({"params": n_params, "tokens_trained": cfg.max_steps * tokens_per_step})
         (out_dir / "final.json").write_text(json.dumps(final, indent=2))

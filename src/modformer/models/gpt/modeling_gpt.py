@@ -15,8 +15,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.checkpointing import CheckpointingMixin, no_cache_when_checkpointing
+from modformer.models.classification import SequenceClassificationMixin
+from modformer.models.export_code import PortableModelMixin
 from modformer.models.flops import FlopCounting
 from modformer.models.gpt.configuration_gpt import GPTConfig
 from modformer.models.gpt.flops import gpt_flops
@@ -33,8 +37,12 @@ from modformer.nn.masking import causal_padding_mask
 from modformer.nn.mlp import MLP
 
 
-class Block(nn.Module):
-    """`x + Attn(LN(x))`, then `x + MLP(LN(x))`."""
+class Block(GradientCheckpointingLayer):
+    """`x + Attn(LN(x))`, then `x + MLP(LN(x))`.
+
+    The KV cache is passed as the keyword `cache`: under activation checkpointing HF's
+    layer wrapper drops it, so a recomputed layer cannot write it twice.
+    """
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -50,20 +58,28 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, past_key_values, self.layer_idx)
+        x = x + self.attn(self.ln_1(x), mask, cache, self.layer_idx)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
-class GPTPreTrainedModel(PreTrainedModel):
+class GPTPreTrainedModel(CheckpointingMixin, PortableModelMixin, PreTrainedModel):
     config_class = GPTConfig
     config: GPTConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["Block"]
     _supports_sdpa = True
     _supports_cache_class = True
+
+    @classmethod
+    def auto_classes(cls) -> dict[str, type]:
+        return {
+            "AutoModel": GPTModel,
+            "AutoModelForCausalLM": GPTForCausalLM,
+            "AutoModelForSequenceClassification": GPTForSequenceClassification,
+        }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -86,6 +102,7 @@ class GPTModel(GPTPreTrainedModel):
             block.attn.c_proj.is_residual_projection = True
             block.mlp.c_proj.is_residual_projection = True
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -112,6 +129,7 @@ class GPTModel(GPTPreTrainedModel):
             inputs_embeds = self.wte(input_ids)
         T = inputs_embeds.shape[1]
         use_cache = use_cache if use_cache is not None else self.config.use_cache
+        use_cache, past_key_values = no_cache_when_checkpointing(self, use_cache, past_key_values)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -126,7 +144,7 @@ class GPTModel(GPTPreTrainedModel):
         x = self.drop(inputs_embeds + self.wpe(position_ids))
         mask = causal_padding_mask(attention_mask, T, past_len, x.device)
         for block in self.h:
-            x = block(x, mask, past_key_values)
+            x = block(x, mask, cache=past_key_values)
         x = self.ln_f(x)
         return BaseModelOutputWithPast(
             last_hidden_state=x, **cache_field(past_key_values if use_cache else None)
@@ -178,3 +196,9 @@ class GPTForCausalLM(FlopCounting, GPTPreTrainedModel, GenerationMixin):
         return ModformerCausalLMOutput(
             loss=loss, lm_loss=loss, logits=logits, **cache_field(output_cache(out))
         )
+
+
+class GPTForSequenceClassification(SequenceClassificationMixin, GPTPreTrainedModel):
+    """`GPTModel` with a `score` head on the last real token (models/classification.py)."""
+
+    base_model_class = GPTModel

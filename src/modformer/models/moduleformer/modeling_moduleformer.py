@@ -34,8 +34,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.checkpointing import CheckpointingMixin, no_cache_when_checkpointing
+from modformer.models.classification import SequenceClassificationMixin
+from modformer.models.export_code import PortableModelMixin
 from modformer.models.flops import FlopCounting
 from modformer.models.moduleformer.configuration_moduleformer import (
     UNBOUNDED_HISTORY,
@@ -112,8 +116,13 @@ def _router_slots(slots: list[int] | None, num_slots: int) -> RouterSlots | None
     return None if slots is None else RouterSlots(slots, num_slots)
 
 
-class ModuleFormerBlock(nn.Module):
-    """`x + MoA(LN(x))`, then `x + SMoE(LN(x))`."""
+class ModuleFormerBlock(GradientCheckpointingLayer):
+    """`x + MoA(LN(x))`, then `x + SMoE(LN(x))`.
+
+    The router outputs are returned (not stored), so a layer recomputed under activation
+    checkpointing cannot report them twice; the KV cache is the keyword `cache`, which HF's
+    checkpointing wrapper drops.
+    """
 
     def __init__(self, config: ModuleFormerConfig, layer_idx: int):
         super().__init__()
@@ -159,9 +168,9 @@ class ModuleFormerBlock(nn.Module):
         x: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
         memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, tuple[RouterOutput, RouterOutput], tuple[torch.Tensor, torch.Tensor]]:
         """Returns the new x, the (MoA, SMoE) router outputs and the keys/values attended
         to (prefix + current), from which the model builds the next memory.
@@ -172,9 +181,9 @@ class ModuleFormerBlock(nn.Module):
         A KV cache holds rotated keys (the HF convention)."""
         h = self.ln_1(x)
         keys, values = self.attn.project_kv(h)
-        if past_key_values is not None:
+        if cache is not None:
             keys = self.attn.rotate(keys, rope)
-            keys, values = past_key_values.update(keys, values, self.layer_idx)
+            keys, values = cache.update(keys, values, self.layer_idx)
             attended_kv = (keys, values)
         else:
             if memory_kv is not None:
@@ -189,12 +198,20 @@ class ModuleFormerBlock(nn.Module):
         return x, (att_route, ffd_route), attended_kv
 
 
-class ModuleFormerPreTrainedModel(PreTrainedModel):
+class ModuleFormerPreTrainedModel(CheckpointingMixin, PortableModelMixin, PreTrainedModel):
     config_class = ModuleFormerConfig
     config: ModuleFormerConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["ModuleFormerBlock"]
     _supports_cache_class = True
+
+    @classmethod
+    def auto_classes(cls) -> dict[str, type]:
+        return {
+            "AutoModel": ModuleFormerModel,
+            "AutoModelForCausalLM": ModuleFormerForCausalLM,
+            "AutoModelForSequenceClassification": ModuleFormerForSequenceClassification,
+        }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -248,6 +265,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         self.h = nn.ModuleList(ModuleFormerBlock(config, i) for i in range(config.n_layer))
         final_eps = config.final_norm_epsilon or config.layer_norm_epsilon
         self.ln_f = make_norm(config.norm_type, config.n_embd, final_eps)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -400,6 +418,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
                 )
         if use_cache is None:
             use_cache = self.config.use_cache and memory is None and not self.training
+        use_cache, past_key_values = no_cache_when_checkpointing(self, use_cache, past_key_values)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if past_key_values is not None:
@@ -415,7 +434,9 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         layer_kv = []
         for i, block in enumerate(self.h):
             memory_kv = (memory.keys[i], memory.values[i]) if memory is not None else None
-            x, routes, kv = block(x, token_mask, key_padding_mask, past_key_values, memory_kv, rope)
+            x, routes, kv = block(
+                x, token_mask, key_padding_mask, memory_kv, rope, cache=past_key_values
+            )
             router_outputs.append(routes)
             layer_kv.append(kv)
         x = self.ln_f(x)
@@ -554,3 +575,11 @@ class ModuleFormerForCausalLM(FlopCounting, ModuleFormerPreTrainedModel, Generat
             **cache_field(output_cache(out)),
             memory=out.memory,
         )
+
+
+class ModuleFormerForSequenceClassification(
+    SequenceClassificationMixin, ModuleFormerPreTrainedModel
+):
+    """`ModuleFormerModel` with a `score` head on the last real token (models/classification.py)."""
+
+    base_model_class = ModuleFormerModel

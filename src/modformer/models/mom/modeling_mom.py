@@ -43,8 +43,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from modformer.models.checkpointing import CheckpointingMixin, no_cache_when_checkpointing
+from modformer.models.classification import SequenceClassificationMixin
+from modformer.models.export_code import PortableModelMixin
 from modformer.models.flops import FlopCounting
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
@@ -347,21 +351,34 @@ class AttentionMasks:
         return (causal & is_key[:, None, None, :]) | (k == q)[None, None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ForwardContext:
-    """What every chunk of one forward pass shares."""
+    """What every layer of one forward pass reads (and never writes: a layer recomputed
+    under activation checkpointing must see exactly what it saw the first time)."""
 
     masks: AttentionMasks
-    cache: Cache | None
     token_weight: torch.Tensor | None  # (n,) 1.0 for real tokens, 0.0 for padding
     compute_aux: bool
     balance_loss: bool
-    routing: list[RoutingStep] | None
-    carry: dict = field(default_factory=dict)
+    record_routing: bool
+
+
+@dataclass
+class ChunkTrace:
+    """What one chunk call reports besides its output. It is returned, not appended to
+    shared state, so a recomputation (activation checkpointing) cannot count it twice.
+
+    carry: the policy state handed to the next chunk (early exit's "has exited" flags).
+    balance_terms: Switch balance terms of the routed decisions; loads: module loads by
+    metric name; routing: the chunk's steps of the routing trace (when recorded).
+    """
+
+    carry: dict
     balance_terms: list[torch.Tensor] = field(default_factory=list)
     loads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    routing: list[RoutingStep] = field(default_factory=list)
 
-    def observe(self, name: str, sel: Selection) -> None:
+    def observe(self, name: str, sel: Selection, ctx: ForwardContext) -> None:
         """Module load (fraction of picks per choice) and the Switch balance term of a
         routed decision; no host syncs."""
         picks = sel.picks
@@ -369,24 +386,29 @@ class ForwardContext:
         picked = torch.zeros_like(sel.probs).scatter_add_(
             1, picks, torch.ones(picks.shape, dtype=sel.probs.dtype, device=picks.device)
         )
-        if self.token_weight is None:
+        if ctx.token_weight is None:
             load, mean_prob = picked.mean(0) / k, sel.probs.mean(0)
         else:
-            w = self.token_weight[:, None]
+            w = ctx.token_weight[:, None]
             denom = w.sum().clamp(min=1.0)
             load = (picked * w).sum(0) / (denom * k)
             mean_prob = (sel.probs * w).sum(0) / denom
         self.loads.setdefault(name, []).append(load.detach())
-        if self.balance_loss:
+        if ctx.balance_loss:
             self.balance_terms.append(sel.probs.shape[-1] * (load * mean_prob).sum())
 
 
 # ---- chunk -----------------------------------------------------------------------------
 
 
-class MoMChunk(nn.Module):
+class MoMChunk(GradientCheckpointingLayer):
     """One chunk: N attention and N FFN modules (or the policy's pool sizes) assembled
-    for H steps. `first_layer` numbers its first step among all assembled layers."""
+    for H steps. `first_layer` numbers its first step among all assembled layers.
+
+    A pure function of its arguments (see `ChunkTrace`), so it can be recomputed under
+    activation checkpointing; the KV cache is the keyword `cache`, which HF's
+    checkpointing wrapper drops.
+    """
 
     def __init__(
         self,
@@ -416,10 +438,18 @@ class MoMChunk(nn.Module):
             index = (index >= num_choices).long()
         return RoutedPairs.sort(index, sel.weight, pool.num_modules)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: ForwardContext,
+        carry: dict,
+        cache: Cache | None = None,
+    ) -> tuple[torch.Tensor, ChunkTrace]:
+        """x: (B, T, d); carry: the previous chunk's `ChunkTrace.carry` (not modified)."""
         B, T, d = x.shape
         policy = self.policy
-        state = policy.begin(ctx.carry)
+        trace = ChunkTrace(carry=dict(carry))
+        state = policy.begin(trace.carry)
         observe = policy.routed and ctx.compute_aux
         prefix = f"mom/chunk{self.chunk_index}"
         qkv_weight, fc_weight = self.attn.folded_qkv_weight(), self.ffn.folded_fc_weight()
@@ -433,7 +463,7 @@ class MoMChunk(nn.Module):
                 self._pairs(attn_sel, policy.num_attn_modules, self.attn),
                 qkv_weight,
                 ctx.masks,
-                ctx.cache,
+                cache,
                 self.first_layer + h,
                 is_key,
                 None if self.key_flag_layer is None else self.key_flag_layer + h,
@@ -443,11 +473,11 @@ class MoMChunk(nn.Module):
 
             if observe:
                 if attn_sel.probs is not None:
-                    ctx.observe(f"{prefix}/attn_load", attn_sel)
+                    trace.observe(f"{prefix}/attn_load", attn_sel, ctx)
                 if ffn_sel.probs is not None:
-                    ctx.observe(f"{prefix}/ffn_load", ffn_sel)
-            if ctx.routing is not None:
-                ctx.routing.append(
+                    trace.observe(f"{prefix}/ffn_load", ffn_sel, ctx)
+            if ctx.record_routing:
+                trace.routing.append(
                     RoutingStep(
                         chunk=self.chunk_index,
                         step=h,
@@ -460,19 +490,27 @@ class MoMChunk(nn.Module):
                         num_ffn_modules=policy.num_ffn_modules,
                     )
                 )
-        return x
+        return x, trace
 
 
 # ---- models ----------------------------------------------------------------------------
 
 
-class MoMPreTrainedModel(PreTrainedModel):
+class MoMPreTrainedModel(CheckpointingMixin, PortableModelMixin, PreTrainedModel):
     config_class = MoMConfig
     config: MoMConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["Block", "MoMChunk"]
     _supports_sdpa = True
     _supports_cache_class = True
+
+    @classmethod
+    def auto_classes(cls) -> dict[str, type]:
+        return {
+            "AutoModel": MoMModel,
+            "AutoModelForCausalLM": MoMForCausalLM,
+            "AutoModelForSequenceClassification": MoMForSequenceClassification,
+        }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -520,6 +558,7 @@ class MoMModel(MoMPreTrainedModel):
                 key_flag_layer += config.H
         self.h = nn.ModuleList(layers)
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -571,6 +610,7 @@ class MoMModel(MoMPreTrainedModel):
         B, T = inputs_embeds.shape[:2]
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
+        use_cache, past_key_values = no_cache_when_checkpointing(self, use_cache, past_key_values)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         cache = past_key_values if use_cache else None
@@ -590,23 +630,31 @@ class MoMModel(MoMPreTrainedModel):
             token_weight = attention_mask[:, -T:].reshape(-1).to(torch.float32)
         ctx = ForwardContext(
             masks=masks,
-            cache=cache,
             token_weight=token_weight,
             compute_aux=compute_aux,
             balance_loss=compute_aux and self.config.balance_loss_weight > 0,
-            routing=[] if return_routing else None,
+            record_routing=return_routing,
         )
+        carry: dict = {}  # policy state shared by the chunks (early exit's flags)
+        balance_terms: list[torch.Tensor] = []
+        loads: dict[str, list[torch.Tensor]] = {}
+        routing: list[RoutingStep] = []
         for layer in self.h:
             if isinstance(layer, MoMChunk):
-                x = layer(x, ctx)
+                x, trace = layer(x, ctx, carry, cache=cache)
+                carry = trace.carry
+                balance_terms += trace.balance_terms
+                for name, values in trace.loads.items():
+                    loads.setdefault(name, []).extend(values)
+                routing += trace.routing
             else:
-                x = layer(x, masks.base, cache)
+                x = layer(x, masks.base, cache=cache)
         x = self.ln_f(x)
 
         aux_loss = None
-        if ctx.balance_terms:
-            aux_loss = self.config.balance_loss_weight * torch.stack(ctx.balance_terms).mean()
-        aux_metrics = {name: torch.stack(v).mean(0) for name, v in ctx.loads.items()} or None
+        if balance_terms:
+            aux_loss = self.config.balance_loss_weight * torch.stack(balance_terms).mean()
+        aux_metrics = {name: torch.stack(v).mean(0) for name, v in loads.items()} or None
         if aux_metrics is not None and aux_loss is not None:
             aux_metrics["mom/balance_loss"] = aux_loss.detach()
         return MoMModelOutput(
@@ -614,7 +662,7 @@ class MoMModel(MoMPreTrainedModel):
             **cache_field(cache),
             aux_loss=aux_loss,
             aux_metrics=aux_metrics,
-            routing=tuple(ctx.routing) if return_routing else None,
+            routing=tuple(routing) if return_routing else None,
         )
 
 
@@ -682,3 +730,9 @@ class MoMForCausalLM(FlopCounting, MoMPreTrainedModel, GenerationMixin):
             **cache_field(output_cache(out)),
             routing=out.routing,
         )
+
+
+class MoMForSequenceClassification(SequenceClassificationMixin, MoMPreTrainedModel):
+    """`MoMModel` with a `score` head on the last real token (models/classification.py)."""
+
+    base_model_class = MoMModel

@@ -1,0 +1,1 @@
+"""The CLI layer's command functions: argparse namespaces in, library calls out."""
