@@ -285,7 +285,7 @@ def mom_p_arm(out_dir: Path, scale: str, seed: int, phase1_model: Path) -> ArmRe
 
 ARM_ORDER = [
     "vanilla_cont", "mom_e", "mom_i", "mom_p", "vanilla_flops_mom_e", "vanilla_flops_mom_i",
-    "vanilla_flops_mom_p", "param_sharing", "mom_p_lr_half",
+    "vanilla_flops_mom_p", "param_sharing", "mom_p_lr_half", "vanilla_cont_long", "mom_p_long",
 ]  # fmt: skip
 MATCHED = {
     "vanilla_cont": "baseline: vanilla continued, same steps and batches",
@@ -297,6 +297,8 @@ MATCHED = {
     "vanilla_flops_mom_p": "equal training FLOPs to mom_p (more steps), equal params",
     "param_sharing": "equal params to vanilla, FLOPs ~ mom_p's, equal tokens",
     "mom_p_lr_half": "lever: mom_p with phase-2 peak lr halved; equal tokens",
+    "vanilla_cont_long": "lever's baseline: vanilla continued for 2x the phase-2 steps",
+    "mom_p_long": "lever: mom_p for 2x the phase-2 steps; equal tokens to vanilla_cont_long",
 }
 
 
@@ -306,6 +308,10 @@ EQUAL_COST_TABLES = {
 } | {
     "mom_p vs parameter sharing (equal params, similar FLOPs)": ("param_sharing", ["mom_p"]),
     "lever: mom_p with half the phase-2 peak lr vs mom_p": ("mom_p", ["mom_p_lr_half"]),
+    "lever: phase 2 twice as long (mom_p vs vanilla continued, both 2x steps)": (
+        "vanilla_cont_long",
+        ["mom_p_long"],
+    ),
 }
 
 
@@ -351,7 +357,7 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
         )  # fmt: skip
         done.append(seed)
         write()
-    # The lever for a MoM that does not beat its baseline, on one arm: restarting
+    # The levers for a MoM that does not beat its baseline, on one arm: restarting
     # phase 2 at the phase-1 peak learning rate may undo phase 1; halve it.
     for seed in seeds:
         results.append(
@@ -360,6 +366,14 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
                 mom_name=MOM_ARMS["mom_p"], lr=s.lr / 2,
             )
         )  # fmt: skip
+        write()
+    # A second lever: phase 2 twice as long (phase 2 : phase 1 of 1 : 1 instead of 1 : 2).
+    for seed in seeds:
+        long = 2 * s.phase2_steps
+        results.append(phase2_arm(out_dir, "vanilla_cont_long", seed, scale,
+                                  phase1_models[seed], steps=long))  # fmt: skip
+        results.append(phase2_arm(out_dir, "mom_p_long", seed, scale, phase1_models[seed],
+                                  steps=long, mom_name=MOM_ARMS["mom_p"]))  # fmt: skip
         write()
     return write()
 
