@@ -95,7 +95,7 @@ def compare(results: Sequence[ArmResult], arm: str, baseline: str) -> Comparison
     se = diff_sd / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
     if len(diffs) < 2:
         verdict = "one seed"
-    elif abs(diff_mean) < 2 * se:
+    elif diff_mean == 0 or abs(diff_mean) < 2 * se:
         verdict = "within noise"
     else:
         verdict = "lower" if diff_mean < 0 else "higher"
