@@ -717,6 +717,9 @@ BAD: list[tuple[str, list[str], str]] = [
     ("lmeval-bert", ["lm-eval", "{bert}", "--write-remote-code"], "bert"),
     ("lmeval-output-under-file", ["lm-eval", "{gpt}", "--output", "{blocked}/r.json"], "is a file"),
     ("lmeval-limit-text", ["lm-eval", "{gpt}", "--limit", "many"], "invalid"),
+    # ---- reproduce
+    ("reproduce-bad-seeds", ["reproduce", "mom-vs-vanilla", "--seeds", "0,x"], "--seeds '0,x'"),
+    ("reproduce-no-seeds", ["reproduce", "mom-vs-vanilla", "--seeds", ","], "seeds must be"),
     # ---- plot-curves
     ("plot-no-runs", ["plot-curves", "--out", "{out}.png"], "RUN"),
     ("plot-missing-run", ["plot-curves", "{root}/none", "--out", "{out}.png"], "none"),

@@ -323,7 +323,7 @@ def run_convert_gpt2(args: argparse.Namespace) -> None:
     from modformer.convert.gpt2 import convert_gpt2
 
     model = convert_gpt2(args.src, args.dst)
-    n = sum(p.numel() for p in model.parameters())
+    n = model.num_parameters()
     print(f"converted {args.src} -> {args.dst} ({n:,} parameters)")
 
 
@@ -343,7 +343,7 @@ def run_convert_jetmoe(args: argparse.Namespace) -> None:
     from modformer.convert.jetmoe import convert_jetmoe
 
     model = convert_jetmoe(args.src, args.dst)
-    n = sum(p.numel() for p in model.parameters())
+    n = model.num_parameters()
     print(f"converted {args.src} -> {args.dst} (JetMoE as ModuleFormer, {n:,} parameters)")
 
 
@@ -375,7 +375,7 @@ def run_convert_mom(args: argparse.Namespace) -> None:
         **options,
     )
     atomic_save_model(model, args.dst, Path(src), Provenance(method="convert", source=str(src)))
-    n = sum(p.numel() for p in model.parameters())
+    n = model.num_parameters()
     print(
         f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"
     )
@@ -385,7 +385,7 @@ def run_convert_mom_official(args: argparse.Namespace) -> None:
     from modformer.convert.mom_official import convert_mom_official
 
     model = convert_mom_official(args.src, args.dst)
-    n = sum(p.numel() for p in model.parameters())
+    n = model.num_parameters()
     print(
         f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"
     )

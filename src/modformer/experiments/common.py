@@ -172,7 +172,12 @@ def run_experiment(name: str, out_dir: str | Path, seeds: Sequence[int], scale: 
 
 def run_reproduce(args: Any) -> dict:
     """`modformer reproduce NAME`."""
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2"
+        ) from None
     out_dir = Path(args.out_dir) if args.out_dir else Path("runs") / "reproduce" / args.name
     start = time.perf_counter()
     payload = run_experiment(args.name, out_dir, seeds, args.scale)
