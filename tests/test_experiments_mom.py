@@ -140,3 +140,50 @@ def test_mom_two_phase_quick(mom_data, tmp_path, monkeypatch):
     assert (shared / "arms" / "mom_p" / "seed_1.json").is_file()
     md = (out / "results.md").read_text()
     assert "(1) vs (2)" in md and "| mom_same | 2 |" in md
+
+
+def test_grad_spikes_counts_norms_far_above_the_running_median():
+    from modformer.experiments.mom_kxh import grad_spikes
+
+    norms = [1.0] * 30
+    norms[10], norms[25] = 5.5, 4.9  # 5.5x the median: a spike; 4.9x: not one
+    result = grad_spikes(norms, factor=5.0, window=20)
+    assert result["spikes"] == 1 and result["spike_steps"] == [11]
+    assert result["max_norm_ratio"] == pytest.approx(5.5)
+    # A slow rise is no spike: the running median follows it.
+    assert grad_spikes([1.1**t for t in range(40)])["spikes"] == 0
+    assert grad_spikes([1.0, 2.0])["max_norm_ratio"] is None  # too short to judge
+    with pytest.raises(ValueError, match="factor > 1"):
+        grad_spikes(norms, factor=1.0)
+
+
+def test_mom_kxh_quick(mom_data, tmp_path, monkeypatch):
+    from modformer.experiments import mom_kxh
+
+    monkeypatch.setattr(mom_kxh, "GRID_K", (1, 3))  # the grid's corners, to stay fast
+    monkeypatch.setattr(mom_kxh, "GRID_H", (1, 6))
+    out = tmp_path / "mom-kxh"
+    payload = run_experiment("mom-kxh", out, SEEDS, "quick")
+    arms = by_arm(payload)
+    grid = [mom_kxh.grid_arm(k, h) for k in mom_kxh.GRID_K for h in mom_kxh.GRID_H]
+    assert set(arms) == {"vanilla_cont", *grid, *mom_kxh.ROUTER_ARMS}
+    for arm in grid:  # the grid on the first seed only
+        assert [r["seed"] for r in arms[arm]] == SEEDS[: mom_kxh.GRID_SEEDS]
+    for arm in ("vanilla_cont", *mom_kxh.ROUTER_ARMS):
+        assert sorted(r["seed"] for r in arms[arm]) == SEEDS
+    steps = mom_vs_vanilla.SCALES["quick"].phase2_steps
+    for rows in arms.values():
+        for r in rows:  # every step's gradient norm logged, and the spikes judged on them
+            norms = r["extra"]["grad_norms"]
+            assert len(norms) == steps and all(n > 0 for n in norms)
+            assert r["extra"]["spikes"] == mom_kxh.grad_spikes(norms)["spikes"]
+    # FLOPs grow with K and with H; H = 1 is cheaper than the vanilla 4-layer chunk.
+    flops = {a: rows[0]["flops_per_token"] for a, rows in arms.items()}
+    assert flops["K1H1S"] < flops["vanilla_cont"]
+    assert flops["K1H1S"] < flops["K1H6S"] and flops["K1H6S"] < flops["K3H6S"]
+    # The router arms differ only in the router.
+    gru, mlp = arms["router_gru"][0], arms["router_mlp"][0]
+    assert gru["total_params"] != mlp["total_params"]
+    md = (out / "results.md").read_text()
+    assert "| K=3 |" in md and "| router_mlp | 2 |" in md
+    assert "router_mlp vs router_gru" in payload["comparisons"]

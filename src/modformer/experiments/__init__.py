@@ -50,5 +50,10 @@ EXPERIMENTS["mom-routing"] = Experiment(
     "modformer.experiments.mom_routing",
     "depth-order diagonal mass, SKIP and all-SKIP rates of mom-vs-vanilla's MoMs (Fig. 6)",
 )
+EXPERIMENTS["mom-kxh"] = Experiment(
+    "modformer.experiments.mom_kxh",
+    "K x H grid against vanilla continued (Fig. 4); GRU vs MLP router in two-phase training "
+    "with gradient-spike counts (App. D.1)",
+)
 
 SCALES = ("full", "quick")  # quick: a few steps per arm, to check the plumbing

@@ -109,9 +109,10 @@ def shared_dir(out_dir: Path, scale: str) -> Path:
 
 def train_cfg(
     s: Scale, data: Path, run_dir: Path, steps: int, seed: int, lr: float | None = None,
-    warmup_steps: int | None = None, **model: Any
+    warmup_steps: int | None = None, log_interval: int | None = None, **model: Any
 ):  # fmt: skip
-    """The demo's recipe (`modformer.demo._train_cfg`) on one thread, evaluating only at the end."""
+    """The demo's recipe (`modformer.demo._train_cfg`) on one thread, evaluating only at the
+    end; metrics every `log_interval` steps (default: 4 lines per run)."""
     from modformer.train.config import load_train_config
 
     peak = s.lr if lr is None else lr
@@ -130,7 +131,7 @@ def train_cfg(
             "batch_size": s.batch_size,
             "eval_interval": 0,
             "eval_batches": 2,
-            "log_interval": max(steps // 4, 1),
+            "log_interval": max(steps // 4, 1) if log_interval is None else log_interval,
             "ckpt_interval": 0,
             "keep_last": 1,
             "progress": False,
