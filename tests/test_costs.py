@@ -190,8 +190,10 @@ def brute_force_causal_pairs(steps) -> int:
         dict(mom="K1H2S", mom_same=True),
         # pruned pools: the routers compute at the unpruned width
         dict(mom="K1H2S", ffn_modules_per_chunk=[1], ffn_module_slots=[[1]]),
+        # separate router K: one attention pick (some tokens skip it all), three FFN picks
+        dict(mom="K2H2S", K_attn=1, K_ffn=3),
     ],
-    ids=["K1H2S", "K2H2S-mlp", "moe", "mom-same", "pruned"],
+    ids=["K1H2S", "K2H2S-mlp", "moe", "mom-same", "pruned", "K_attn1-K_ffn3"],
 )
 def test_mom_count_matches_flop_counter_with_skip(overrides):
     # Fresh GRU routers send about 40% of the K1H2S picks to SKIP (asserted below).
@@ -208,7 +210,7 @@ def test_mom_count_matches_flop_counter_with_skip(overrides):
     sdpa = counted["aten._scaled_dot_product_flash_attention_for_cpu"]
     assert sdpa == report.components["attention_scores"]
 
-    if model.config.skip and model.config.K == 1:
+    if model.config.skip and model.config.attn_k == 1:
         skipped = torch.stack([(s.attn_index == s.num_attn_modules) for s in steps]).float()
         assert 0.0 < skipped.mean() < 1.0, "the test needs some all-SKIP tokens"
         d = model.config.n_embd

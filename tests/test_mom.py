@@ -194,6 +194,12 @@ def test_presets_and_mom_names():
     # Cache layers: attention layers, plus key-flag layers only when a token may skip all.
     assert small_config(K=2, H=3).num_hidden_layers == 2 + 3
     assert small_config(K=1, H=3).num_hidden_layers == 2 + 3 + 3
+    # Separate router K: the attention routers' K decides whether key flags are needed.
+    split = small_config(K=2, K_attn=1, H=3)
+    assert (split.attn_k, split.ffn_k, split.mom_name) == (1, 2, "K(A1,F2)H3S")
+    assert split.num_hidden_layers == 2 + 3 + 3
+    assert small_config(K=1, K_attn=2, H=3).num_hidden_layers == 2 + 3
+    assert MoMConfig.from_dict(split.to_dict()).attn_k == 1  # saved and reloaded
 
 
 @pytest.mark.parametrize(
@@ -216,6 +222,10 @@ def test_presets_and_mom_names():
         (dict(skip_layers=[1]), "skip_layers is a parameter of the layer_skip"),
         (dict(policy="vanilla", H=2, mom_same=True), "mom_same ties"),
         (dict(balance_loss_weight=-1.0), "balance_loss_weight must be >= 0"),
+        (dict(K_attn=4, H=2), r"K_attn=4 exceeds the 3 choices \(2 modules \+ SKIP\) of attention"),
+        (dict(K=1, K_ffn=3, H=2, skip=False), r"K_ffn=3 exceeds the 2 choices .* of FFN"),
+        (dict(K_ffn=0, H=2), "K_ffn=0: a separate top-K must be positive"),
+        (dict(policy="vanilla", H=2, K_attn=1), "parameter of the learned policy"),
     ],
 )
 def test_validation_names_the_field(kwargs, message):
@@ -271,6 +281,7 @@ def test_mlp_router_is_stateless_and_top_k_renormalises():
         dict(K=3, H=2, skip=True, weighted_qkv=True, renormalize=False),
         dict(K=2, H=2, skip=False, router="mlp", bias=False),
         dict(K=2, H=3, skip=True, mom_same=True),
+        dict(K=2, K_attn=1, K_ffn=3, H=3, skip=True),  # separate router K
     ],
 )
 def test_learned_assembly_matches_explicit_loops(kwargs):
@@ -281,8 +292,11 @@ def test_learned_assembly_matches_explicit_loops(kwargs):
     skip_picks = [(r.attn_index == r.num_attn_modules) for r in out.routing]
     if model.config.skip:  # the routers do pick SKIP, and other modules
         assert any(s.any() for s in skip_picks) and not all(s.all() for s in skip_picks)
-    if model.config.K == 1:  # some tokens skip a whole attention step
+    if model.config.attn_k == 1:  # some tokens skip a whole attention step
         assert any(s.all(-1).any() for s in skip_picks)
+    for r in out.routing:  # each router picks its own K
+        assert r.attn_index.shape[-1] == model.config.attn_k
+        assert r.ffn_index.shape[-1] == model.config.ffn_k
     torch.testing.assert_close(out.logits, reference_logits(model, ids), atol=1e-4, rtol=1e-4)
 
 
@@ -453,6 +467,7 @@ def test_left_padding_does_not_change_real_tokens(K):
     [
         dict(K=1, H=3, skip=True),  # all-SKIP tokens: key flags kept in the cache
         dict(K=2, H=3, skip=True),
+        dict(K=2, K_attn=1, K_ffn=3, H=3, skip=True),  # separate router K, key flags
         dict(policy="early_exit", H=2),
     ],
 )

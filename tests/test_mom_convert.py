@@ -179,9 +179,60 @@ def test_router_width_scales_with_the_model_so_parameters_stay_near_the_source()
     assert phase2_router_dim(16) == 8  # a floor for very small models
 
 
-def test_reduced_pools_are_a_clear_error_not_an_index_error():
-    with pytest.raises(ValueError, match=r"attn_modules_per_chunk=\[1\] differs .* \[2\]"):
-        mom_from_vanilla(vanilla(), chunks="[1-2-1]", mom_name="K1H2S", attn_modules_per_chunk=[1])
+def test_reduced_pools_take_layers_spread_in_depth_order():
+    """Fig. 3's N_A x N_F pools: n modules of a 4-layer chunk are its layers i * 4 // n."""
+    from modformer.convert.mom import spread_layers
+
+    assert spread_layers(4, 4) == [0, 1, 2, 3]
+    assert spread_layers(4, 2) == [0, 2] and spread_layers(4, 1) == [0]
+    assert spread_layers(4, 3) == [0, 1, 2]
+    gpt = vanilla(n_layer=6)
+    mom = mom_from_vanilla(
+        gpt, "[1-4-1]", "K2H4S", router_dim=8, attn_modules_per_chunk=[2],
+        ffn_modules_per_chunk=[1], K_attn=2, K_ffn=1,
+    )  # fmt: skip
+    chunk, source = mom.transformer.chunks[0], gpt.transformer.h
+    assert chunk.attn.num_modules == 2 and chunk.ffn.num_modules == 1
+    for module, layer in enumerate([1, 3]):  # the chunk starts at layer 1
+        assert torch.equal(chunk.attn.qkv_weight[module], source[layer].attn.c_attn.weight.T)
+        assert torch.equal(chunk.attn.ln_bias[module], source[layer].ln_1.bias)
+    assert torch.equal(chunk.ffn.fc_weight[0], source[1].mlp.c_fc.weight.T)
+    # Routers score each pool's own modules (+ SKIP): 2 + 1 attention, 1 + 1 FFN choices.
+    assert chunk.policy.attn_router.out.out_features == 3
+    assert chunk.policy.ffn_router.out.out_features == 2
+    ids = torch.randint(0, VOCAB, (2, 12))
+    out = mom(ids, labels=ids, return_routing=True)
+    assert torch.isfinite(out.loss)
+    assert all(s.attn_index.shape[-1] == 2 and s.ffn_index.shape[-1] == 1 for s in out.routing)
+
+
+def test_reduced_pools_larger_than_a_chunk_are_a_clear_error():
+    with pytest.raises(ValueError, match=r"attn_modules_per_chunk=\[3\] exceeds .* \[2\]"):
+        mom_from_vanilla(vanilla(), chunks="[1-2-1]", mom_name="K1H2S", attn_modules_per_chunk=[3])
+    with pytest.raises(ValueError, match="ffn_module_slots describe a pruned model"):
+        mom_from_vanilla(
+            vanilla(), chunks="[1-2-1]", mom_name="K1H2S", ffn_modules_per_chunk=[1],
+            ffn_module_slots=[[1]],
+        )  # fmt: skip
+
+
+def test_convert_cli_separate_k_and_reduced_pools(tiny_data_dir, tmp_path, capsys):
+    from modformer.cli import main
+    from modformer.train.checkpoint import save_model_files
+
+    src = tmp_path / "gpt"
+    save_model_files(vanilla(), src, tiny_data_dir / "tokenizer")
+    argv = ["convert", "mom", "--from", str(src), "--chunks", "[4]", "--config", "K4H4S"]
+    options = ["--attn-modules", "1", "--k-attn", "1", "--k-ffn", "3"]
+    assert main([*argv, *options, str(tmp_path / "a")]) == 0
+    config = MoMForCausalLM.from_pretrained(tmp_path / "a").config
+    assert (config.attn_k, config.ffn_k, config.attn_modules_per_chunk) == (1, 3, [1])
+    assert "K(A1,F3)H4S" in capsys.readouterr().out
+    assert main([*argv, "--ffn-modules", "two", str(tmp_path / "b")]) == 2
+    assert "--ffn-modules 'two'" in capsys.readouterr().err
+    # K = 4 over 1 attention module + SKIP: a clear error naming the fix.
+    assert main([*argv, "--attn-modules", "1", str(tmp_path / "c")]) == 2
+    assert "lower K or keep more modules" in capsys.readouterr().err
 
 
 def test_convert_cli_router_dim_and_share_map(tiny_data_dir, tmp_path, capsys):

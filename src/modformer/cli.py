@@ -286,6 +286,17 @@ def _convert(sub: argparse._SubParsersAction) -> None:
         help="policy parameter_sharing: the module each step uses, as H comma-separated "
         "indices, e.g. '0,0,1,1'",
     )
+    for kind, what in (("attn", "attention"), ("ffn", "FFN")):
+        m.add_argument(
+            f"--k-{kind}",
+            type=int,
+            help=f"top-K of the {what} routers when it differs from the --config name's K",
+        )
+        m.add_argument(
+            f"--{kind}-modules",
+            help=f"{what} modules per chunk, comma-separated (e.g. '2'); fewer than a chunk's "
+            "layers keeps its layers i * N // n (default: one per layer)",
+        )
     m.add_argument("dst", help="output model directory")
     m.set_defaults(func=run_convert_mom)
     o = conv.add_parser(
@@ -365,6 +376,18 @@ def run_convert_mom(args: argparse.Namespace) -> None:
                 f"--share-map {args.share_map!r}: expected comma-separated module indices, "
                 "e.g. '0,0,1,1'"
             ) from None
+    for kind in ("attn", "ffn"):
+        if getattr(args, f"k_{kind}") is not None:
+            options[f"K_{kind}"] = getattr(args, f"k_{kind}")
+        counts = getattr(args, f"{kind}_modules")
+        if counts is not None:
+            try:
+                options[f"{kind}_modules_per_chunk"] = [int(n) for n in counts.split(",")]
+            except ValueError:
+                raise ConfigError(
+                    f"--{kind}-modules {counts!r}: expected comma-separated module counts, "
+                    "one per chunk, e.g. '2' or '2,4'"
+                ) from None
     model = mom_from_vanilla(
         src,
         chunks=args.chunks,

@@ -12,6 +12,12 @@ larger than the layers they route (at d = 128 a ``[1-2-1]`` K2H3S model had +44%
 parameters over its vanilla source), so a MoM-vs-vanilla comparison would not be at
 equal parameters. At d / 4 the routers add about 2% there.
 
+Reduced pools (MoM paper Fig. 3's N_A x N_F study): with ``attn_modules_per_chunk`` /
+``ffn_modules_per_chunk`` below a chunk's N layers, the n modules of a pool are the
+chunk's layers ``i * N // n`` for i < n: spread in depth order from the first layer (n = 1:
+the first layer; n = 2 of 4: layers 0 and 2). The paper does not say which layers it
+kept; this rule keeps the pool's depth coverage even.
+
 Policy-specific copies:
 - ``mom_same`` (the MoM-same ablation): the chunk's one tied module is the chunk's first
   (lowest) layer. The paper does not say which layer; the first is the official code's
@@ -115,16 +121,19 @@ def mom_config_from_gpt(
             f"chunks={chunks!r} covers {config.num_vanilla_layers} layers but the source "
             f"model has n_layer={gpt_config.n_layer}; the chunk sizes must sum to n_layer"
         )
+    chunk_sizes = [n for n in config.chunk_sizes if n > 1]
     for kind in ("attn", "ffn"):
         sizes = getattr(config, f"{kind}_modules_per_chunk")
-        chunk_sizes = [n for n in config.chunk_sizes if n > 1]
-        if sizes is not None and list(sizes) != chunk_sizes:
+        if sizes is not None and any(n > size for n, size in zip(sizes, chunk_sizes)):
             raise ValueError(
-                f"{kind}_modules_per_chunk={list(sizes)} differs from the chunks' layer counts "
-                f"{chunk_sizes}: phase-2 initialisation fills module i of a chunk with its "
-                f"layer i, so every pool has one module per layer; build a model with smaller "
-                f"pools with MoMConfig(..., {kind}_modules_per_chunk=...) and train it from "
-                "scratch, or prune the converted model (modformer prune)"
+                f"{kind}_modules_per_chunk={list(sizes)} exceeds the chunks' layer counts "
+                f"{chunk_sizes}: phase-2 initialisation fills a pool from its chunk's layers, "
+                "so a pool can hold at most one module per layer"
+            )
+        if getattr(config, f"{kind}_module_slots") is not None:
+            raise ValueError(
+                f"{kind}_module_slots describe a pruned model's router layout; phase-2 "
+                "initialisation builds fresh routers for its pools: leave them unset"
             )
     return config
 
@@ -151,11 +160,23 @@ def _copy_ffn(pool: FFNModulePool, i: int, block: Block) -> None:
         pool.proj_bias[i].copy_(block.mlp.c_proj.bias)
 
 
-def source_layers(config: MoMConfig, num_modules: int) -> tuple[list[int], list[int]]:
-    """For a chunk of `num_modules` layers: which of its layers fills each stored
-    attention module and each stored FFN module (see the module docstring)."""
+def spread_layers(num_layers: int, num_modules: int) -> list[int]:
+    """The layers of a chunk of `num_layers` layers that fill a pool of `num_modules`
+    modules: i * N // n, depth order from the first layer (all of them when n == N)."""
+    return [i * num_layers // num_modules for i in range(num_modules)]
+
+
+def source_layers(
+    config: MoMConfig, num_modules: int, chunk_index: int = 0
+) -> tuple[list[int], list[int]]:
+    """For chunk `chunk_index` (counted over chunks only) of `num_modules` layers: which of
+    its layers fills each stored attention module and each stored FFN module (see the
+    module docstring)."""
     if config.mom_same:
         return [0], [0]
+    if config.policy == "learned":
+        n_attn, n_ffn = config.learned_pool_sizes(chunk_index, num_modules)
+        return spread_layers(num_modules, n_attn), spread_layers(num_modules, n_ffn)
     attn = list(range(num_modules))
     experts = config.num_experts if config.num_experts is not None else num_modules
     if config.policy == "moe":
@@ -189,13 +210,14 @@ def mom_from_vanilla(
     if not config.tie_word_embeddings:
         model.lm_head.load_state_dict(gpt.lm_head.state_dict())
 
-    layer = 0
+    layer, chunk_index = 0, 0
     for entry, size in zip(target.h, config.chunk_sizes):
         if size == 1:
             entry.load_state_dict(source.h[layer].state_dict())
         else:
             blocks = source.h[layer : layer + size]
-            attn_layers, ffn_layers = source_layers(config, size)
+            attn_layers, ffn_layers = source_layers(config, size, chunk_index)
+            chunk_index += 1
             for module, src_layer in enumerate(attn_layers):
                 _copy_attention(entry.attn, module, blocks[src_layer])
             for module, src_layer in enumerate(ffn_layers):

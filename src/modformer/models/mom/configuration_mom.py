@@ -74,6 +74,10 @@ sees it with score 0 and value 0 (it takes softmax mass, and the logits differ f
 "drop" by order 1); no flag layers are needed. The option matters only when a token can
 pick SKIP alone.
 
+Separate top-K per router type (MoM paper Fig. 3, which sets K to each pool's size):
+``K_attn`` / ``K_ffn`` are the attention / FFN routers' K (None: ``K``; `attn_k` and
+`ffn_k` resolve them). Only the learned policy has them.
+
 ``K`` and ``skip`` are ignored by the policies that pick one module per step (vanilla,
 layer_skip, early_exit, parameter_sharing). Layer numbers (``skip_layers``, the routing
 trace) count assembled layers: fixed blocks and chunk steps in order, so with ``H == N``
@@ -191,6 +195,8 @@ class MoMConfig(PreTrainedConfig):
     chunks: str = "[1-1-4-1-4-1]"
     mom: str | None = None  # shorthand "KaHb[S]"; consumed at construction into K, H, skip
     K: int = 2
+    K_attn: int | None = None  # the attention routers' top-K (None: K)
+    K_ffn: int | None = None  # the FFN routers' top-K (None: K)
     H: int = 6
     skip: bool = True
     router: str = "gru"
@@ -230,7 +236,21 @@ class MoMConfig(PreTrainedConfig):
 
     @property
     def mom_name(self) -> str:
-        return f"K{self.K}H{self.H}{'S' if self.skip else ''}"
+        """A label such as K2H6S; with separate router K, e.g. K(A1,F4)H4S."""
+        k = str(self.K)
+        if self.K_attn is not None or self.K_ffn is not None:
+            k = f"(A{self.attn_k},F{self.ffn_k})"
+        return f"K{k}H{self.H}{'S' if self.skip else ''}"
+
+    @property
+    def attn_k(self) -> int:
+        """Top-K of the attention routers."""
+        return self.K if self.K_attn is None else self.K_attn
+
+    @property
+    def ffn_k(self) -> int:
+        """Top-K of the FFN routers."""
+        return self.K if self.K_ffn is None else self.K_ffn
 
     @property
     def d_inner(self) -> int:
@@ -262,10 +282,10 @@ class MoMConfig(PreTrainedConfig):
             if self.router_width == "chunk":  # choices beyond a smaller pool pick nothing
                 sizes = [n for n in self.chunk_sizes if n > 1]
                 return any(
-                    n - self.learned_pool_sizes(c, n)[0] + int(self.skip) >= self.K
+                    n - self.learned_pool_sizes(c, n)[0] + int(self.skip) >= self.attn_k
                     for c, n in enumerate(sizes)
                 )
-            return self.skip and self.K == 1  # with K >= 2 some pick is always a module
+            return self.skip and self.attn_k == 1  # with K >= 2 some pick is always a module
         return self.policy in ("layer_skip", "early_exit")
 
     @property
@@ -300,6 +320,13 @@ class MoMConfig(PreTrainedConfig):
         for name in ("vocab_size", "n_positions", "n_embd", "n_head", "K", "H", "router_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("K_attn", "K_ffn"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or self.policy != "learned"):
+                raise ValueError(
+                    f"{name}={value}: a separate top-K must be positive and is a parameter of "
+                    f"the learned policy's routers (policy {self.policy!r}); leave it None to use K"
+                )
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_inner is not None and self.n_inner <= 0:
@@ -398,19 +425,26 @@ class MoMConfig(PreTrainedConfig):
                     )
         if self.policy == "learned":
             for c, size in enumerate(chunk_sizes):
-                for kind, n in zip(("attention", "FFN"), self.learned_pool_sizes(c, size)):
+                pools = zip(
+                    ("attention", "FFN"),
+                    self.learned_pool_sizes(c, size),
+                    (("K_attn", self.attn_k), ("K_ffn", self.ffn_k)),
+                )
+                for kind, n, (k_name, k) in pools:
                     if self.router_width == "chunk":
                         n = size  # every router of the chunk scores N choices
                     limit = n + 1 if self.skip else n
-                    if limit < self.K:
+                    if limit < k:
                         choices = f"{n} modules + SKIP" if self.skip else f"{n} modules"
                         where = (
                             f"a chunk of size {size} in chunks={self.chunks!r}; lower K"
                             if n == size
                             else f"chunk {c}'s pruned {kind} pool; lower K or keep more modules"
                         )
+                        name = "K" if getattr(self, k_name) is None else k_name
                         raise ValueError(
-                            f"K={self.K} exceeds the {limit} choices ({choices}) of {where}"
+                            f"{name}={k} exceeds the {limit} choices ({choices}) of {kind} "
+                            f"routing in {where}"
                         )
         if self.policy in STEP_IS_MODULE_POLICIES:
             for n in chunk_sizes:

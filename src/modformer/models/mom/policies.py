@@ -148,17 +148,18 @@ class LearnedPolicy(AssemblyPolicy):
                 router_cls(config.n_embd, config.router_dim, num_modules + extra, router_slots)
             )
         self.attn_router, self.ffn_router = routers
-        self.k = config.K
+        self.attn_k, self.ffn_k = config.attn_k, config.ffn_k
         self.renormalize = config.renormalize
         self.temperature = config.router_temperature
         self.output = config.router_output
 
     def _route(
-        self, router: nn.Module, x: torch.Tensor, state: torch.Tensor | None, num_modules: int
-    ):
+        self, router: nn.Module, x: torch.Tensor, state: torch.Tensor | None, num_modules: int,
+        k: int,
+    ):  # fmt: skip
         logits, state = router(x, state)
         weight, index, probs = top_k_routing(
-            logits, self.k, self.renormalize, self.temperature, self.output
+            logits, k, self.renormalize, self.temperature, self.output
         )
         if router.slots is not None:
             index, probs = router.slots.choice_index(index), router.slots.choices(probs)
@@ -169,13 +170,13 @@ class LearnedPolicy(AssemblyPolicy):
 
     def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
         selection, state.attn_router_state = self._route(
-            self.attn_router, x, state.attn_router_state, self.num_attn_modules
+            self.attn_router, x, state.attn_router_state, self.num_attn_modules, self.attn_k
         )
         return selection
 
     def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
         selection, state.ffn_router_state = self._route(
-            self.ffn_router, u, state.ffn_router_state, self.num_ffn_modules
+            self.ffn_router, u, state.ffn_router_state, self.num_ffn_modules, self.ffn_k
         )
         return selection
 
