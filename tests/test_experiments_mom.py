@@ -187,3 +187,26 @@ def test_mom_kxh_quick(mom_data, tmp_path, monkeypatch):
     md = (out / "results.md").read_text()
     assert "| K=3 |" in md and "| router_mlp | 2 |" in md
     assert "router_mlp vs router_gru" in payload["comparisons"]
+
+
+def test_mom_redundancy_quick(mom_data, tmp_path):
+    from modformer.experiments import mom_redundancy
+
+    out = tmp_path / "mom-redundancy"
+    payload = run_experiment("mom-redundancy", out, [0], "quick")
+    arms = {a: rows[0] for a, rows in by_arm(payload).items()}
+    assert set(arms) == set(mom_redundancy.ARM_ORDER)
+    params = {a: r["total_params"] for a, r in arms.items()}
+    # A removed module takes its parameters with it (and its router choice): an FFN holds
+    # twice an attention module's weights, so dropping FFNs saves more.
+    assert params["A1F4"] < params["A2F4"] < params["A4F4"]
+    assert params["A4F1"] < params["A4F2"] < params["A4F4"]
+    assert params["A4F1"] < params["A1F4"]
+    for arm in ("A1F4", "A4F2"):  # K follows the pool: each router uses all its modules
+        config = json.loads((out / "runs" / arm / "seed_0" / "model" / "config.json").read_text())
+        n_attn, n_ffn = config["attn_modules_per_chunk"][0], config["ffn_modules_per_chunk"][0]
+        assert (config["K_attn"], config["K_ffn"]) == (n_attn, n_ffn)
+        assert f"A{n_attn}F{n_ffn}" == arm
+    assert all(r["steps"] == mom_vs_vanilla.SCALES["quick"].phase2_steps for r in arms.values())
+    md = (out / "results.md").read_text()
+    assert "| A1F4 | 1 |" in md and "vs A4F4" in md

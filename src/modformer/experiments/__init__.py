@@ -50,6 +50,10 @@ EXPERIMENTS["mom-routing"] = Experiment(
     "modformer.experiments.mom_routing",
     "depth-order diagonal mass, SKIP and all-SKIP rates of mom-vs-vanilla's MoMs (Fig. 6)",
 )
+EXPERIMENTS["mom-redundancy"] = Experiment(
+    "modformer.experiments.mom_redundancy",
+    "pools with fewer attention or FFN modules (K = pool size) against the full pool (Fig. 3)",
+)
 EXPERIMENTS["mom-kxh"] = Experiment(
     "modformer.experiments.mom_kxh",
     "K x H grid against vanilla continued (Fig. 4); GRU vs MLP router in two-phase training "
