@@ -483,3 +483,75 @@ def test_bad_inputs_are_clear_errors():
         inference_flops(model, tokens(), attention="sparse")
     with pytest.raises(ValueError, match="supports"):
         inference_flops(torch.nn.Linear(2, 2), tokens())
+
+
+# ---- memory with a KV cache (MoM Table 1's measure) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: gpt(),
+        lambda: mom(mom="K1H2S"),  # key-flag layers: a token may skip a whole attention step
+        lambda: mom(mom="K2H2S", router="mlp"),  # no router state
+        lambda: mom(mom="K2H3S", K_attn=1, K_ffn=3),
+        lambda: mom(mom="K2H2", policy="moe"),
+        lambda: mom(mom="K1H2S").to(torch.bfloat16),  # bf16 logits, cache and GRU states
+        lambda: moduleformer(),
+        lambda: moduleformer(att_hidden=32, n_head=1),  # keys/values narrower than n_embd
+    ],
+    ids=["gpt", "mom-K1H2S", "mom-mlp", "mom-K_attn1-K_ffn3", "mom-moe", "mom-bf16",
+         "moduleformer", "moduleformer-narrow-kv"],
+)  # fmt: skip
+def test_cache_memory_formula_equals_the_tensors_of_a_forward_with_cache(build):
+    from dataclasses import asdict
+
+    from modformer.eval.cache_memory import measured_cache_memory
+
+    model = build()
+    formula = model.cache_memory(3, 10)
+    measured = measured_cache_memory(model, 3, 10)
+    assert asdict(measured) == asdict(formula)
+    assert formula.logits == 3 * 10 * VOCAB * model.dtype.itemsize
+    config = model.config
+    if isinstance(model, MoMForCausalLM):
+        assert formula.cache_layers == config.num_attention_layers
+        assert (formula.key_flags > 0) == config.attention_may_skip_all
+        gru = config.policy == "learned" and config.router == "gru"
+        state = 2 * 3 * 10 * config.router_dim * model.dtype.itemsize
+        assert formula.router_state == (state if gru else 0)
+    else:
+        assert formula.cache_layers == config.n_layer and formula.router_state == 0
+
+
+def test_cache_memory_follows_the_assembled_depth():
+    """MoM Table 1's shape: logits + a per-layer term; MoM_E (H=1) holds fewer cache
+    layers than the vanilla model, MoM_P (H=6) more."""
+    vanilla = MoMConfig.from_preset("small", mom="K1H4", policy="vanilla", H=4)
+    picks = {name: MoMConfig.from_preset("small", mom=name) for name in ("K3H1S", "K3H2S", "K2H6S")}
+    layers = [c.num_attention_layers for c in (vanilla, *picks.values())]
+    assert layers == [12, 6, 8, 16]
+    gpt_small = GPTForCausalLM(GPTConfig.from_preset("tiny", vocab_size=VOCAB))
+    one = gpt_small.cache_memory(1, 8)
+    two = gpt_small.cache_memory(2, 8)
+    assert two.total == 2 * one.total  # linear in batch x tokens
+    with pytest.raises(ValueError, match="batch_size and seq_len must be >= 1"):
+        gpt_small.cache_memory(0, 8)
+
+
+def test_cost_cli_cache_memory_mode(tmp_path, capsys):
+    out = tmp_path / "costs.json"
+    argv = ["--config", f"gpt:tiny:vocab_size={VOCAB}", "--config",
+            f"MoM_E=mom:tiny:K1H1S:vocab_size={VOCAB}", "--seq-len", "16", "--batch-size", "2",
+            "--memory", "cache", "--json", str(out)]  # fmt: skip
+    cli(argv)
+    printed = capsys.readouterr().out
+    assert "memory with a KV cache" in printed and printed.count("= formula") == 2
+    rows = json.loads(out.read_text())["cache_memory"]
+    assert [r["name"] for r in rows] == [f"gpt:tiny:vocab_size={VOCAB}", "MoM_E"]
+    assert rows[0]["formula"] == rows[0]["measured"]
+    # tiny: 4 layers; MoM K1H1S on [1-2-1]: 2 fixed blocks + 1 chunk step = 3 cache layers.
+    assert (rows[0]["formula"]["cache_layers"], rows[1]["formula"]["cache_layers"]) == (4, 3)
+    assert rows[1]["total_vs_first"] == pytest.approx(
+        rows[1]["formula"]["total"] / rows[0]["formula"]["total"] - 1
+    )

@@ -243,6 +243,15 @@ def add_cost_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="init and token seed (default: 0)")
+    parser.add_argument(
+        "--memory",
+        choices=["forward", "cache"],
+        default="forward",
+        help="forward (default): measured peak of a no-cache forward only; cache: also the "
+        "activation memory with a KV cache as MoM Table 1 measures it (logits + per-layer "
+        "keys/values, MoM key flags and router state) at --batch-size x --seq-len, by "
+        "formula and checked against the tensors of one forward with a cache",
+    )
     parser.add_argument("--json", help="also write the table to this JSON file")
 
 

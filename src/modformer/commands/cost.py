@@ -41,6 +41,16 @@ def run_cost(args: argparse.Namespace) -> list[CostRow]:
             "note: --config models are random-init; their routers pick modules at random, "
             "and learned routing changes MoM/ModuleFormer FLOPs and active parameters"
         )
+    cache_rows = []
+    if args.memory == "cache":
+        from modformer.eval.cache_memory import cache_memory_rows, format_cache_memory_table
+
+        cache_rows = cache_memory_rows(entries, args.batch_size, args.seq_len, seed=args.seed)
+        print(
+            f"\nmemory with a KV cache (MiB, batch {args.batch_size} x {args.seq_len} tokens; "
+            "weights not included; measured: one forward with use_cache=True)"
+        )
+        print(format_cache_memory_table(cache_rows))
     if args.json:
         from modformer.utils import atomic_write_text
 
@@ -52,5 +62,7 @@ def run_cost(args: argparse.Namespace) -> list[CostRow]:
             "tokens": "data" if args.data else "random",
             "rows": [asdict(row) for row in rows],
         }
+        if cache_rows:
+            payload["cache_memory"] = [row.as_dict() for row in cache_rows]
         atomic_write_text(args.json, json.dumps(payload, indent=2))
     return rows

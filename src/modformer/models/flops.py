@@ -142,11 +142,61 @@ def finish_report(
     )
 
 
+@dataclass
+class CacheMemory:
+    """Activation memory of an inference forward over batch_size x seq_len tokens with a
+    KV cache, in bytes by component: the shape of the MoM paper's Table 1 memory (logits
+    plus a per-layer cache term). Weights are not included.
+
+    logits: B * T * vocab_size in the model's dtype (every position gets logits);
+    kv_cache: keys and values of the `cache_layers` attention layers;
+    key_flags: MoM's "is a key" flag layers (one bool per position in the key and in the
+    value slot of each chunk step, only when a token may skip a whole attention step);
+    router_state: MoM's GRU states (attention and FFN router, the model's dtype) of the
+    chunk being run: transient (not cached), alive during that chunk only.
+    """
+
+    batch_size: int
+    seq_len: int
+    logits: int
+    kv_cache: int
+    cache_layers: int
+    key_flags: int = 0
+    router_state: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.logits + self.kv_cache + self.key_flags + self.router_state
+
+
+def cache_memory_terms(
+    config, batch_size: int, seq_len: int, dtype: torch.dtype, cache_layers: int, kv_width: int
+) -> CacheMemory:
+    """Logits and keys + values of `cache_layers` layers of `kv_width` features each."""
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+    tokens, itemsize = batch_size * seq_len, dtype.itemsize
+    return CacheMemory(
+        batch_size=batch_size,
+        seq_len=seq_len,
+        logits=tokens * config.vocab_size * itemsize,
+        kv_cache=cache_layers * 2 * tokens * kv_width * itemsize,
+        cache_layers=cache_layers,
+    )
+
+
 class FlopCounting:
     """Mixin of modformer's causal LMs: `count_flops` runs the family's FLOP counter, the
-    function its class names in `flop_counter` (each family's `flops.py`)."""
+    function its class names in `flop_counter`, and `cache_memory` its memory formula,
+    `cache_memory_formula` (both in each family's `flops.py`)."""
 
     flop_counter: Callable[..., FlopReport]
+    cache_memory_formula: Callable[..., CacheMemory]
+
+    def cache_memory(self, batch_size: int, seq_len: int) -> CacheMemory:
+        """Logits + KV cache (+ MoM's key flags and router state) of one inference forward
+        over batch_size x seq_len tokens with a cache, from the config and dtype alone."""
+        return type(self).cache_memory_formula(self.config, batch_size, seq_len, self.dtype)
 
     def count_flops(
         self,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from modformer.models.flops import (
+    CacheMemory,
     FlopReport,
     FlopTally,
+    cache_memory_terms,
     finish_report,
     linear_flops,
     query_key_pairs,
@@ -30,3 +32,8 @@ def gpt_flops(model, input_ids, attention_mask, real, attention) -> FlopReport:
     for block in model.transformer.h:
         count_block_flops(tally, block, real, attention)
     return finish_report(model, tally, real, attention, float(total_parameters(model)))
+
+
+def gpt_cache_memory(config, batch_size: int, seq_len: int, dtype: torch.dtype) -> CacheMemory:
+    """Every layer caches keys and values of n_head * head_dim = n_embd features."""
+    return cache_memory_terms(config, batch_size, seq_len, dtype, config.n_layer, config.n_embd)

@@ -23,7 +23,7 @@ from modformer.models.classification import SequenceClassificationMixin
 from modformer.models.export_code import PortableModelMixin
 from modformer.models.flops import FlopCounting
 from modformer.models.gpt.configuration_gpt import GPTConfig
-from modformer.models.gpt.flops import gpt_flops
+from modformer.models.gpt.flops import gpt_cache_memory, gpt_flops
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
     cache_field,
@@ -153,6 +153,7 @@ class GPTModel(GPTPreTrainedModel):
 
 class GPTForCausalLM(FlopCounting, GPTPreTrainedModel, GenerationMixin):
     flop_counter = staticmethod(gpt_flops)
+    cache_memory_formula = staticmethod(gpt_cache_memory)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: GPTConfig):

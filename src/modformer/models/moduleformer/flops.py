@@ -4,9 +4,13 @@ routers and the shared key/value projection run for every token."""
 
 from __future__ import annotations
 
+import torch
+
 from modformer.models.flops import (
+    CacheMemory,
     FlopReport,
     FlopTally,
+    cache_memory_terms,
     finish_report,
     linear_flops,
     query_key_pairs,
@@ -45,3 +49,11 @@ def moduleformer_flops(model, input_ids, attention_mask, real, attention) -> Flo
         tally.add("ffn", n * k_ffd, weight_flops(smoe.w_in) + weight_flops(smoe.w_out))
     active = total_parameters(model) - expert_params + touched_params / n
     return finish_report(model, tally, real, attention, active)
+
+
+def moduleformer_cache_memory(
+    config, batch_size: int, seq_len: int, dtype: torch.dtype
+) -> CacheMemory:
+    """Every layer caches the shared keys and values, att_hidden features each (all
+    attention experts of a layer read the same ones)."""
+    return cache_memory_terms(config, batch_size, seq_len, dtype, config.n_layer, config.att_hidden)

@@ -45,7 +45,7 @@ from modformer.models.moduleformer.configuration_moduleformer import (
     UNBOUNDED_HISTORY,
     ModuleFormerConfig,
 )
-from modformer.models.moduleformer.flops import moduleformer_flops
+from modformer.models.moduleformer.flops import moduleformer_cache_memory, moduleformer_flops
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
     cache_field,
@@ -455,6 +455,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
 
 class ModuleFormerForCausalLM(FlopCounting, ModuleFormerPreTrainedModel, GenerationMixin):
     flop_counter = staticmethod(moduleformer_flops)
+    cache_memory_formula = staticmethod(moduleformer_cache_memory)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: ModuleFormerConfig):

@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from modformer.models.flops import (
+    CacheMemory,
     FlopReport,
     FlopTally,
+    cache_memory_terms,
     finish_report,
     linear_flops,
     query_key_pairs,
@@ -126,3 +128,19 @@ def mom_flops(model, input_ids, attention_mask, real, attention) -> FlopReport:
     n = int(real.sum())
     active = total_parameters(model) - routed_params + touched_params / n
     return finish_report(model, tally, real, attention, active)
+
+
+def mom_cache_memory(config, batch_size: int, seq_len: int, dtype: torch.dtype) -> CacheMemory:
+    """One cache layer per assembled attention layer (fixed blocks + H per chunk), n_embd
+    features of keys and values each; key-flag layers when a token may skip a whole
+    attention step; the GRU states of the learned policy's two routers."""
+    memory = cache_memory_terms(
+        config, batch_size, seq_len, dtype, config.num_attention_layers, config.n_embd
+    )
+    tokens = batch_size * seq_len
+    if config.attention_may_skip_all:
+        chunk_steps = sum(config.H for n in config.chunk_sizes if n > 1)
+        memory.key_flags = chunk_steps * 2 * tokens * torch.bool.itemsize
+    if config.policy == "learned" and config.router == "gru":
+        memory.router_state = 2 * tokens * config.router_dim * dtype.itemsize
+    return memory

@@ -52,7 +52,7 @@ from modformer.models.export_code import PortableModelMixin
 from modformer.models.flops import FlopCounting
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
-from modformer.models.mom.flops import mom_flops
+from modformer.models.mom.flops import mom_cache_memory, mom_flops
 from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
@@ -668,6 +668,7 @@ class MoMModel(MoMPreTrainedModel):
 
 class MoMForCausalLM(FlopCounting, MoMPreTrainedModel, GenerationMixin):
     flop_counter = staticmethod(mom_flops)
+    cache_memory_formula = staticmethod(mom_cache_memory)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: MoMConfig):
