@@ -210,3 +210,20 @@ def test_mom_redundancy_quick(mom_data, tmp_path):
     assert all(r["steps"] == mom_vs_vanilla.SCALES["quick"].phase2_steps for r in arms.values())
     md = (out / "results.md").read_text()
     assert "| A1F4 | 1 |" in md and "vs A4F4" in md
+
+
+def test_mom_memory_matches_the_papers_shape(tmp_path):
+    payload = run_experiment("mom-memory", tmp_path / "mom-memory", [0], "quick")
+    paper = payload["paper"]
+    assert len(paper) == 12 and [r["layers"] for r in paper[:4]] == [12, 6, 8, 16]
+    # The paper's 12 figures are logits + 3 B*T*d per assembled attention layer (fp32,
+    # 10 x 1024 tokens), to its two decimals plus rounding; ours (keys + values: 2 B*T*d)
+    # moves less with depth, in the same direction.
+    for r in paper:
+        assert abs(r["paper_shape_fit"] - r["paper"]) < 0.025, r
+        assert abs(r["ours_change"]) < abs(r["paper_change"]) or r["model"] == "GPT2"
+        assert r["ours_change"] * r["paper_change"] >= 0
+    assert all(r["measured_equals_formula"] for r in payload["ours"])
+    assert (
+        "| large | MoM_P K2H6S | 50 | 9.24" in (tmp_path / "mom-memory" / "results.md").read_text()
+    )

@@ -54,6 +54,11 @@ EXPERIMENTS["mom-redundancy"] = Experiment(
     "modformer.experiments.mom_redundancy",
     "pools with fewer attention or FFN modules (K = pool size) against the full pool (Fig. 3)",
 )
+EXPERIMENTS["mom-memory"] = Experiment(
+    "modformer.experiments.mom_memory",
+    "memory with a KV cache (logits + per-layer cache) against the paper's 12 figures "
+    "(Table 1); trains nothing",
+)
 EXPERIMENTS["mom-kxh"] = Experiment(
     "modformer.experiments.mom_kxh",
     "K x H grid against vanilla continued (Fig. 4); GRU vs MLP router in two-phase training "
