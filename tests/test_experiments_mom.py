@@ -5,11 +5,12 @@ phase-1 models trained once, resumption that trains nothing, routing statistics.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from modformer.experiments import mom_routing, mom_two_phase, mom_vs_vanilla
-from modformer.experiments.common import run_experiment
+from modformer.experiments.common import claim_out_dir, experiment_dir_name, run_experiment
 
 SEEDS = [0, 1]
 
@@ -45,7 +46,7 @@ def test_data_env_must_name_a_prepared_directory(tmp_path, monkeypatch):
 
 
 def test_mom_vs_vanilla_quick(mom_data, tmp_path, monkeypatch):
-    out = tmp_path / "mom-vs-vanilla"
+    out = tmp_path / experiment_dir_name("mom-vs-vanilla", "quick")  # where mom-routing looks
     payload = run_experiment("mom-vs-vanilla", out, SEEDS, "quick")
     arms = by_arm(payload)
     assert set(arms) == set(mom_vs_vanilla.ARM_ORDER)
@@ -140,3 +141,25 @@ def test_mom_two_phase_quick(mom_data, tmp_path, monkeypatch):
     assert (shared / "arms" / "mom_p" / "seed_1.json").is_file()
     md = (out / "results.md").read_text()
     assert "(1) vs (2)" in md and "| mom_same | 2 |" in md
+
+
+def test_core_only_scale_trains_the_headline_arms(mom_data, tmp_path, monkeypatch):
+    """The long scale's `core_only`: exp 1 keeps vanilla continued, MoM_P and vanilla at
+    MoM_P's FLOPs; exp 2 vanilla for all steps, MoM_P from scratch and two-phase."""
+    quick = mom_vs_vanilla.SCALES["quick"]
+    monkeypatch.setitem(mom_vs_vanilla.SCALES, "quick", replace(quick, core_only=True))
+    vs = run_experiment("mom-vs-vanilla", tmp_path / "a", [0], "quick")
+    assert set(by_arm(vs)) == {"vanilla_cont", "mom_p", "vanilla_flops_mom_p"}
+    two = run_experiment("mom-two-phase", tmp_path / "b", [0], "quick")
+    assert set(by_arm(two)) == {"vanilla_all", "mom_scratch_all", "vanilla_phase1", "two_phase"}
+
+
+def test_out_dir_of_another_scale_or_experiment_is_refused(tmp_path):
+    out = claim_out_dir(tmp_path / "x", "mom-vs-vanilla", "full")
+    assert claim_out_dir(out, "mom-vs-vanilla", "full") == out  # the same: resumable
+    with pytest.raises(ValueError, match="scale 'full', not 'mom-vs-vanilla' at 'long'"):
+        run_experiment("mom-vs-vanilla", out, [0], "long")
+    with pytest.raises(ValueError, match="another --out-dir"):
+        claim_out_dir(out, "mom-two-phase", "full")
+    assert experiment_dir_name("mom-vs-vanilla", "full") == "mom-vs-vanilla"
+    assert experiment_dir_name("mom-vs-vanilla", "long") == "mom-vs-vanilla-long"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from modformer.experiments import mom_vs_vanilla
-from modformer.experiments.common import write_outputs
+from modformer.experiments.common import sibling_experiment_dir, write_outputs
 from modformer.experiments.mom_vs_vanilla import MOM_ARMS, SCALES, data_dir, shared_dir
 
 NAME = "mom-routing"
@@ -78,11 +78,12 @@ def routing_structure(model_dir: Path, data: Path, block_size: int, batch_size: 
 
 def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
     start = time.perf_counter()
-    exp1 = out_dir.parent / mom_vs_vanilla.NAME
+    exp1 = sibling_experiment_dir(out_dir, mom_vs_vanilla.NAME, scale)
     mom_vs_vanilla.run(exp1, seeds, scale)  # trains only what is not stored yet
     s, data = SCALES[scale], data_dir(out_dir)
     rows = []
-    for arm, mom_name in MOM_ARMS.items():
+    arms = {a: n for a, n in MOM_ARMS.items() if a == "mom_p" or not s.core_only}
+    for arm, mom_name in arms.items():
         root = shared_dir(exp1, scale) if arm == "mom_p" else exp1
         for seed in seeds:
             model_dir = root / "runs" / arm / f"seed_{seed}" / "model"
@@ -90,13 +91,17 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
                                   s.val_fraction)  # fmt: skip
             rows.append({"arm": arm, "mom": mom_name, "seed": seed, **m})
     lines = [
-        f"# {NAME} ({scale}; models of {mom_vs_vanilla.NAME}, val: first "
-        f"{s.val_fraction:.0%} of each domain)",
+        f"# {NAME} ({scale}; models of {mom_vs_vanilla.NAME}, "
+        + (
+            "the whole validation split)"
+            if s.val_fraction >= 1
+            else f"val: first {s.val_fraction:.0%} of each domain)"
+        ),  # fmt: skip
         "",
         "| arm | seeds | depth-order diagonal mass (mean +- sd) | chance | SKIP rate | all-SKIP rate |",
         "|---|---|---|---|---|---|",
     ]
-    for arm, mom_name in MOM_ARMS.items():
+    for arm, mom_name in arms.items():
         r = [row for row in rows if row["arm"] == arm]
         d = [row["diagonal_mass"] for row in r]
         mean = sum(d) / len(d)
