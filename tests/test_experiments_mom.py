@@ -84,21 +84,43 @@ def test_mom_vs_vanilla_quick(mom_data, tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a stored arm was trained again")
 
+    real_training = mom_vs_vanilla.train_and_measure
     monkeypatch.setattr(mom_vs_vanilla, "train_and_measure", no_training)
     again = run_experiment("mom-vs-vanilla", out, SEEDS, "quick")
     assert again["results"] == payload["results"]
 
-    # mom-routing reads these models (re-running mom-vs-vanilla, which trains nothing).
+    # mom-routing reads these models (re-running mom-vs-vanilla, which trains nothing) and
+    # trains its own arms.
+    monkeypatch.setattr(mom_vs_vanilla, "train_and_measure", real_training)
     routing = run_experiment("mom-routing", tmp_path / "mom-routing", SEEDS, "quick")
     rows = routing["rows"]
+    arms = [*mom_vs_vanilla.MOM_ARMS, *mom_routing.ROUTING_ARMS]
     assert sorted((r["arm"], r["seed"]) for r in rows) == sorted(
-        (a, s) for a in mom_vs_vanilla.MOM_ARMS for s in SEEDS
+        (a, s) for a in arms for s in SEEDS
     )
     for r in rows:
         assert r["chance"] == pytest.approx(1 / 5)  # 4 modules + SKIP
         assert 0 <= r["diagonal_mass"] <= 1
-        # K >= 2 distinct picks hold at most one SKIP: never all SKIP.
-        assert r["all_skip_rate"] == 0 and 0 <= r["skip_rate"] <= 1 / r["K"]
+        if r["K"] >= 2:  # K >= 2 distinct picks hold at most one SKIP: never all SKIP
+            assert r["all_skip_rate"] == 0 and 0 <= r["skip_rate"] <= 1 / r["K"]
+        else:  # one pick: a SKIP pick is an all-SKIP decision
+            assert r["all_skip_rate"] == pytest.approx(r["skip_rate"])
+    # The trained arms start from the same phase-1 models, with the balance loss where named.
+    trained = {r["arm"] for r in routing["results"]}
+    assert trained == {"mom_p", *mom_routing.ROUTING_ARMS}
+    assert set(routing["comparisons"]) == {f"{a} vs mom_p" for a in mom_routing.ROUTING_ARMS}
+    config = json.loads(
+        (
+            tmp_path
+            / "mom-routing"
+            / "runs"
+            / "mom_k1_balance"
+            / "seed_0"
+            / "model"
+            / "config.json"
+        ).read_text()
+    )
+    assert config["K"] == 1 and config["balance_loss_weight"] == mom_routing.BALANCE_WEIGHT
     assert "depth-order diagonal mass" in (tmp_path / "mom-routing" / "results.md").read_text()
 
 
