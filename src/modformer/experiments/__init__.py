@@ -65,4 +65,6 @@ EXPERIMENTS["mom-kxh"] = Experiment(
     "with gradient-spike counts (App. D.1)",
 )
 
-SCALES = ("full", "quick")  # quick: a few steps per arm, to check the plumbing
+# quick: a few steps per arm, to check the plumbing; long: the MoM experiments' training-
+# length lever (3x both phases, headline arms only; other experiments refuse it).
+SCALES = ("full", "long", "quick")
