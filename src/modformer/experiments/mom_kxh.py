@@ -163,37 +163,56 @@ def router_markdown(results: Sequence[ArmResult]) -> str:
     return "\n".join(lines)
 
 
+def grid_order() -> list[tuple[int, int]]:
+    """The grid's cells cheapest first (compute grows with K * H), so a run stopped early
+    still spans the grid's small corner."""
+    return sorted(((k, h) for k in GRID_K for h in GRID_H), key=lambda kh: (kh[0] * kh[1], kh))
+
+
 def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
-    s = SCALES[scale]
     start = time.perf_counter()
     results: list[ArmResult] = []
     models = {seed: phase1(out_dir, scale, seed) for seed in seeds}
     grid_seeds = list(seeds[:GRID_SEEDS])
-    for seed in seeds:
-        results.append(logged_arm(out_dir, "vanilla_cont", seed, scale, models[seed]))
-    for seed in grid_seeds:
-        for k in GRID_K:
-            for h in GRID_H:
-                arm = grid_arm(k, h)
-                results.append(logged_arm(out_dir, arm, seed, scale, models[seed], arm))
-    for seed in seeds:
-        for arm, router in ROUTER_ARMS.items():
-            results.append(
-                logged_arm(out_dir, arm, seed, scale, models[seed], ROUTER_MOM, router=router)
-            )
+    # Tables after every arm (a stopped run leaves what it has): the references first,
+    # then one seed of each router, the grid cheapest first, the other router seeds.
+    plan = [("vanilla_cont", seed, None, {}) for seed in seeds]
+    plan += [(arm, seeds[0], ROUTER_MOM, {"router": r}) for arm, r in ROUTER_ARMS.items()]
+    plan += [(grid_arm(k, h), seed, grid_arm(k, h), {}) for seed in grid_seeds
+             for k, h in grid_order()]  # fmt: skip
+    plan += [(arm, seed, ROUTER_MOM, {"router": r}) for seed in seeds[1:]
+             for arm, r in ROUTER_ARMS.items()]  # fmt: skip
+    for arm, seed, mom_name, overrides in plan:
+        results.append(logged_arm(out_dir, arm, seed, scale, models[seed], mom_name, **overrides))
+        payload = write(out_dir, seeds, scale, results, grid_seeds, start)
+    return payload
 
+
+def write(
+    out_dir: Path, seeds: Sequence[int], scale: str, results: list[ArmResult],
+    grid_seeds: list[int], start: float,
+) -> dict:  # fmt: skip
+    """results.json and results.md from the arms trained so far."""
+    s = SCALES[scale]
     seconds = time.perf_counter() - start
     grid_arms = [grid_arm(k, h) for k in GRID_K for h in GRID_H]
     phase1_rows = [run_arm(shared_dir(out_dir, scale), "phase1", seed, None) for seed in seeds]
+    present = {r.arm for r in results}
     comparisons = {
         f"{a} vs {b}": asdict(compare(results, a, b))
         for a, b in [("router_mlp", "router_gru"), ("router_gru", "vanilla_cont"),
                      ("router_mlp", "vanilla_cont")]
+        if a in present and b in present
     }  # fmt: skip
     parts = [
         f"# {NAME} ({scale}: {s.n_layer} layers, d={s.n_embd}, chunks {CHUNKS}, phase 2 "
         f"{s.phase2_steps} steps from the shared phase-1 models, batch {s.batch_size} x "
-        f"{s.block_size}, val: first {s.val_fraction:.0%} of each domain)",
+        f"{s.block_size}, "
+        + (
+            "the whole validation split)"
+            if s.val_fraction >= 1
+            else f"val: first {s.val_fraction:.0%} of each domain)"
+        ),
         f"## K x H grid (MoM with SKIP, GRU routers; seed(s) {grid_seeds})",
         "Val loss (difference to vanilla continued; FLOPs per token / vanilla's):",
         grid_markdown(results, grid_seeds[0]),

@@ -5,7 +5,8 @@ The paper converts GPT-2 medium into MoMs whose chunks keep N_A attention and N_
 modules (both <= 4), sets each router's K to its pool's size, and reports each model's
 validation loss increase over N_A = N_F = 4. Here every arm is phase 2 of
 `mom_vs_vanilla` (its scales, data, recipe and shared phase-1 models) on chunks
-``[1-4-1]`` with H = 4 and SKIP:
+``[1-4-1]`` with H = 2 and SKIP (the paper does not give Fig. 3's H; 2 keeps the
+full-pool arm, K = 4 at both routers, at twice the vanilla chunk's compute):
 
 - ``A{a}F{f}`` for the (N_A, N_F) of `CELLS`: the chunk's attention pool holds the layers
   ``i * 4 // a`` of its 4 layers, the FFN pool the layers ``i * 4 // f``
@@ -26,10 +27,10 @@ from modformer.experiments.common import ArmResult, run_arm
 from modformer.experiments.mom_vs_vanilla import finish, phase1, phase2_arm, shared_dir
 
 NAME = "mom-redundancy"
-H = 4  # the chunk's size: every full-pool module can run once in depth order
-# (N_A, N_F): the full pool, fewer attention modules, fewer FFN modules (Fig. 3's row
-# N_F = 4 and column N_A = 4 at 1, 2 and 4).
-CELLS = ((4, 4), (2, 4), (1, 4), (4, 2), (4, 1))
+H = 2
+# (N_A, N_F): the full pool, then the extremes, then the middle of Fig. 3's row N_F = 4
+# and column N_A = 4 (the order they are trained in: a stopped run has the extremes).
+CELLS = ((4, 4), (1, 4), (4, 1), (2, 4), (4, 2))
 BASELINE = "A4F4"
 
 
@@ -62,10 +63,15 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
     results: list[ArmResult] = []
     done: list[int] = []
 
-    def write() -> dict:  # after every seed, so a stopped run leaves its tables so far
+    def write() -> dict:  # after every arm, so a stopped run leaves its tables so far
         rows = [run_arm(shared_dir(out_dir, scale), "phase1", seed, None) for seed in done]
         return finish(out_dir, NAME, scale, done, results, rows, BASELINE, ARM_ORDER, MATCHED,
                       start)  # fmt: skip
+
+    def write_now(seed: int) -> None:
+        if seed not in done:
+            done.append(seed)
+        write()
 
     for seed in seeds:
         p1 = phase1(out_dir, scale, seed)
@@ -76,7 +82,7 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
                     **cell_overrides(n_attn, n_ffn),
                 )
             )  # fmt: skip
+            write_now(seed)
         results.append(phase2_arm(out_dir, "vanilla_cont", seed, scale, p1))
-        done.append(seed)
-        write()
+        write_now(seed)
     return write()
