@@ -185,6 +185,7 @@ def test_mom_kxh_quick(mom_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(mom_kxh, "GRID_K", (1, 3))  # the grid's corners, to stay fast
     monkeypatch.setattr(mom_kxh, "GRID_H", (1, 6))
+    monkeypatch.setattr(mom_kxh, "GRID_SEEDS", 1)
     out = tmp_path / "mom-kxh"
     payload = run_experiment("mom-kxh", out, SEEDS, "quick")
     arms = by_arm(payload)
