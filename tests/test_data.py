@@ -13,15 +13,15 @@ import pytest
 import torch
 from transformers import GPT2Tokenizer, PreTrainedTokenizerFast
 
+from modformer.cli_args_train import add_prepare_arguments
+from modformer.commands.prepare import run_prepare
 from modformer.data import (
     DataError,
     TokenDataset,
-    add_prepare_arguments,
     build_corpus,
     load_tokenizer,
     prepare,
     read_meta,
-    run_prepare,
     token_dtype,
 )
 from modformer.data.corpus import c_headers_domain

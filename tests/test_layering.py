@@ -33,9 +33,10 @@ LAYERS = {
     "analysis": 4,
     "surgery": 4,
     "experiments": 5,
-    "demo": 5,
     "commands": 6,
     "cli_args": 6,
+    "cli_args_models": 6,
+    "cli_args_train": 6,
     "cli": 6,
     "__main__": 6,
 }
