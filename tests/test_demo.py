@@ -46,3 +46,19 @@ def test_unreadable_results_json_is_a_clear_error_before_any_stage(tmp_path, che
     with pytest.raises(ConfigError, match="not a demo results file.*delete it"):
         run_demo(args)
     assert (tmp_path / "results.json").read_text() == "[1, 2"
+
+
+def test_the_command_passes_its_options_and_defaults_as_demo_settings(monkeypatch):
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda settings: seen.append(settings) or {})
+    run_demo(build_parser().parse_args(["demo"]))
+    assert seen[0] == demo.DemoSettings(stages=list(demo.STAGES))  # the help shows these
+    argv = ["demo", "--stages", "mom, report", "--steps", "7", "--seed", "3", "--no-progress"]
+    run_demo(build_parser().parse_args(argv))
+    expected = demo.DemoSettings(stages=["mom", "report"], steps=7, seed=3, progress=False)
+    assert seen[1] == expected
+
+
+def test_stages_given_as_one_string_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="list of stage names"):
+        demo.run_demo(demo.DemoSettings(work_dir=str(tmp_path), stages="report"))
