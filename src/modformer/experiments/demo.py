@@ -30,7 +30,7 @@ STAGES = ("vanilla", "mom", "moduleformer", "report")
 class DemoSettings:
     """What the demo trains and where (`modformer demo` shows these defaults)."""
 
-    work_dir: str = "runs/demo"
+    work_dir: str | Path = "runs/demo"
     stages: Sequence[str] = STAGES
     steps: int = 300  # of the vanilla model
     mom_steps: int = 100  # phase 2: MoM and the vanilla model continued
