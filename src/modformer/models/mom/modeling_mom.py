@@ -51,7 +51,7 @@ from modformer.models.flops import FlopCounting
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
 from modformer.models.mom.flops import mom_flops
-from modformer.models.mom.module_pools import AttentionModulePool, FFNModulePool, _ModulePool
+from modformer.models.mom.module_pools import AttentionModulePool, FFNModulePool, ModulePool
 from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
@@ -211,7 +211,7 @@ class MoMChunk(GradientCheckpointingLayer):
         self.attn = AttentionModulePool(config, 1 if self.tied else self.policy.num_attn_modules)
         self.ffn = FFNModulePool(config, 1 if self.tied else self.policy.num_ffn_modules)
 
-    def _pairs(self, sel: Selection, num_choices: int, pool: _ModulePool) -> ExpertPairs:
+    def _pairs(self, sel: Selection, num_choices: int, pool: ModulePool) -> ExpertPairs:
         index = sel.index
         if self.tied:  # every module pick -> stored module 0, SKIP -> 1 (= the pool size)
             index = (index >= num_choices).long()
@@ -308,7 +308,7 @@ class MoMPreTrainedModel(CheckpointingMixin, PortableModelMixin, PreTrainedModel
         resid_std = std / math.sqrt(2 * self.config.num_vanilla_layers)
         if isinstance(module, nn.Linear) and getattr(module, "is_residual_projection", False):
             init.normal_(module.weight, mean=0.0, std=resid_std)
-        elif isinstance(module, _ModulePool):
+        elif isinstance(module, ModulePool):
             module.reset_parameters(std, resid_std)
 
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the modeling file imports this one
     from modformer.models.mom.modeling_mom import AttentionMasks
 
 
-class _ModulePool(Experts):
+class ModulePool(Experts):
     """Shared by both pools: the per-module pre-LN (`ln_weight`, `ln_bias`: (N, d)) and
     the stacked projections, named as in saved checkpoints."""
 
@@ -69,7 +69,7 @@ class _ModulePool(Experts):
         return NormedLinear(self.ln_weight, self.ln_bias, weight, bias, self.eps)
 
 
-class AttentionModulePool(_ModulePool):
+class AttentionModulePool(ModulePool):
     """N attention modules: own pre-LN, fused W_Q|W_K|W_V (d x 3d) and W_O (d x d)."""
 
     def __init__(self, config: MoMConfig, num_modules: int, backend: str = "grouped"):
@@ -134,7 +134,7 @@ class AttentionModulePool(_ModulePool):
         return self.resid_dropout(out.view(B, T, d))
 
 
-class FFNModulePool(_ModulePool):
+class FFNModulePool(ModulePool):
     """N FFN modules: own pre-LN and a GPT-2 MLP (d -> d_inner -> d)."""
 
     def __init__(self, config: MoMConfig, num_modules: int, backend: str = "grouped"):
