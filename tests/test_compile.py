@@ -144,18 +144,8 @@ def test_padded_eval_forward_has_no_graph_breaks(arch):
 
 
 def _compiled_step_matches_eager(
-    arch: str,
-    backend: str,
-    autocast_dtype=None,
-    tol=1e-4,
-    checkpointing: bool = False,
-    experts: str = "grouped",
+    arch: str, backend: str, autocast_dtype=None, tol=1e-4, checkpointing: bool = False
 ):
-    with experts_backend(experts):
-        _compiled_step_matches_eager_with(arch, backend, autocast_dtype, tol, checkpointing)
-
-
-def _compiled_step_matches_eager_with(arch, backend, autocast_dtype, tol, checkpointing):
     model = make_model(arch)
     if checkpointing:
         model.activation_checkpointing_enable()
@@ -195,7 +185,8 @@ def test_compiled_training_step_matches_eager_aot(arch):
 
 
 def test_compiled_loop_experts_training_step_matches_eager_aot():
-    _compiled_step_matches_eager("moduleformer", "aot_eager", experts="loop")
+    with experts_backend("loop"):
+        _compiled_step_matches_eager("moduleformer", "aot_eager")
 
 
 @pytest.mark.parametrize("arch", [pytest.param("mom", marks=pytest.mark.slow), "moduleformer"])

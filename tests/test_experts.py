@@ -123,11 +123,11 @@ def test_backends_agree_on_every_operation(dtype, bias):
             "sum": pairs.combine(pairs.pair_order(x.repeat_interleave(K, 0)), weighted=False),
         }
         results[name] = {k: (v, grads_of(v, params)) for k, v in outputs.items()}
-    tol = TOL[dtype] * 10
+    tol = TOL[dtype]
     for op, (loop_out, loop_grads) in results["loop"].items():
         grouped_out, grouped_grads = results["grouped"][op]
         torch.testing.assert_close(grouped_out, loop_out, atol=tol, rtol=tol, msg=op)
-        assert_close_all(grouped_grads, loop_grads, tol * 10)
+        assert_close_all(grouped_grads, loop_grads, 2 * tol)
     # Left-out pairs are exactly zero in both backends, and so are unused experts' grads.
     for name in ("loop", "grouped"):
         linear, grads = results[name]["linear"]
