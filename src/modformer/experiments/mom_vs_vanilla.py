@@ -122,8 +122,8 @@ def train_cfg(
     s: Scale, data: Path, run_dir: Path, steps: int, seed: int, lr: float | None = None,
     warmup_steps: int | None = None, log_interval: int | None = None, **model: Any
 ):  # fmt: skip
-    """The demo's recipe (`modformer.demo._train_cfg`) on one thread, evaluating only at the
-    end; metrics every `log_interval` steps (default: 4 lines per run)."""
+    """The demo's recipe (`modformer.experiments.demo._train_cfg`) on one thread, evaluating
+    only at the end; metrics every `log_interval` steps (default: 4 lines per run)."""
     from modformer.train.config import load_train_config
 
     peak = s.lr if lr is None else lr
