@@ -514,13 +514,14 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "forgetting",
-        "modformer.surgery.forgetting",
+        "modformer.commands.forgetting",
         "modformer.cli_args:add_forgetting_arguments",
         "run_forgetting",
         "the continual-learning experiment (ModuleFormer Tables 5-6 at CPU scale)",
         "Pretrain without one domain, then learn it by full fine-tuning, by expert "
         "insertion at several routing-regulariser weights, and with a dense model; report old- "
-        "and new-domain validation loss before and after.",
+        "and new-domain validation loss before and after, and full fine-tuning's old-domain "
+        "loss where its trajectory reaches each insertion run's new-domain loss.",
     ),
     (
         "reproduce",

@@ -346,7 +346,17 @@ def add_forgetting_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=64, help="tokens per sequence (64)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (2e-3)")
     parser.add_argument(
-        "--eval-batches", type=int, default=4, help="val batches of 8 per domain (default: 4)"
+        "--eval-batches",
+        type=int,
+        default=4,
+        help="val batches of 8 windows per domain (default: 4; 0: the whole validation split)",
+    )
+    parser.add_argument(
+        "--trajectory-interval",
+        type=int,
+        default=15,
+        help="evaluate full fine-tuning every N steps, to compare insertion with it at equal "
+        "new-domain loss (default: 15; 0: only at the end)",
     )
     parser.add_argument(
         "--max-bytes-per-domain",

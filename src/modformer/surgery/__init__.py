@@ -1,6 +1,6 @@
-"""Module surgery: pruning experts/modules by usage (`prune`), inserting experts for
-continual learning (`extend`), and the catastrophic-forgetting experiment (`forgetting`,
-imported on its own: it pulls in the trainer). Names are imported on first use (see
+"""Module surgery: pruning experts/modules by usage (`prune`) and inserting experts for
+continual learning (`extend`; the forgetting experiment that uses it is in
+`modformer.experiments.forgetting`). Names are imported on first use (see
 modformer._lazy)."""
 
 from typing import TYPE_CHECKING
