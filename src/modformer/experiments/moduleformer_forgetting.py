@@ -329,7 +329,14 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
     settings = {seed: settings_for(sc, data, seed) for seed in seeds}
     for s in settings.values():
         s.check()
-    results = [r for seed in seeds for r in _arms(out_dir, seed, settings[seed])]
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the trainer's setting: evaluation runs under it too
+    try:
+        results = [r for seed in seeds for r in _arms(out_dir, seed, settings[seed])]
+    finally:
+        torch.set_num_threads(previous_threads)
     wall = time.perf_counter() - start
     inserts = [insert_arm(w) for w in sc.reg_weights]
     continual_arms = [BASELINE, *inserts, "gpt_full"]
