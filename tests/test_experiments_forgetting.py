@@ -58,11 +58,11 @@ def test_forgetting_quick(three_domain_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_ENV, str(three_domain_dir))
     torch.set_num_threads(1)
     out = tmp_path / "forgetting"
-    payload = run_experiment("moduleformer-forgetting", out, [0, 1], "quick")
+    payload = run_experiment("moduleformer-forgetting", out, [0], "quick")
     rows = {(r["arm"], r["seed"]): r for r in payload["results"]}
     arms = {"pretrain_moduleformer", "moduleformer_full", "insert_reg0", "insert_reg1"}
     assert {a for a, _ in rows} == arms | {"pretrain_gpt", "gpt_full"}
-    for seed in (0, 1):
+    for seed in (0,):  # one seed: the seeds' plumbing is common.py's (test_experiments)
         pre = rows["pretrain_moduleformer", seed]["extra"]["eval"]
         full = rows["moduleformer_full", seed]
         # Every ModuleFormer arm starts from that seed's pretrained model; the whole
@@ -80,23 +80,19 @@ def test_forgetting_quick(three_domain_dir, tmp_path, monkeypatch):
             assert r["extra"]["trainable_params"] < full["extra"]["trainable_params"]
             assert r["total_params"] > full["total_params"]
             assert r["train_tokens"] == full["train_tokens"]
-    assert (
-        rows["pretrain_moduleformer", 0]["extra"]["eval"]
-        != (rows["pretrain_moduleformer", 1]["extra"]["eval"])
-    )  # seeds differ
     for arm in ("insert_reg0", "insert_reg1", "gpt_full"):
         assert payload["changes"][arm]["forgetting"]["baseline"] == "moduleformer_full"
         assert {d["seed"] for d in payload["matched_plasticity"][f"{arm} vs moduleformer_full"][
             "details"
-        ]} == {0, 1}  # fmt: skip
+        ]} == {0}  # fmt: skip
     md = (out / "results.md").read_text()
     assert "Matched plasticity" in md and "| insert_reg1 | moduleformer_full |" in md
     # Resumable: a second call retrains nothing.
-    stored = json.loads((out / "arms" / "insert_reg0" / "seed_1.json").read_text())
+    stored = json.loads((out / "arms" / "insert_reg0" / "seed_0.json").read_text())
     monkeypatch.setattr(
         "modformer.experiments.moduleformer_forgetting.continual",
         lambda *a, **k: pytest.fail("a stored arm was trained again"),
     )
-    again = run_experiment("moduleformer-forgetting", out, [0, 1], "quick")
+    again = run_experiment("moduleformer-forgetting", out, [0], "quick")
     again_rows = {(r["arm"], r["seed"]): r for r in again["results"]}
-    assert again_rows["insert_reg0", 1]["val_loss"] == stored["val_loss"]
+    assert again_rows["insert_reg0", 0]["val_loss"] == stored["val_loss"]
