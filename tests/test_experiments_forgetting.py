@@ -11,7 +11,7 @@ import torch
 from conftest import make_text_inputs
 from modformer.data.prepare import prepare
 from modformer.experiments.common import ArmResult, run_experiment
-from modformer.experiments.moduleformer_forgetting import matched_difference
+from modformer.experiments.moduleformer_forgetting import EARLY, matched_difference
 from modformer.experiments.moduleformer_vs_dense import DATA_ENV
 
 
@@ -61,7 +61,7 @@ def test_forgetting_quick(three_domain_dir, tmp_path, monkeypatch):
     payload = run_experiment("moduleformer-forgetting", out, [0], "quick")
     rows = {(r["arm"], r["seed"]): r for r in payload["results"]}
     arms = {"pretrain_moduleformer", "moduleformer_full", "insert_reg0", "insert_reg1"}
-    assert {a for a, _ in rows} == arms | {"pretrain_gpt", "gpt_full"}
+    assert set(rows) == {(a, 0) for a in arms | {"pretrain_gpt", "gpt_full", EARLY}}
     for seed in (0,):  # one seed: the seeds' plumbing is common.py's (test_experiments)
         pre = rows["pretrain_moduleformer", seed]["extra"]["eval"]
         full = rows["moduleformer_full", seed]
@@ -74,12 +74,17 @@ def test_forgetting_quick(three_domain_dir, tmp_path, monkeypatch):
         assert all(t > 8 * 16 for t in tokens.values())  # more than eval_batches would give
         steps = [p["step"] for p in full["extra"]["trajectory"]]
         assert steps == [0, 2, 4] and "trajectory" in rows["gpt_full", seed]["extra"]
+        # The early arm is the baseline's run again, evaluated at every step up to step 2.
+        early = rows[EARLY, seed]["extra"]["trajectory"]
+        assert [p["step"] for p in early] == [0, 1, 2, 4]
+        assert [early[i] for i in (0, 2, 3)] == full["extra"]["trajectory"]
         for arm in ("insert_reg0", "insert_reg1"):
             r = rows[arm, seed]
             assert r["extra"]["frozen_unchanged"] is True
             assert r["extra"]["trainable_params"] < full["extra"]["trainable_params"]
             assert r["total_params"] > full["total_params"]
             assert r["train_tokens"] == full["train_tokens"]
+    assert f"insert_reg1 vs {EARLY}" in payload["matched_plasticity"]
     for arm in ("insert_reg0", "insert_reg1", "gpt_full"):
         assert payload["changes"][arm]["forgetting"]["baseline"] == "moduleformer_full"
         assert {d["seed"] for d in payload["matched_plasticity"][f"{arm} vs moduleformer_full"][

@@ -69,6 +69,7 @@ class ForgettingSettings:
     lr: float = 2e-3
     eval_batches: int = 4  # val batches of 8 windows per domain; 0: the whole split
     trajectory_interval: int = 15  # full fine-tuning evaluated every N steps; 0: not
+    trajectory_until: int = 0  # ... up to this step only (then at the end); 0: all the way
     seed: int = 1337
     threads: int = 1
     progress: bool = False
@@ -77,7 +78,7 @@ class ForgettingSettings:
         for name in ("pretrain_steps", "steps", "new_experts", "batch_size", "block_size"):
             if getattr(self, name) < 1:
                 raise SurgeryError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_batches", "trajectory_interval"):
+        for name in ("eval_batches", "trajectory_interval", "trajectory_until"):
             if getattr(self, name) < 0:
                 value = getattr(self, name)
                 raise SurgeryError(f"{name} must be >= 0 (0: {_ZERO[name]}), got {value}")
@@ -93,7 +94,11 @@ class ForgettingSettings:
         check_domains(Path(self.data_dir), self.old_domains, self.new_domain)
 
 
-_ZERO = {"eval_batches": "the whole split", "trajectory_interval": "no trajectory"}
+_ZERO = {
+    "eval_batches": "the whole split",
+    "trajectory_interval": "no trajectory",
+    "trajectory_until": "the whole run",
+}
 
 
 def prepare_builtin_data(data_dir: Path, max_bytes_per_domain: int, vocab_size: int, seed: int):
@@ -204,15 +209,16 @@ def evaluate_dir(model_dir: Path, s: ForgettingSettings) -> dict[str, Any]:
 
 def trajectory(run_dir: Path, s: ForgettingSettings, before: dict, after: dict) -> list[dict]:
     """(step, old, new) of the pretrained model (step 0), of every intermediate checkpoint
-    of the run in `run_dir`, and of its end (`after`); the checkpoints are removed once
-    evaluated (the final model stays in run_dir/model)."""
+    of the run in `run_dir` (up to step `s.trajectory_until` if set), and of its end
+    (`after`); the checkpoints are removed once evaluated (the final model stays in
+    run_dir/model)."""
     from modformer.train.checkpoint import CKPT_RE, list_checkpoints
 
     points = [{"step": 0, "old": before["old"], "new": before["new"]}]
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     for ckpt in checkpoints:
         step = int(CKPT_RE.match(ckpt.name).group(1))
-        if step < s.steps:
+        if step < s.steps and (not s.trajectory_until or step <= s.trajectory_until):
             result = evaluate_dir(ckpt / "model", s)
             points.append({"step": step, "old": result["old"], "new": result["new"]})
     points.append({"step": s.steps, "old": after["old"], "new": after["new"]})

@@ -48,6 +48,11 @@ from modformer.experiments.moduleformer_vs_dense import data_dir
 
 NAME = "moduleformer-forgetting"
 BASELINE = "moduleformer_full"
+# The baseline's training once more on the first seed (the same seed and batches, so the
+# same run), evaluated every `early_interval` steps up to `early_until`: the insertion
+# arms match full fine-tuning within its first trajectory interval, and this checks the
+# linear interpolation there.
+EARLY = "moduleformer_full_early"
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class Scale:
     batch_size: int
     block_size: int
     trajectory_interval: int
+    early_interval: int  # the early arm's trajectory: every this many steps ...
+    early_until: int  # ... up to this step
     reg_weights: tuple[float, ...] = (0.0, 1.0)
     lr: float = 2e-3
 
@@ -64,9 +71,23 @@ class Scale:
 # full: sized for about 20 minutes for 3 seeds on one idle core (docs/results.md).
 SCALES: dict[str, Scale] = {
     "full": Scale(
-        pretrain_steps=200, steps=120, batch_size=16, block_size=64, trajectory_interval=8
+        pretrain_steps=200,
+        steps=120,
+        batch_size=16,
+        block_size=64,
+        trajectory_interval=8,
+        early_interval=2,
+        early_until=16,
     ),
-    "quick": Scale(pretrain_steps=3, steps=4, batch_size=2, block_size=16, trajectory_interval=2),
+    "quick": Scale(
+        pretrain_steps=3,
+        steps=4,
+        batch_size=2,
+        block_size=16,
+        trajectory_interval=2,
+        early_interval=1,
+        early_until=2,
+    ),
 }
 
 
@@ -112,8 +133,11 @@ def _costs(model_dir: Path, s: ForgettingSettings) -> dict[str, float]:
     }
 
 
-def _arms(out_dir: Path, seed: int, s: ForgettingSettings) -> list[ArmResult]:
-    """Every arm of one seed (stored ones are read back, not retrained)."""
+def _arms(
+    out_dir: Path, seed: int, s: ForgettingSettings, early: ForgettingSettings | None = None
+) -> list[ArmResult]:
+    """Every arm of one seed (stored ones are read back, not retrained); with `early`, also
+    the EARLY arm under those settings."""
     runs = out_dir / "runs"
     results: list[ArmResult] = []
 
@@ -135,7 +159,7 @@ def _arms(out_dir: Path, seed: int, s: ForgettingSettings) -> list[ArmResult]:
         results.append(result)
         return result
 
-    def continued(arm: str, pre: ArmResult, start_fn, with_trajectory: bool) -> None:
+    def continued(arm: str, pre: ArmResult, start_fn, with_trajectory: bool, settings=s) -> None:
         pre_dir = runs / pre.arm / f"seed_{seed}" / "model"
 
         def fit(run_dir: Path) -> ArmResult:
@@ -145,7 +169,7 @@ def _arms(out_dir: Path, seed: int, s: ForgettingSettings) -> list[ArmResult]:
                     f"result is stored; delete {out_dir / 'arms' / pre.arm} to pretrain again"
                 )
             start, extra = start_fn(pre_dir, run_dir)
-            row = continual(s, arm, start, run_dir, pre.extra["eval"], with_trajectory)
+            row = continual(settings, arm, start, run_dir, pre.extra["eval"], with_trajectory)
             return ArmResult(
                 arm=arm,
                 seed=seed,
@@ -171,6 +195,8 @@ def _arms(out_dir: Path, seed: int, s: ForgettingSettings) -> list[ArmResult]:
 
     mf = pretrained("moduleformer")
     continued(BASELINE, mf, as_is, with_trajectory=True)
+    if early is not None:  # the baseline's training again, with a denser early trajectory
+        continued(EARLY, mf, as_is, with_trajectory=True, settings=early)
     for weight in s.routing_reg_weights:
         continued(insert_arm(weight), mf, inserted(weight), with_trajectory=False)
     gpt = pretrained("gpt")
@@ -333,14 +359,27 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the trainer's setting: evaluation runs under it too
+    early = replace(
+        settings[seeds[0]],
+        trajectory_interval=sc.early_interval,
+        trajectory_until=sc.early_until,
+    )
     try:
-        results = [r for seed in seeds for r in _arms(out_dir, seed, settings[seed])]
+        results = [
+            r
+            for seed in seeds
+            for r in _arms(out_dir, seed, settings[seed], early if seed == seeds[0] else None)
+        ]
     finally:
         torch.set_num_threads(previous_threads)
     wall = time.perf_counter() - start
     inserts = [insert_arm(w) for w in sc.reg_weights]
     continual_arms = [BASELINE, *inserts, "gpt_full"]
-    pairs = [*((a, BASELINE) for a in inserts), ("gpt_full", BASELINE)]
+    pairs = [
+        *((a, BASELINE) for a in inserts),
+        ("gpt_full", BASELINE),
+        *((a, EARLY) for a in inserts),
+    ]
     changes, change_payload = _change_table(results, continual_arms)
     matched, matched_payload = _matched_table(results, pairs)
     s0 = settings[seeds[0]]
@@ -371,6 +410,11 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
             f"{sc.trajectory_interval} steps; docs/forgetting.md states the rule):",
             "",
             matched,
+            "",
+            f"The rows against {EARLY} use the baseline's training run again on seed "
+            f"{seeds[0]} (the same run: same seed and batches), evaluated every "
+            f"{sc.early_interval} steps up to step {sc.early_until}: they check the linear "
+            "interpolation inside the baseline's first trajectory interval.",
             "",
             f"Wall time of this invocation: {wall:.0f} s (stored arms are not retrained).",
         ]
