@@ -73,9 +73,9 @@ class LoopMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         route = self.router(hidden_states)
-        routing_weights = route.top_k_gates.to(hidden_states.dtype)
+        routing_weights = route.weights.to(hidden_states.dtype)
         final = torch.zeros_like(hidden_states)
-        expert_mask = F.one_hot(route.top_k_indices, len(self.experts)).permute(2, 1, 0)
+        expert_mask = F.one_hot(route.indices, len(self.experts)).permute(2, 1, 0)
         for expert_idx, expert in enumerate(self.experts):
             idx, top_x = torch.where(expert_mask[expert_idx])
             current_state = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
@@ -102,11 +102,11 @@ def breakdown_steps(moe: SparseMoE, x: torch.Tensor, grad: torch.Tensor) -> dict
     dispatch = _dispatch(route, moe.num_experts, None)
     pairs = gather_pairs(x.detach(), dispatch).requires_grad_(True)
     pair_grad = torch.randn_like(pairs)
-    gates = route.top_k_gates.detach().requires_grad_(True)
+    gates = route.weights.detach().requires_grad_(True)
 
     def router() -> None:
         r = moe.router(x)
-        (r.top_k_gates.sum() + r.logits.sum()).backward()
+        (r.weights.sum() + r.logits.sum()).backward()
 
     def movement() -> None:
         combine_pairs(gather_pairs(x, dispatch), dispatch, gates).backward(grad)
@@ -170,7 +170,7 @@ def main() -> None:
     with torch.no_grad():
         y, route = moe(x)
         max_diff = (y - loop(x)).abs().max().item()
-        load = torch.bincount(route.top_k_indices.flatten(), minlength=args.experts)
+        load = torch.bincount(route.indices.flatten(), minlength=args.experts)
     x.requires_grad_(True)
 
     fns = {

@@ -28,8 +28,6 @@ Nothing here reads a value back to the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,27 +43,12 @@ from modformer.nn.grouped import (
 )
 from modformer.nn.rope_attention import apply_rotary, softmax_attention
 from modformer.nn.routers import RouterSlots, routing_dtype
+from modformer.nn.routing import RoutingDecision
 from modformer.nn.stick_breaking import stick_breaking_attention
 
 ROUTER_TYPES = ("mlp", "linear")
 EXPERT_MLPS = ("gelu", "swiglu")
 ATTENTION_TYPES = ("stick_breaking", "softmax_rope")
-
-
-@dataclass
-class RouterOutput:
-    """One router's decisions for a flat batch of tokens.
-
-    ``logits`` (tokens, N) are ``h(x) = A act(B x)``; ``probs`` their softmax (the
-    full distribution the auxiliary losses need); ``top_k_gates`` / ``top_k_indices``
-    (tokens, k) the kept gates (renormalised to sum to 1 only for the linear router)
-    and their experts. All floats are in at least fp32 (fp64 in an fp64 model).
-    """
-
-    logits: torch.Tensor
-    probs: torch.Tensor
-    top_k_gates: torch.Tensor
-    top_k_indices: torch.Tensor
 
 
 def _check_inserted(num_inserted: int, num_experts: int) -> None:
@@ -151,8 +134,10 @@ class TopKRouter(nn.Module):
             return self.expert_embedding.weight
         return torch.cat([self.expert_embedding.weight, self.inserted_expert_embedding.weight])
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
-        """x: (tokens, n_embd)."""
+    def forward(self, x: torch.Tensor) -> RoutingDecision:
+        """x: (tokens, n_embd) -> the decision: (tokens, k) ``indices`` and ``weights``
+        (the kept gates), the (tokens, N) ``logits`` ``h(x)`` and ``probs`` (their
+        softmax, the full distribution the auxiliary losses need), in at least fp32."""
         hidden = x if self.input_proj is None else self.act(self.input_proj(x))
         weight = self.expert_embedding_weight()
         if self.slots is None:
@@ -169,16 +154,15 @@ class TopKRouter(nn.Module):
         if self.slots is not None:
             top_k_indices = self.slots.choice_index(top_k_indices)
             logits, probs = self.slots.choices(logits), self.slots.choices(probs)
-        return RouterOutput(logits, probs, top_k_gates, top_k_indices)
+        return RoutingDecision(
+            top_k_indices, top_k_gates, self.num_experts, probs=probs, logits=logits
+        )
 
 
-def _dispatch(route: RouterOutput, num_experts: int, token_mask: torch.Tensor | None):
+def _dispatch(route: RoutingDecision, token_mask: torch.Tensor | None):
     """Group the selected (token, expert) pairs by expert; padding tokens select nothing."""
-    indices = route.top_k_indices
-    if token_mask is not None:
-        # Index num_experts is "no expert": make_dispatch leaves such pairs out.
-        indices = indices.masked_fill(~token_mask[:, None], num_experts)
-    return make_dispatch(indices, num_experts)
+    indices = route.indices if token_mask is None else route.without_tokens(token_mask)
+    return make_dispatch(indices, route.num_choices)
 
 
 def _expert_dtype(x: torch.Tensor) -> torch.dtype:
@@ -259,11 +243,11 @@ class SparseMoE(nn.Module):
 
     def forward(
         self, x: torch.Tensor, token_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, RouterOutput]:
+    ) -> tuple[torch.Tensor, RoutingDecision]:
         """x: (..., n_embd); token_mask: x.shape[:-1].numel() bools, True = real token."""
         flat = x.reshape(-1, x.shape[-1])
         route = self.router(flat)
-        dispatch = _dispatch(route, self.num_experts, token_mask)
+        dispatch = _dispatch(route, token_mask)
         dtype = _expert_dtype(flat)
         # Without padding every pair is in some expert's group: no rows to zero.
         complete = token_mask is None
@@ -281,7 +265,7 @@ class SparseMoE(nn.Module):
         else:
             hidden = self.act(hidden)
         out = grouped_linear(hidden, w_out, dispatch.offsets, zero_left_out=not complete)
-        y = combine_pairs(out, dispatch, route.top_k_gates)
+        y = combine_pairs(out, dispatch, route.weights)
         if self.output_bias is not None:
             y = y + self.output_bias.to(y.dtype)
         return y.view(*x.shape[:-1], -1), route
@@ -407,7 +391,7 @@ class MixtureOfAttentionHeads(nn.Module):
         token_mask: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, RouterOutput]:
+    ) -> tuple[torch.Tensor, RoutingDecision]:
         """Attend from x (B, T, n_embd) to ``keys``/``values`` (B, n_head, Tk, head_dim).
 
         The last T keys belong to x; the first ``Tk - T`` are a prefix (KV cache or
@@ -420,7 +404,7 @@ class MixtureOfAttentionHeads(nn.Module):
         k = self.top_k
         flat = x.reshape(-1, C)
         route = self.router(flat)
-        dispatch = _dispatch(route, self.num_experts, token_mask)
+        dispatch = _dispatch(route, token_mask)
         dtype = _expert_dtype(flat)
 
         # Queries of the selected pairs, put back at their (token, slot) place; slot s of
@@ -447,7 +431,7 @@ class MixtureOfAttentionHeads(nn.Module):
         attended = attended.transpose(1, 2).reshape(B * T * k, self.att_hidden)
         w_o = _all_experts(self.w_o, self.w_o_inserted).to(dtype)
         out = grouped_linear(pair_order(attended, dispatch), w_o, dispatch.offsets)
-        y = combine_pairs(out, dispatch, route.top_k_gates)
+        y = combine_pairs(out, dispatch, route.weights)
         if self.output_bias is not None:
             y = y + self.output_bias.to(y.dtype)
         return y.view(B, T, -1), route
