@@ -19,7 +19,6 @@ from modformer.convert.jetmoe import export_jetmoe
 from modformer.models.gpt import GPTForCausalLM
 from modformer.models.moduleformer import ModuleFormerForCausalLM
 
-
 # modformer class -> the exporter to its native transformers counterpart.
 EXPORTERS = {GPTForCausalLM: export_gpt2, ModuleFormerForCausalLM: export_jetmoe}
 

@@ -1,4 +1,4 @@
-"""What every routed causal LM tells the code outside `models/` (design §3).
+"""What every routed causal LM tells the code outside `models/` (design §6).
 
 A routed model is made of *pools*: sets of interchangeable choices one router picks
 from. A ModuleFormer layer has two (its attention experts and its FFN experts), a MoM

@@ -1,4 +1,4 @@
-"""Routing decisions: which choices of a pool each token runs, and with what weights.
+"""Routing decisions: which choices of a pool each token runs, with what weights (design §6).
 
 One vocabulary for every routed pool of both model families (the experts of a
 ModuleFormer layer, the attention or FFN modules of a MoM chunk): a `RoutingDecision`
