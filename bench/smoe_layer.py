@@ -99,7 +99,7 @@ def breakdown_steps(moe: SparseMoE, x: torch.Tensor, grad: torch.Tensor) -> dict
     already gathered rows. Their ratios to the dense step say where the overhead goes."""
     with torch.no_grad():
         route = moe.router(x)
-    dispatch = _dispatch(route, moe.num_experts, None)
+    dispatch = _dispatch(route, None)
     pairs = gather_pairs(x.detach(), dispatch).requires_grad_(True)
     pair_grad = torch.randn_like(pairs)
     gates = route.weights.detach().requires_grad_(True)
