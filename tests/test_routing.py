@@ -184,6 +184,8 @@ def test_config_keeping_and_insertion_changes():
     pairs = extended.inserted_parameter_pairs()
     assert len(pairs) == 2 * 3  # per layer: w_in, w_out and the router rows
     assert all(inserted.endswith("_inserted") or "inserted_" in inserted for _, inserted in pairs)
+    with pytest.raises(ValueError, match="has inserted experts; merge them first"):
+        extended.check_prunable()  # its stacked rows would not be choices 0..N-1
 
     chunked = mom(mom="K2H2S")
     changes = chunked.config_keeping(
