@@ -97,7 +97,8 @@ class ModuleFormerMemory:
 class ModuleFormerModelOutput(BaseModelOutputWithPast):
     """`BaseModelOutputWithPast` plus what the LM head needs for the routing losses.
 
-    ``router_outputs[l]`` is (MoA router, SMoE router) of layer l; ``token_mask`` the
+    ``router_outputs[l]`` is the (MoA, SMoE) `RoutingDecision` pair of layer l (flat
+    (B*T, k) picks, with the routers' logits and probabilities); ``token_mask`` the
     flat (B*T,) real-token mask the routers saw (None: all real); ``memory`` the history
     for the next segment (None unless ``config.use_history``).
     """
