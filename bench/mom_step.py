@@ -35,6 +35,7 @@ activations and biases left out), forward pass per token; a training step is 3x 
 
     python bench/mom_step.py                       # B=8 T=256 d=512 8 heads, [4] K2H4S
     python bench/mom_step.py --device cuda --dtype bf16 --batch 16
+    python bench/mom_step.py --backend loop        # ours with the per-module loop backend
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from modformer.models.gpt import GPTConfig
 from modformer.models.gpt.modeling_gpt import GPTModel
 from modformer.models.mom import MoMConfig
 from modformer.models.mom.modeling_mom import MoMModel, RoutingStep
+from modformer.nn.experts import EXPERT_BACKENDS, experts_backend
 from modformer.nn.routing import RoutingDecision
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -323,6 +325,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-official", action="store_true", help="skip the official-style model")
+    p.add_argument(
+        "--backend",
+        choices=EXPERT_BACKENDS,
+        default="grouped",
+        help="experts backend of ours: grouped GEMMs (default) or the per-module loop",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -332,6 +340,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    with experts_backend(args.backend):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.modules < 2:
         raise SystemExit("--modules must be at least 2 (a chunk of 1 is a fixed block)")
     if args.threads is not None:

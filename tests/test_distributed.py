@@ -27,7 +27,8 @@ from modformer.models.gpt import GPTForCausalLM
 from modformer.train import checkpoint as ckpt_lib
 from modformer.train import dist_checkpoint as dcp_lib
 from modformer.train.config import TrainConfig, load_train_config
-from modformer.train.trainer import resolve_resume_batch, train
+from modformer.train.resume import resolve_resume_batch
+from modformer.train.trainer import train
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TINY = {

@@ -594,7 +594,7 @@ def zero_key_reference(model: MoMForCausalLM, ids: torch.Tensor) -> torch.Tensor
             x = x + entry.ffn(
                 x,
                 entry._pairs(sel, entry.ffn),
-                entry.ffn.folded_fc_weight(),
+                entry.ffn.fc_projection(),
             )
     return model.lm_head(tr.ln_f(x))
 

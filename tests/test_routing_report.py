@@ -14,13 +14,13 @@ import torch
 from modformer.analysis.routing_report import (
     build_report,
     kl_table,
-    run_routing_report,
     smoothed_distribution,
     transition_probabilities,
     write_routing_report,
 )
 from modformer.analysis.usage import UsageError, UsageStats, collect_usage, collect_usage_on_data
 from modformer.cli_args import add_routing_report_arguments
+from modformer.commands.routing_report import run_routing_report
 from test_usage import random_batches, tiny_moduleformer, tiny_mom, two_domain_data  # noqa: F401
 
 

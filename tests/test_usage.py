@@ -20,9 +20,9 @@ from modformer.analysis.usage import (
     collect_usage_on_data,
     format_usage_table,
     merge_usage,
-    run_usage,
 )
 from modformer.cli_args import add_usage_arguments
+from modformer.commands.usage import run_usage
 from modformer.data.corpus import DataError
 from modformer.data.prepare import prepare
 from modformer.models.gpt import GPTConfig, GPTForCausalLM

@@ -26,7 +26,6 @@ over its chunk steps.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from modformer.analysis.usage import UsageError, UsageStats, collect_usage_on_data
+from modformer.analysis.usage import UsageError, UsageStats
 from modformer.defaults import DEFAULT_KL_EPSILON, NORMS
 from modformer.models.routed import POOL_KINDS
 
@@ -326,33 +325,4 @@ def write_routing_report(
             figures.append(plot_domain_kl(report, kind, out_dir / f"domain_kl_{kind}.png"))
     report["figures"] = [p.name for p in figures]
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1))
-    return report
-
-
-# ---- CLI -------------------------------------------------------------------------------
-
-
-def run_routing_report(args: argparse.Namespace) -> dict[str, Any]:
-    if args.kl_epsilon <= 0:
-        raise UsageError(f"--kl-epsilon must be > 0, got {args.kl_epsilon}")
-    stats = collect_usage_on_data(
-        args.model,
-        args.data,
-        split=args.split,
-        block_size=args.block_size,
-        batch_size=args.batch_size,
-        max_batches=args.max_batches,
-        per_domain=True,
-        device=args.device,
-    )
-    stats.save(Path(args.out_dir) / "usage.json")
-    report = write_routing_report(stats, args.out_dir, args.norm, args.kl_epsilon)
-    print(f"routing report of {stats.tokens:,} tokens -> {args.out_dir}")
-    for name in report["figures"]:
-        print(f"  {name}")
-    if "kl" in report:
-        for kind, table in report["kl"]["mean"].items():
-            mean = np.array(table)
-            off = mean[~np.eye(len(mean), dtype=bool)]
-            print(f"  mean symmetric KL between domains ({kind}): {off.mean():.4f} nats")
     return report

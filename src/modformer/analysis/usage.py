@@ -28,7 +28,6 @@ batch); the tensors are moved to the CPU once at the end.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -489,24 +488,3 @@ def format_usage_table(stats: UsageStats, norm: str = "max") -> str:
         for label, row in zip(labels, rows):
             lines.append(f"{label:<{label_width}} " + " ".join(f"{v:>6.3f}" for v in row))
     return "\n".join(lines)
-
-
-# ---- CLI -------------------------------------------------------------------------------
-
-
-def run_usage(args: argparse.Namespace) -> UsageStats:
-    stats = collect_usage_on_data(
-        args.model,
-        args.data,
-        split=args.split,
-        block_size=args.block_size,
-        batch_size=args.batch_size,
-        max_batches=args.max_batches,
-        per_domain=args.per_domain,
-        device=args.device,
-    )
-    print(format_usage_table(stats, args.norm))
-    if args.out:
-        stats.save(args.out)
-        print(f"\nwrote {args.out}")
-    return stats

@@ -32,12 +32,3 @@ def export_hf(model: PreTrainedModel, dst: str | Path, tokenizer_dir: Path | Non
         f"{type(model).__name__} has no native transformers counterpart; `export hf` writes "
         f"GPT models as GPT2LMHeadModel and JetMoE-style ModuleFormers as JetMoeForCausalLM"
     )
-
-
-def run_export(args) -> None:
-    from modformer.models.loading import load_model, resolve_model_dir
-
-    src = resolve_model_dir(args.model)
-    model = load_model(src, "cpu")
-    dst = export_hf(model, args.dst, tokenizer_dir=src)
-    print(f"exported {args.model} ({type(model).__name__}) -> {dst}")

@@ -90,7 +90,7 @@ def scale_of(scale: str) -> Scale:
 
 
 def train_config(data: Path, run_dir: Path, seed: int, sc: Scale, steps: int, lr: float, model):
-    """The demo's recipe (`modformer.demo._train_cfg`) on one thread, evaluation only at
+    """The demo's recipe (`modformer.experiments.demo._train_cfg`) on one thread, evaluation only at
     the end (the experiments measure the whole validation split themselves)."""
     from modformer.train.config import load_train_config
 

@@ -122,7 +122,7 @@ def train_cfg(
     s: Scale, data: Path, run_dir: Path, steps: int, seed: int, lr: float | None = None,
     warmup_steps: int | None = None, **model: Any
 ):  # fmt: skip
-    """The demo's recipe (`modformer.demo._train_cfg`) on one thread, evaluating only at the end."""
+    """The demo's recipe (`modformer.experiments.demo._train_cfg`) on one thread, evaluating only at the end."""
     from modformer.train.config import load_train_config
 
     peak = s.lr if lr is None else lr
