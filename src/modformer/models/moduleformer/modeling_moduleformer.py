@@ -245,7 +245,7 @@ class ModuleFormerPreTrainedModel(CheckpointingMixin, PortableModelMixin, PreTra
 
     def total_parameters(self) -> int:
         """Every parameter once (a tied LM head counts once)."""
-        return sum(p.numel() for p in self.parameters())
+        return self.num_parameters()
 
     def active_parameters(self) -> int:
         """Parameters one token touches: everything shared, plus k/N of each layer's
