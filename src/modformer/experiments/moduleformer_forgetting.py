@@ -9,7 +9,9 @@ compute) are pretrained on the old domains (prose, c), then trained on the new o
   `trajectory_interval` steps along the way (its trajectory);
 - ``insert_regW``: 2 experts inserted per layer, only they and their router rows trained,
   routing regulariser weight W (eq. 10), for each W of the scale;
-- ``gpt_full``: the dense GPT, every parameter trained, with its trajectory too.
+- ``gpt_full``: the dense GPT, every parameter trained, with its trajectory too;
+- ``moduleformer_full_early`` (first seed only): the baseline's run again, evaluated
+  densely over its first steps (see EARLY).
 
 Losses on the whole validation split of each domain. Forgetting is the change of the
 old-domain loss, learning the change of the new-domain loss, each paired by seed with
@@ -68,7 +70,8 @@ class Scale:
     lr: float = 2e-3
 
 
-# full: sized for about 20 minutes for 3 seeds on one idle core (docs/results.md).
+# full: 3 seeds took 1,627 s of CPU time (about 27 minutes on one idle core; 64 minutes
+# wall on the loaded 2-core machine), docs/results.md.
 SCALES: dict[str, Scale] = {
     "full": Scale(
         pretrain_steps=200,
