@@ -56,6 +56,10 @@ def _check_workflow_arguments(args: argparse.Namespace) -> None:
         raise SurgeryError(f"--max-batches must be >= 1, got {args.max_batches}")
     if args.block_size < 1:
         raise SurgeryError(f"--block-size must be >= 1, got {args.block_size}")
+    if args.domains is not None:
+        from modformer.data.dataset import TokenDataset
+
+        TokenDataset(args.data, "train", domains=args.domains)  # names unknown domains
 
 
 def run_prune_workflow(args: argparse.Namespace) -> dict[str, Any]:
