@@ -130,5 +130,5 @@ def test_moduleformer_specialisation_quick(two_domains, tmp_path):
     assert rows == {(a, s) for a in ("mi", "switch", "untrained") for s in (0, 1)}
     assert all(r["between"] >= 0 and r["noise_floor"] >= 0 for r in payload["rows"])
     # The trained models are the balance experiment's (trained here into its directory).
-    assert (tmp_path / "moduleformer-balance" / "arms" / "mi" / "seed_1.json").is_file()
+    assert (tmp_path / "moduleformer-balance-quick" / "arms" / "mi" / "seed_1.json").is_file()
     assert "noise floor" in (out / "results.md").read_text()

@@ -5,11 +5,12 @@ phase-1 models trained once, resumption that trains nothing, routing statistics.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from modformer.experiments import mom_routing, mom_two_phase, mom_vs_vanilla
-from modformer.experiments.common import run_experiment
+from modformer.experiments.common import claim_out_dir, experiment_dir_name, run_experiment
 
 SEEDS = [0, 1]
 
@@ -45,7 +46,7 @@ def test_data_env_must_name_a_prepared_directory(tmp_path, monkeypatch):
 
 
 def test_mom_vs_vanilla_quick(mom_data, tmp_path, monkeypatch):
-    out = tmp_path / "mom-vs-vanilla"
+    out = tmp_path / experiment_dir_name("mom-vs-vanilla", "quick")  # where mom-routing looks
     payload = run_experiment("mom-vs-vanilla", out, SEEDS, "quick")
     arms = by_arm(payload)
     assert set(arms) == set(mom_vs_vanilla.ARM_ORDER)
@@ -83,21 +84,43 @@ def test_mom_vs_vanilla_quick(mom_data, tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a stored arm was trained again")
 
+    real_training = mom_vs_vanilla.train_and_measure
     monkeypatch.setattr(mom_vs_vanilla, "train_and_measure", no_training)
     again = run_experiment("mom-vs-vanilla", out, SEEDS, "quick")
     assert again["results"] == payload["results"]
 
-    # mom-routing reads these models (re-running mom-vs-vanilla, which trains nothing).
+    # mom-routing reads these models (re-running mom-vs-vanilla, which trains nothing) and
+    # trains its own arms.
+    monkeypatch.setattr(mom_vs_vanilla, "train_and_measure", real_training)
     routing = run_experiment("mom-routing", tmp_path / "mom-routing", SEEDS, "quick")
     rows = routing["rows"]
+    arms = [*mom_vs_vanilla.MOM_ARMS, *mom_routing.ROUTING_ARMS]
     assert sorted((r["arm"], r["seed"]) for r in rows) == sorted(
-        (a, s) for a in mom_vs_vanilla.MOM_ARMS for s in SEEDS
+        (a, s) for a in arms for s in SEEDS
     )
     for r in rows:
         assert r["chance"] == pytest.approx(1 / 5)  # 4 modules + SKIP
         assert 0 <= r["diagonal_mass"] <= 1
-        # K >= 2 distinct picks hold at most one SKIP: never all SKIP.
-        assert r["all_skip_rate"] == 0 and 0 <= r["skip_rate"] <= 1 / r["K"]
+        if r["K"] >= 2:  # K >= 2 distinct picks hold at most one SKIP: never all SKIP
+            assert r["all_skip_rate"] == 0 and 0 <= r["skip_rate"] <= 1 / r["K"]
+        else:  # one pick: a SKIP pick is an all-SKIP decision
+            assert r["all_skip_rate"] == pytest.approx(r["skip_rate"])
+    # The trained arms start from the same phase-1 models, with the balance loss where named.
+    trained = {r["arm"] for r in routing["results"]}
+    assert trained == {"mom_p", *mom_routing.ROUTING_ARMS}
+    assert set(routing["comparisons"]) == {f"{a} vs mom_p" for a in mom_routing.ROUTING_ARMS}
+    config = json.loads(
+        (
+            tmp_path
+            / "mom-routing"
+            / "runs"
+            / "mom_k1_balance"
+            / "seed_0"
+            / "model"
+            / "config.json"
+        ).read_text()
+    )
+    assert config["K"] == 1 and config["balance_loss_weight"] == mom_routing.BALANCE_WEIGHT
     assert "depth-order diagonal mass" in (tmp_path / "mom-routing" / "results.md").read_text()
 
 
@@ -140,3 +163,25 @@ def test_mom_two_phase_quick(mom_data, tmp_path, monkeypatch):
     assert (shared / "arms" / "mom_p" / "seed_1.json").is_file()
     md = (out / "results.md").read_text()
     assert "(1) vs (2)" in md and "| mom_same | 2 |" in md
+
+
+def test_core_only_scale_trains_the_headline_arms(mom_data, tmp_path, monkeypatch):
+    """The long scale's `core_only`: exp 1 keeps vanilla continued, MoM_P and vanilla at
+    MoM_P's FLOPs; exp 2 vanilla for all steps, MoM_P from scratch and two-phase."""
+    quick = mom_vs_vanilla.SCALES["quick"]
+    monkeypatch.setitem(mom_vs_vanilla.SCALES, "quick", replace(quick, core_only=True))
+    vs = run_experiment("mom-vs-vanilla", tmp_path / "a", [0], "quick")
+    assert set(by_arm(vs)) == {"vanilla_cont", "mom_p", "vanilla_flops_mom_p"}
+    two = run_experiment("mom-two-phase", tmp_path / "b", [0], "quick")
+    assert set(by_arm(two)) == {"vanilla_all", "mom_scratch_all", "vanilla_phase1", "two_phase"}
+
+
+def test_out_dir_of_another_scale_or_experiment_is_refused(tmp_path):
+    out = claim_out_dir(tmp_path / "x", "mom-vs-vanilla", "full")
+    assert claim_out_dir(out, "mom-vs-vanilla", "full") == out  # the same: resumable
+    with pytest.raises(ValueError, match="scale 'full', not 'mom-vs-vanilla' at 'long'"):
+        run_experiment("mom-vs-vanilla", out, [0], "long")
+    with pytest.raises(ValueError, match="another --out-dir"):
+        claim_out_dir(out, "mom-two-phase", "full")
+    assert experiment_dir_name("mom-vs-vanilla", "full") == "mom-vs-vanilla"
+    assert experiment_dir_name("mom-vs-vanilla", "long") == "mom-vs-vanilla-long"

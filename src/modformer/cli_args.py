@@ -472,6 +472,7 @@ def add_reproduce_arguments(p: argparse.ArgumentParser) -> None:
         "--scale",
         choices=SCALES,
         default="full",
-        help="full: the CPU-scale setting docs/results.md reports; quick: a few steps per arm, "
+        help="full: the CPU-scale setting docs/results.md reports; long: 3x the training of "
+        "full, headline arms only (the MoM experiments); quick: a few steps per arm, "
         "to check the plumbing (default: full)",
     )

@@ -57,4 +57,6 @@ EXPERIMENTS["mom-routing"] = Experiment(
     "depth-order diagonal mass, SKIP and all-SKIP rates of mom-vs-vanilla's MoMs (Fig. 6)",
 )
 
-SCALES = ("full", "quick")  # quick: a few steps per arm, to check the plumbing
+# quick: a few steps per arm, to check the plumbing; long: the MoM experiments' training-
+# length lever (3x both phases, headline arms only; other experiments refuse it).
+SCALES = ("full", "long", "quick")

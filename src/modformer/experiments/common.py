@@ -151,6 +151,37 @@ def write_outputs(
     return json_path, md_path
 
 
+def experiment_dir_name(name: str, scale: str) -> str:
+    """The default directory name of `name` at `scale` (runs/reproduce/<this>): the full
+    scale's is the bare name, other scales' carry it, so their arms never mix."""
+    return name if scale == "full" else f"{name}-{scale}"
+
+
+def claim_out_dir(out_dir: Path, name: str, scale: str) -> Path:
+    """Mark `out_dir` as experiment `name` at `scale`, or refuse it when it holds another
+    experiment or scale: stored arms are reused by name and seed alone, so a mixed-up
+    directory would silently report another setting's results."""
+    marker = out_dir / "experiment.json"
+    want = {"experiment": name, "scale": scale}
+    if marker.is_file():
+        have = json.loads(marker.read_text())
+        if {k: have.get(k) for k in want} != want:
+            raise ValueError(
+                f"{out_dir} holds experiment {have.get('experiment')!r} at scale "
+                f"{have.get('scale')!r}, not {name!r} at {scale!r}: its stored arms would be "
+                "reused; pass another --out-dir (or remove that directory)"
+            )
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps(want) + "\n")
+    return out_dir
+
+
+def sibling_experiment_dir(out_dir: Path, name: str, scale: str) -> Path:
+    """Where experiment `name` (whose models this one reuses) lives beside `out_dir`."""
+    return claim_out_dir(out_dir.parent / experiment_dir_name(name, scale), name, scale)
+
+
 def run_experiment(name: str, out_dir: str | Path, seeds: Sequence[int], scale: str) -> dict:
     """Run experiment `name` (a key of `modformer.experiments.EXPERIMENTS`)."""
     import importlib
@@ -167,7 +198,7 @@ def run_experiment(name: str, out_dir: str | Path, seeds: Sequence[int], scale: 
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct integers, got {seeds}")
     module = importlib.import_module(EXPERIMENTS[name].module)
-    return module.run(Path(out_dir), seeds, scale)
+    return module.run(claim_out_dir(Path(out_dir), name, scale), seeds, scale)
 
 
 def run_reproduce(args: Any) -> dict:
@@ -178,7 +209,11 @@ def run_reproduce(args: Any) -> dict:
         raise ValueError(
             f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2"
         ) from None
-    out_dir = Path(args.out_dir) if args.out_dir else Path("runs") / "reproduce" / args.name
+    out_dir = (
+        Path(args.out_dir)
+        if args.out_dir
+        else Path("runs") / "reproduce" / experiment_dir_name(args.name, args.scale)
+    )
     start = time.perf_counter()
     payload = run_experiment(args.name, out_dir, seeds, args.scale)
     print(f"{args.name}: results in {out_dir}/results.md ({time.perf_counter() - start:.0f} s)")

@@ -26,7 +26,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from modformer.experiments.common import write_outputs
+from modformer.experiments.common import sibling_experiment_dir, write_outputs
 from modformer.experiments.moduleformer_balance import ARMS as BALANCE_ARMS
 from modformer.experiments.moduleformer_balance import NAME as BALANCE_NAME
 from modformer.experiments.moduleformer_balance import _after as balance_after
@@ -97,7 +97,7 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
 
     sc = scale_of(scale)
     data = data_dir()
-    balance_dir = out_dir.parent / BALANCE_NAME
+    balance_dir = sibling_experiment_dir(out_dir, BALANCE_NAME, scale)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for seed in seeds:

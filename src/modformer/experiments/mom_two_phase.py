@@ -110,6 +110,8 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
             ("mom_scratch_p1", s.phase1_steps, scratch_mom_model(scale)),
             ("mom_scratch_all", all_steps, scratch_mom_model(scale)),
         ):
+            if s.core_only and arm == "mom_scratch_p1":
+                continue
             results.append(
                 run_arm(
                     out_dir, arm, seed,
@@ -126,10 +128,11 @@ def run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict:
         results.append(replace(p1_row, arm="vanilla_phase1"))
         two_phase = mom_p_arm(out_dir, scale, seed, p1)
         results.append(with_phase1_tokens(two_phase, "two_phase", scale))
-        same = phase2_arm(
-            out_dir, "mom_same", seed, scale, p1, mom_name=MOM_ARMS["mom_p"], mom_same=True
-        )
-        results.append(with_phase1_tokens(same, "mom_same", scale))
+        if not s.core_only:
+            same = phase2_arm(
+                out_dir, "mom_same", seed, scale, p1, mom_name=MOM_ARMS["mom_p"], mom_same=True
+            )
+            results.append(with_phase1_tokens(same, "mom_same", scale))
         # After every seed, so a stopped run leaves its tables so far.
         payload = finish(
             out_dir, NAME, scale, seeds[: len(phase1_rows)], results, phase1_rows,
