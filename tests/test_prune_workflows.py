@@ -218,6 +218,8 @@ def test_usage_on_domains_counts_only_those_domains(tmp_path, two_domain_data):
     assert python.tokens < everything.tokens
     with pytest.raises(DataError, match="unknown domain"):
         usage_on_domains(model, two_domain_data, "val", 32, domains=["rust"])
+    with pytest.raises(SurgeryError, match="max_batches must be >= 1"):
+        usage_on_domains(model, two_domain_data, "val", 32, max_batches=0, domains=["python"])
 
 
 FAST = ["--set", "max_steps=2", "--set", "batch_size=4", "--set", "data.block_size=32",

@@ -81,6 +81,8 @@ def usage_on_domains(
     from modformer.analysis.usage import collect_usage, collect_usage_on_data, merge_usage
     from modformer.data.dataset import TokenDataset
 
+    if max_batches is not None and max_batches < 1:
+        raise SurgeryError(f"max_batches must be >= 1 or None (all), got {max_batches}")
     if domains is None:
         return collect_usage_on_data(
             model, data_dir, split, block_size, batch_size=batch_size, max_batches=max_batches
