@@ -68,11 +68,11 @@ def test_moduleformer_pruning_quick(python_data, tmp_path):
     out = tmp_path / "pruning"
     payload = run_experiment("moduleformer-pruning", out, [0], "quick")
     rows = {r["arm"]: r for r in payload["results"]}
-    assert set(rows) == {"pretrain", "fp_lc", "fp_lc_x100", "fp_noaux", "pf", "drop_top",
-                         "drop_uniform", "drop_top_ft"}  # fmt: skip
+    assert set(rows) == {"pretrain", "fp_lc", "fp_lc_x100", "fp_lc_x1000", "fp_noaux", "pf",
+                         "drop_top", "drop_uniform", "drop_top_ft"}  # fmt: skip
     total = rows["pretrain"]["total_params"]
     weights = {arm: rows[arm]["extra"]["load_concentration_weight"] for arm in FP_ARMS}
-    assert weights == {"fp_lc": 0.001, "fp_lc_x100": 0.1, "fp_noaux": 0.0}
+    assert weights == {"fp_lc": 0.001, "fp_lc_x100": 0.1, "fp_lc_x1000": 1.0, "fp_noaux": 0.0}
     for arm in ("fp_lc", "fp_noaux", "pf"):
         points = {p["label"]: p for p in rows[arm]["extra"]["points"]}
         assert set(points) == {"unpruned", "tau0.3", "tau0.9"}
@@ -91,7 +91,7 @@ def test_moduleformer_pruning_quick(python_data, tmp_path):
     assert len({p["params_ratio"] for p in drops}) == 1
     assert drops[2]["val_loss"] != drops[0]["val_loss"]  # drop_top_ft was fine-tuned
     questions = payload["matched"]
-    assert "fp_lc vs fp_noaux: load concentration vs none (Fig. 4)" in questions
+    assert "fp_lc vs fp_noaux: load concentration (weight 0.001) vs none (Fig. 4)" in questions
     assert all(len(rows_) == 2 for rows_ in questions.values())  # one row per threshold
     md = (out / "results.md").read_text()
     assert "## At equal parameters" in md and "low-usage experts" in md

@@ -7,8 +7,9 @@ the pretrained model's parameters it keeps:
 
 - ``fp_lc``: fine-tune on python with the load-concentration loss at the paper's weight
   (0.001), count expert usage on python, prune at each threshold (the paper's "f-p").
-- ``fp_lc_x100``: the same at weight 0.1: the lever, since the paper's 0.001 is small
-  beside the language-modelling loss at this scale.
+- ``fp_lc_x100`` / ``fp_lc_x1000``: the same at weights 0.1 and 1.0: the levers, since
+  the paper's 0.001 is small beside the language-modelling loss at this scale (0.1 was
+  tried first and barely moved the usage, so 1.0 followed).
 - ``fp_noaux``: fine-tune without the loss, then prune (Fig. 4, "f-p_noaux").
 - ``pf``: prune the pretrained model by its python usage at each threshold, then
   fine-tune each pruned model (the paper's "p-f").
@@ -53,6 +54,7 @@ LOW_USAGE = 0.003  # the paper: "around half of the modules' frequency < 0.3% of
 FP_ARMS = {  # arm -> load-concentration weight while fine-tuning
     "fp_lc": 0.001,
     "fp_lc_x100": 0.1,
+    "fp_lc_x1000": 1.0,
     "fp_noaux": 0.0,
 }
 DROP_ARMS = {"drop_top": "top", "drop_uniform": "uniform"}
@@ -335,6 +337,7 @@ def drop_then_finetune_arm(
 
 # ---- the experiment ---------------------------------------------------------------------
 
+LC_ARMS = {arm: w for arm, w in FP_ARMS.items() if w > 0}
 # (question, method, baseline): each point of `method` against `baseline` at equal params.
 QUESTIONS: list[tuple[str, str, str]] = [
     *[
@@ -343,10 +346,19 @@ QUESTIONS: list[tuple[str, str, str]] = [
         for drop in DROP_ARMS
     ],
     ("pf vs drop_top_ft: expert pruning vs layer dropping, fine-tuned after", "pf", "drop_top_ft"),
-    ("fp_lc vs pf: finetune-then-prune vs prune-then-finetune", "fp_lc", "pf"),
-    ("fp_lc_x100 vs pf: the same at the lever weight", "fp_lc_x100", "pf"),
-    ("fp_lc vs fp_noaux: load concentration vs none (Fig. 4)", "fp_lc", "fp_noaux"),
-    ("fp_lc_x100 vs fp_noaux: the same at the lever weight", "fp_lc_x100", "fp_noaux"),
+    *[
+        (
+            f"{arm} vs pf: finetune-then-prune (load-concentration weight {w:g}) vs "
+            "prune-then-finetune",
+            arm,
+            "pf",
+        )
+        for arm, w in LC_ARMS.items()
+    ],
+    *[
+        (f"{arm} vs fp_noaux: load concentration (weight {w:g}) vs none (Fig. 4)", arm, "fp_noaux")
+        for arm, w in LC_ARMS.items()
+    ],
 ]
 METHODS = [*FP_ARMS, "pf", *DROP_ARMS, "drop_top_ft"]
 
