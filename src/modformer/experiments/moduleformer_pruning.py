@@ -90,7 +90,11 @@ SCALES: dict[str, PruningScale] = {
         block_size=32,
         thresholds=(0.3, 0.9),
         usage_batches=2,
-        model=dict(arch="moduleformer", preset="tiny", overrides=dict(n_layer=2)),
+        model=dict(
+            arch="moduleformer",
+            preset="tiny",
+            overrides=dict(n_layer=2, n_embd=32, att_hidden=16, ffd_hidden=64, router_hidden=16),
+        ),
     ),
 }
 
