@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from modformer.models.registry import build_config, build_model
 from modformer.train.config import TrainConfig
 from modformer.train.distributed import shard_model
-from modformer.train.trainer import make_optimizer
+from modformer.train.optim import make_optimizer
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ retain_freed_memory`). MODFORMER_RETAIN_FREED_MEMORY=0 measures the glibc defaul
 
     python bench/smoe_layer.py                          # 4096 tokens, d=512, 16 experts, k=2
     python bench/smoe_layer.py --device cuda --dtype bf16
+    python bench/smoe_layer.py --backend loop          # ours with the per-expert loop backend
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ from common import (
     ratio_results,
 )
 from modformer.nn.activations import get_activation
-from modformer.nn.grouped import combine_pairs, gather_pairs, grouped_linear
+from modformer.nn.experts import EXPERT_BACKENDS
 from modformer.nn.mlp import MLP
-from modformer.nn.moe import SparseMoE, _dispatch
+from modformer.nn.moe import SparseMoE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -73,9 +74,9 @@ class LoopMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         route = self.router(hidden_states)
-        routing_weights = route.top_k_gates.to(hidden_states.dtype)
+        routing_weights = route.weights.to(hidden_states.dtype)
         final = torch.zeros_like(hidden_states)
-        expert_mask = F.one_hot(route.top_k_indices, len(self.experts)).permute(2, 1, 0)
+        expert_mask = F.one_hot(route.indices, len(self.experts)).permute(2, 1, 0)
         for expert_idx, expert in enumerate(self.experts):
             idx, top_x = torch.where(expert_mask[expert_idx])
             current_state = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
@@ -95,31 +96,30 @@ def training_step(module: nn.Module, forward: Callable[[], torch.Tensor], x, gra
 
 def breakdown_steps(moe: SparseMoE, x: torch.Tensor, grad: torch.Tensor) -> dict:
     """fwd+bwd of each part of `moe` alone, on the routing of `x`: the router; the row
-    movement (`gather_pairs` + `combine_pairs`); the expert GEMMs and activation on
+    movement (gather to pairs + weighted sum back); the expert GEMMs and activation on
     already gathered rows. Their ratios to the dense step say where the overhead goes."""
     with torch.no_grad():
         route = moe.router(x)
-    dispatch = _dispatch(route, moe.num_experts, None)
-    pairs = gather_pairs(x.detach(), dispatch).requires_grad_(True)
-    pair_grad = torch.randn_like(pairs)
-    gates = route.top_k_gates.detach().requires_grad_(True)
+    gates = route.weights.detach().requires_grad_(True)
+    pairs = moe.route(route.indices, gates, all_picked=True)
+    rows = pairs.gather(x.detach()).requires_grad_(True)
+    pair_grad = torch.randn_like(rows)
 
     def router() -> None:
         r = moe.router(x)
-        (r.top_k_gates.sum() + r.logits.sum()).backward()
+        (r.weights.sum() + r.logits.sum()).backward()
 
     def movement() -> None:
-        combine_pairs(gather_pairs(x, dispatch), dispatch, gates).backward(grad)
+        pairs.combine(pairs.gather(x)).backward(grad)
 
     def experts() -> None:
-        hidden = grouped_linear(pairs, moe.w_in, dispatch.offsets, zero_left_out=False)
-        out = grouped_linear(moe.act(hidden), moe.w_out, dispatch.offsets, zero_left_out=False)
-        out.backward(pair_grad)
+        hidden = pairs.linear(rows, moe.w_in)
+        pairs.linear(moe.act(hidden), moe.w_out).backward(pair_grad)
 
     def step(fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             moe.zero_grad(set_to_none=True)
-            x.grad = pairs.grad = gates.grad = None
+            x.grad = rows.grad = gates.grad = None
             fn()
 
         return run
@@ -141,6 +141,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--no-loop", action="store_true", help="skip the loop-over-experts layer")
     p.add_argument(
+        "--backend",
+        choices=EXPERT_BACKENDS,
+        default="grouped",
+        help="experts backend of ours: grouped GEMMs (default) or the masked per-expert loop",
+    )
+    p.add_argument(
         "--breakdown",
         action="store_true",
         help="also time the parts of ours alone (router, row movement, expert GEMMs)",
@@ -159,7 +165,9 @@ def main() -> None:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(args.seed)
     d, k, hidden = args.d_model, args.top_k, args.expert_hidden
-    moe = SparseMoE(d, args.experts, k, hidden, args.activation, args.router_hidden)
+    moe = SparseMoE(
+        d, args.experts, k, hidden, args.activation, args.router_hidden, backend=args.backend
+    )
     dense = MLP(d, k * hidden, args.activation, bias=False)
     loop = LoopMoE(moe, args.activation)
     moe, dense, loop = (m.to(device, dtype).train() for m in (moe, dense, loop))
@@ -170,7 +178,7 @@ def main() -> None:
     with torch.no_grad():
         y, route = moe(x)
         max_diff = (y - loop(x)).abs().max().item()
-        load = torch.bincount(route.top_k_indices.flatten(), minlength=args.experts)
+        load = torch.bincount(route.indices.flatten(), minlength=args.experts)
     x.requires_grad_(True)
 
     fns = {
@@ -201,7 +209,8 @@ def main() -> None:
 
     print(
         f"SMoE layer fwd+bwd: {args.tokens} tokens, d={d}, {args.experts} experts, k={k}, "
-        f"D_ffd={hidden}, D_rtr={args.router_hidden}, {args.dtype} on {device} "
+        f"D_ffd={hidden}, D_rtr={args.router_hidden}, {args.dtype} on {device}, "
+        f"{args.backend} experts "
         f"({torch.get_num_threads()} threads, torch {torch.__version__}, freed memory "
         f"{'retained' if RETAINS_FREED_MEMORY else 'returned to the OS (glibc default)'})"
     )

@@ -150,6 +150,23 @@ def test_every_subcommand_has_help(cmd, capsys):
         assert str(name) in out, f"{cmd} --help does not mention {name}"
 
 
+def test_every_subcommand_and_convert_kind_runs_a_function():
+    import argparse
+
+    from modformer.cli import MOUNTED, SUBCOMMANDS, _function, build_parser
+    from modformer.commands.convert import RUNS
+
+    def subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+    commands = subparsers(build_parser())
+    assert len(commands.choices) == len(SUBCOMMANDS) == len(MOUNTED)
+    for name, module, _, run, _, _ in MOUNTED:  # imports every command module
+        assert callable(_function(module, run)), name
+        assert commands.choices[name].get_default("func") is not None, name
+    assert set(subparsers(commands.choices["convert"]).choices) == set(RUNS)
+
+
 def test_convert_mom_cli(tiny_data_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -11,6 +11,7 @@ from modformer.models.gpt import GPTConfig, GPTForCausalLM
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 from modformer.models.mom import MoMConfig, MoMForCausalLM
 from modformer.models.outputs import output_cache
+from modformer.nn.experts import experts_backend
 from modformer.nn.grouped import grouped_linear, make_dispatch
 
 VOCAB = 61
@@ -114,6 +115,20 @@ def test_training_forward_has_no_graph_breaks(arch, autocast_dtype):
 
 
 @pytest.mark.parametrize("arch", ["mom_skip", "moduleformer"])
+def test_loop_experts_backend_has_no_graph_breaks(arch):
+    """The loop backend loops over experts in Python, never over tokens, and reads nothing
+    back to the host: one graph too."""
+    model = make_model(arch)
+    x = batch()
+    dynamo.reset()
+    with experts_backend("loop"):
+        explanation = dynamo.explain(lambda x: training_loss(model, x))(x)
+    dynamo.reset()
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("arch", ["mom_skip", "moduleformer"])
 def test_padded_eval_forward_has_no_graph_breaks(arch):
     model = make_model(arch).eval()
     x = batch()
@@ -167,6 +182,11 @@ def test_compiled_training_step_matches_eager_aot(arch):
     """The compile front end (dynamo + AOT autograd over fake tensors, our custom ops'
     fake implementations and backward), without inductor's slow code generation."""
     _compiled_step_matches_eager(arch, "aot_eager")
+
+
+def test_compiled_loop_experts_training_step_matches_eager_aot():
+    with experts_backend("loop"):
+        _compiled_step_matches_eager("moduleformer", "aot_eager")
 
 
 @pytest.mark.parametrize("arch", [pytest.param("mom", marks=pytest.mark.slow), "moduleformer"])
@@ -278,8 +298,8 @@ def test_activation_checkpointing_keeps_loss_gradients_and_routing(case):
         assert out_plain.aux_loss is not None  # the balance loss is on in these configs
         assert len(out_ckpt.routing) == len(out_plain.routing)
         for a, b in zip(out_ckpt.routing, out_plain.routing):
-            assert torch.equal(a.attn_index, b.attn_index)
-            assert torch.equal(a.ffn_index, b.ffn_index)
+            assert torch.equal(a.attn.indices, b.attn.indices)
+            assert torch.equal(a.ffn.indices, b.ffn.indices)
     assert grads_ckpt.keys() == grads_plain.keys()
     for name in grads_plain:
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-5, rtol=1e-5)
@@ -305,7 +325,7 @@ def test_activation_checkpointing_carries_early_exit_flags_between_chunks():
         torch.manual_seed(5)
         results.append(_run(model, x, return_routing=True))
     (out_plain, grads_plain), (out_ckpt, grads_ckpt) = results
-    skipped = out_plain.routing[-1].attn_index == out_plain.routing[-1].num_attn_modules
+    skipped = ~out_plain.routing[-1].attn.picks_module()
     assert skipped.any() and not skipped.all()  # the flags differ between tokens
     torch.testing.assert_close(out_ckpt.loss, out_plain.loss, atol=1e-5, rtol=1e-5)
     for name in grads_plain:

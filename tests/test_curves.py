@@ -11,13 +11,9 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from modformer.eval.curves import (  # noqa: E402
-    add_plot_arguments,
-    ema,
-    plot_training_curves,
-    read_curves,
-    run_plot,
-)
+from modformer.cli_args_train import add_plot_arguments  # noqa: E402
+from modformer.commands.plot_curves import run_plot  # noqa: E402
+from modformer.eval.curves import ema, plot_training_curves, read_curves  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modformer.cli_args import add_extend_arguments
+from modformer.commands.extend import run_extend
 from modformer.data.dataset import TokenDataset
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
@@ -19,7 +20,7 @@ from modformer.surgery import (
     extend_model,
     merge_inserted_experts,
 )
-from modformer.surgery.extend import is_inserted_parameter, run_extend
+from modformer.surgery.extend import is_inserted_parameter
 from modformer.train.checkpoint import atomic_save_model
 from modformer.train.config import load_train_config
 from modformer.train.trainer import train
@@ -146,7 +147,7 @@ def test_bad_input():
     with pytest.raises(SurgeryError, match="needs a ModuleFormer model .* got a GPTForCausalLM"):
         extend_model(gpt, 1)
     mom = MoMForCausalLM(MoMConfig.from_preset("tiny", vocab_size=VOCAB))
-    with pytest.raises(SurgeryError, match="got a MoM model"):
+    with pytest.raises(SurgeryError, match="got a MoMForCausalLM"):
         extend_model(mom, 1)
     # A scope with nothing to train is refused rather than freezing the whole model.
     plain = moduleformer(trainable_scope="inserted_experts")

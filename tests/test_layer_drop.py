@@ -101,8 +101,8 @@ def test_layer_drop_ratios_count_the_parameters():
 
 def test_dropping_layers_of_a_pruned_moduleformer_slices_its_per_layer_config():
     model = moduleformer()
-    frequencies = {f"layer{i}/att": [1.0, 1.0, 0.0, 0.0] for i in range(4)}
-    frequencies |= {f"layer{i}/ffd": [1.0] * (2 + i) + [0.0] * (6 - i) for i in range(4)}
+    frequencies = {f"layer{i}/attn": [1.0, 1.0, 0.0, 0.0] for i in range(4)}
+    frequencies |= {f"layer{i}/ffn": [1.0] * (2 + i) + [0.0] * (6 - i) for i in range(4)}
     pruned, _ = prune_model(model, frequencies, threshold=0.5)
     dropped, report = drop_layers(pruned, 2, "uniform")  # layers 0 and 3
     assert dropped.config.ffd_experts_per_layer == [2, 5]

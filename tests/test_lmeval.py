@@ -18,11 +18,11 @@ import torch.nn.functional as F
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 
+from modformer.cli_args_models import add_lmeval_arguments  # noqa: E402
+from modformer.commands.lmeval import run_lmeval  # noqa: E402
 from modformer.eval.lmeval import (  # noqa: E402
-    add_lmeval_arguments,
     evaluate_lm_eval,
     results_summary,
-    run_lmeval,
     write_remote_code,
 )
 from modformer.models.gpt import GPTConfig, GPTForCausalLM  # noqa: E402

@@ -72,8 +72,8 @@ def test_pruning_unused_moduleformer_experts_keeps_logits(overrides):
     kept = kept_by_key(report)
     for layer in range(2):
         # Exactly the never-selected experts go (the others all get picked on 384 tokens).
-        assert kept[f"layer{layer}/att"] == [0, 2]
-        assert kept[f"layer{layer}/ffd"] == [1, 2, 3, 4, 7]
+        assert kept[f"layer{layer}/attn"] == [0, 2]
+        assert kept[f"layer{layer}/ffn"] == [1, 2, 3, 4, 7]
         assert pruned.transformer.h[layer].attn.w_q.shape[0] == 2
         assert pruned.transformer.h[layer].mlp.router.expert_embedding.weight.shape[0] == 5
     assert pruned.config.att_experts_per_layer == [2, 2]
@@ -87,9 +87,9 @@ def test_pruning_unused_moduleformer_experts_keeps_logits(overrides):
         routes_before = model.transformer(input_ids=x).router_outputs
         routes_after = pruned.transformer(input_ids=x).router_outputs
         for layer, (old, new) in enumerate(zip(routes_before, routes_after)):
-            for kind, old_route, new_route in (("att", old[0], new[0]), ("ffd", old[1], new[1])):
+            for kind, old_route, new_route in (("attn", old[0], new[0]), ("ffn", old[1], new[1])):
                 kept_ids = torch.tensor(kept[f"layer{layer}/{kind}"])
-                assert torch.equal(kept_ids[new_route.top_k_indices], old_route.top_k_indices)
+                assert torch.equal(kept_ids[new_route.indices], old_route.indices)
         # Exact: the pruned routers compute at the unpruned layout (RouterSlots).
         assert torch.equal(pruned(input_ids=x).logits, model(input_ids=x).logits)
 
@@ -116,8 +116,8 @@ def test_pruning_unused_mom_modules_keeps_logits():
         for old, new in zip(steps_before, out_after.routing):
             # Pool index -> original index; SKIP (the pool size) -> the original SKIP index.
             attn_map, ffn_map = torch.tensor([0, 2, 4]), torch.tensor([1, 2, 3, 4])
-            assert torch.equal(attn_map[new.attn_index], old.attn_index)
-            assert torch.equal(ffn_map[new.ffn_index], old.ffn_index)
+            assert torch.equal(attn_map[new.attn.indices], old.attn.indices)
+            assert torch.equal(ffn_map[new.ffn.indices], old.ffn.indices)
         assert torch.equal(out_after.logits, model(input_ids=x).logits)
 
 
@@ -156,19 +156,19 @@ def test_pruned_models_save_and_load(tmp_path):
 
 def test_threshold_and_norm_semantics():
     model = moduleformer()
-    counts = {"layer0/att": [10, 5, 1, 0], "layer1/att": [4, 4, 4, 4]}
-    counts |= {"layer0/ffd": [8, 7, 6, 5, 4, 3, 2, 1], "layer1/ffd": [1, 0, 0, 0, 0, 0, 0, 9]}
+    counts = {"layer0/attn": [10, 5, 1, 0], "layer1/attn": [4, 4, 4, 4]}
+    counts |= {"layer0/ffn": [8, 7, 6, 5, 4, 3, 2, 1], "layer1/ffn": [1, 0, 0, 0, 0, 0, 0, 9]}
     _, report = prune_model(model, counts, threshold=0.5)  # f / max >= 0.5 stays
     assert kept_by_key(report) == {
-        "layer0/att": [0, 1],
-        "layer0/ffd": [0, 1, 2, 3, 4],  # 4/8 is not below 0.5
-        "layer1/att": [0, 1, 2, 3],
-        "layer1/ffd": [0, 7],  # 1/9 < 0.5, but top-2 needs two experts: the next most used
+        "layer0/attn": [0, 1],
+        "layer0/ffn": [0, 1, 2, 3, 4],  # 4/8 is not below 0.5
+        "layer1/attn": [0, 1, 2, 3],
+        "layer1/ffn": [0, 7],  # 1/9 < 0.5, but top-2 needs two experts: the next most used
     }
     assert [p["raised_to_top_k"] for p in report["pools"]] == [False, False, False, True]
     _, report = prune_model(model, counts, threshold=0.2, norm="sum")  # f / sum >= 0.2
-    assert kept_by_key(report)["layer0/att"] == [0, 1]  # 10/16, 5/16 stay; 1/16 goes
-    assert kept_by_key(report)["layer0/ffd"] == [0, 1]  # only 8/36 >= 0.2; top-2 adds 7/36
+    assert kept_by_key(report)["layer0/attn"] == [0, 1]  # 10/16, 5/16 stay; 1/16 goes
+    assert kept_by_key(report)["layer0/ffn"] == [0, 1]  # only 8/36 >= 0.2; top-2 adds 7/36
     _, report = prune_model(model, counts, threshold=0.0)
     assert all(p["after"] == p["before"] for p in report["pools"])
     assert report["params_after"] == report["params_before"]
@@ -176,22 +176,22 @@ def test_threshold_and_norm_semantics():
 
 def test_bad_input_errors():
     model = moduleformer()
-    counts = {f"layer{i}/{k}": [1.0] * n for i in range(2) for k, n in (("att", 4), ("ffd", 8))}
+    counts = {f"layer{i}/{k}": [1.0] * n for i in range(2) for k, n in (("attn", 4), ("ffn", 8))}
     for threshold in (-0.1, 1.5, float("nan")):
         with pytest.raises(SurgeryError, match="threshold must be in \\[0, 1\\]"):
             prune_model(model, counts, threshold)
-    with pytest.raises(SurgeryError, match="would remove every module of layer0/att"):
+    with pytest.raises(SurgeryError, match="would remove every module of layer0/attn"):
         prune_model(model, counts, threshold=0.3, norm="sum")  # 1/4 < 0.3 everywhere
     with pytest.raises(SurgeryError, match="norm must be one of"):
         prune_model(model, counts, 0.5, norm="mean")
     with pytest.raises(SurgeryError, match="counts 3 modules but the model has 4"):
-        prune_model(model, {**counts, "layer1/att": [1, 1, 1]}, 0.5)
-    with pytest.raises(SurgeryError, match="no entry 'layer1/ffd'"):
-        prune_model(model, {k: v for k, v in counts.items() if k != "layer1/ffd"}, 0.5)
+        prune_model(model, {**counts, "layer1/attn": [1, 1, 1]}, 0.5)
+    with pytest.raises(SurgeryError, match="no entry 'layer1/ffn'"):
+        prune_model(model, {k: v for k, v in counts.items() if k != "layer1/ffn"}, 0.5)
     with pytest.raises(SurgeryError, match="all counts are 0"):
-        prune_model(model, {**counts, "layer0/ffd": [0] * 8}, 0.5)
+        prune_model(model, {**counts, "layer0/ffn": [0] * 8}, 0.5)
     with pytest.raises(SurgeryError, match="non-negative"):
-        prune_model(model, {**counts, "layer0/ffd": [-1.0] * 8}, 0.5)
+        prune_model(model, {**counts, "layer0/ffn": [-1.0] * 8}, 0.5)
     mom_usage = collect_usage(mom(), token_batches(1))
     with pytest.raises(SurgeryError, match="collected on a mom model"):
         prune_model(model, mom_usage, 0.5)
@@ -268,7 +268,7 @@ def test_pruning_a_pruned_model_with_uneven_layers():
     pruned, _ = prune_model(model, collect_usage(model, batches), threshold=0.01)
     assert pruned.config.ffd_experts_per_layer == [5, 4]
     usage = collect_usage(pruned, batches)
-    assert usage.counts["layer1/ffd"].numel() == 4  # each layer counts its own experts
+    assert usage.counts["layer1/ffn"].numel() == 4  # each layer counts its own experts
     again, report = prune_model(pruned, usage, threshold=0.01)
     assert report["params_after"] == report["params_before"]
     assert again.config.ffd_experts_per_layer == [5, 4]
@@ -285,8 +285,8 @@ def test_pruning_in_two_rounds_equals_pruning_once():
     batches = token_batches()
     once, _ = prune_model(model, collect_usage(model, batches), threshold=0.01)
     # First round: only layer 0's never-used FFN experts; second round: the rest.
-    first = {"layer0/att": [1, 1, 1, 1], "layer1/att": [1, 1, 1, 1], "layer1/ffd": [1] * 8}
-    first["layer0/ffd"] = [0, 1, 1, 1, 1, 0, 0, 1]
+    first = {"layer0/attn": [1, 1, 1, 1], "layer1/attn": [1, 1, 1, 1], "layer1/ffn": [1] * 8}
+    first["layer0/ffn"] = [0, 1, 1, 1, 1, 0, 0, 1]
     half, _ = prune_model(model, first, threshold=0.5)
     twice, _ = prune_model(half, collect_usage(half, batches), threshold=0.01)
     assert twice.config.to_dict()["ffd_expert_slots"] == once.config.to_dict()["ffd_expert_slots"]

@@ -100,7 +100,7 @@ def test_prune_command(tmp_path, tiny_data_dir, capsys):
         )
     )
     assert again["pools"][0]["frequencies"] == pytest.approx(
-        UsageStats.load(tmp_path / "usage.json").module_frequencies()["layer0/att"].tolist(),
+        UsageStats.load(tmp_path / "usage.json").module_frequencies()["layer0/attn"].tolist(),
         abs=1e-6,
     )
 
@@ -192,7 +192,7 @@ def test_prune_then_finetune_workflow(tmp_path, tiny_data_dir):
     )
     finetuned = AutoModelForCausalLM.from_pretrained(tmp_path / "pf" / "finetuned" / "model")
     kept = kept_by_key(result["prune"])
-    assert finetuned.config.ffd_experts_per_layer == [len(kept[f"layer{i}/ffd"]) for i in range(2)]
+    assert finetuned.config.ffd_experts_per_layer == [len(kept[f"layer{i}/ffn"]) for i in range(2)]
     assert result["train"]["params"] == result["prune"]["params_after"]
     assert result["prune"]["params_after"] < result["prune"]["params_before"]
 

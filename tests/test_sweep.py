@@ -14,13 +14,13 @@ import pytest
 import torch
 import yaml
 
-from modformer.analysis.sweep import (
+from modformer.cli_args_train import add_sweep_arguments
+from modformer.commands.sweep import run_sweep
+from modformer.experiments.sweep import (
     GridAxis,
     SweepError,
-    add_sweep_arguments,
     parse_grid,
     plot_sweep,
-    run_sweep,
     sweep,
 )
 from modformer.models.gpt import GPTConfig, GPTForCausalLM

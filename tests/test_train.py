@@ -21,7 +21,8 @@ from modformer.eval.lm import unigram_loss
 from modformer.models.gpt import GPTForCausalLM
 from modformer.train import checkpoint as ckpt_lib
 from modformer.train.config import TrainConfig, load_train_config
-from modformer.train.trainer import lr_at, make_optimizer, train
+from modformer.train.optim import lr_at, make_optimizer
+from modformer.train.trainer import train
 
 TINY_MODEL = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64}
 
@@ -332,7 +333,7 @@ def test_without_a_progress_bar_training_prints_lines(tiny_data_dir, tmp_path, c
     tokens/s and ETA every log_interval steps, and the validation loss at each evaluation."""
     import re
 
-    from modformer.train.trainer import format_duration
+    from modformer.train.metrics import format_duration
 
     cfg = load_train_config(None, tiny_args(tiny_data_dir, tmp_path / "run", steps=20))
     train(cfg)

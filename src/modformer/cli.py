@@ -9,397 +9,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from modformer import __version__
-from modformer.config import ConfigError
 from modformer.errors import ModformerError
 from modformer.utils import retain_freed_memory
 
-
-def _train(sub: argparse._SubParsersAction) -> None:
-    from modformer.train.config import add_train_arguments
-
-    p = sub.add_parser(
-        "train",
-        help="train a model (also under torchrun for DDP)",
-        description="Train a model on prepared data. Settings come from --config (YAML/JSON), "
-        "then --set overrides, then the per-setting options below. Launch with "
-        "`torchrun --nproc_per_node N -m modformer.cli train ...` for DistributedDataParallel.",
-    )
-    add_train_arguments(p)
-    p.set_defaults(func=run_train)
-
-
-def run_train(args: argparse.Namespace) -> dict:
-    from modformer.train.config import train_config_from_args
-    from modformer.train.trainer import train
-
-    cfg = train_config_from_args(args)
-    final = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    # Under torchrun every rank returns; one line is enough (RANK is torchrun's).
-    if "val_loss" in final and int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"final val loss {final['val_loss']:.4f}  ppl {final['val_ppl']:.2f}  -> {cfg.out_dir}/model"
-        )
-    return final
-
-
-def _eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="loss / perplexity of a saved model",
-        description="Report next-token loss and perplexity on a prepared split (optionally per "
-        "domain) or on a UTF-8 text file.",
-    )
-    p.add_argument("model", help="model directory or training out_dir")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="prepared data directory (output of `modformer prepare`)")
-    src.add_argument("--text", help="a UTF-8 text file, tokenised with the model's tokenizer")
-    p.add_argument(
-        "--split", default="val", choices=["train", "val"], help="split of --data (default: val)"
-    )
-    p.add_argument("--domains", help="comma-separated domains of --data to restrict to")
-    p.add_argument("--per-domain", action="store_true", help="also report each domain of --data")
-    p.add_argument("--block-size", type=int, default=128, help="tokens per window (default: 128)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
-    p.add_argument("--max-batches", type=int, help="stop after this many batches (default: all)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    p.set_defaults(func=run_eval)
-
-
-def run_eval(args: argparse.Namespace) -> dict:
-    from modformer.eval.lm import evaluate_split, evaluate_text_file
-    from modformer.models.loading import load_model, load_tokenizer
-    from modformer.utils import check_output_path
-
-    if args.block_size < 2:
-        raise ConfigError(f"--block-size must be >= 2, got {args.block_size}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_batches is not None and args.max_batches < 1:
-        raise ConfigError(f"--max-batches must be >= 1, got {args.max_batches}")
-    if args.json:
-        check_output_path(args.json, "--json file")
-        if Path(args.json).exists() and not args.overwrite:
-            raise ConfigError(
-                f"--json file {args.json} already exists; pass --overwrite to replace it"
-            )
-    model = load_model(args.model, args.device)
-    n_positions = getattr(model.config, "n_positions", None)
-    if n_positions is not None and args.block_size > n_positions:
-        raise ConfigError(
-            f"--block-size {args.block_size} exceeds the model's context (n_positions={n_positions})"
-        )
-    if args.text:
-        tokenizer = load_tokenizer(args.model)
-        if tokenizer is None:
-            raise ConfigError(
-                f"{args.model} has no tokenizer.json; evaluate prepared data with --data instead"
-            )
-        if len(tokenizer) > model.config.vocab_size:
-            raise ConfigError(
-                f"the tokenizer in {args.model} has {len(tokenizer)} tokens but the model only "
-                f"{model.config.vocab_size}; they do not belong together"
-            )
-        results = {
-            "text": evaluate_text_file(
-                model, tokenizer, args.text, args.block_size, args.batch_size, args.device
-            )
-        }
-    else:
-        domains = args.domains.split(",") if args.domains else None
-        results = evaluate_split(
-            model,
-            args.data,
-            args.split,
-            args.block_size,
-            args.batch_size,
-            args.max_batches,
-            args.per_domain,
-            domains,
-            args.device,
-        )
-    print(f"{'set':<16} {'loss':>8} {'ppl':>10} {'tokens':>10}")
-    for name, r in results.items():
-        print(f"{name:<16} {r['loss']:>8.4f} {r['ppl']:>10.2f} {r['tokens']:>10,}")
-    if args.json:
-        from modformer.utils import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(results, indent=2))
-    return results
-
-
-def _generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="generate text from a saved model",
-        description="Continue a prompt with a saved model and its tokenizer.",
-    )
-    p.add_argument("model", help="model directory or training out_dir")
-    p.add_argument(
-        "--prompt", default="", help="text to continue (default: empty, start of a document)"
-    )
-    p.add_argument(
-        "--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)"
-    )
-    p.add_argument(
-        "--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)"
-    )
-    p.add_argument(
-        "--top-k", type=int, default=50, help="sample from the k most likely tokens (default: 50)"
-    )
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
-    p.set_defaults(func=run_generate)
-
-
-def run_generate(args: argparse.Namespace) -> str:
-    from modformer.generation import generate_text
-    from modformer.models.loading import load_model, load_tokenizer
-
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model = load_model(args.model, args.device)
-    tokenizer = load_tokenizer(args.model)
-    if tokenizer is None:
-        raise ConfigError(
-            f"{args.model} has no tokenizer.json, so text cannot be encoded or decoded"
-        )
-    text = generate_text(
-        model,
-        tokenizer,
-        args.prompt,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_k,
-        args.greedy,
-        args.seed,
-    )
-    print(args.prompt + text)
-    return text
-
-
-def _convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="convert checkpoints (gpt2, IBM ModuleFormer, official MoM -> modformer; "
-        "vanilla -> MoM)",
-        description="Convert checkpoints. `gpt2` imports a local Hugging Face GPT-2 directory; "
-        "`moduleformer` an IBM ModuleFormer / MoLM directory; `mom-official` a checkpoint of "
-        "the official MoM code; "
-        "`mom` turns a vanilla model into a Mixture-of-Modules model (phase-2 initialisation). "
-        "Run `modformer convert KIND --help` for the options of each.",
-    )
-    conv = p.add_subparsers(dest="convert_kind", required=True, metavar="KIND")
-    g = conv.add_parser(
-        "gpt2",
-        help="import a local Hugging Face GPT-2 directory",
-        description="Import a local HF GPT-2 directory (config.json + model.safetensors) into a "
-        "modformer GPT model directory; tokenizer files are copied along.",
-    )
-    g.add_argument("src", help="local Hugging Face GPT-2 directory")
-    g.add_argument("dst", help="output model directory")
-    g.set_defaults(func=run_convert_gpt2)
-    ibm = conv.add_parser(
-        "moduleformer",
-        help="import a local IBM ModuleFormer / MoLM directory (github.com/IBM/ModuleFormer)",
-        description="Import a local directory written by IBM's ModuleFormer code (model_type "
-        "'moduleformer': config.json + safetensors or pytorch_model.bin, read with "
-        "weights_only) into a modformer ModuleFormer directory with the same logits; tokenizer "
-        "files are copied along. IBM's aux_loss_weight is multiplied by 2 * n_layer (IBM sums "
-        "the per-router losses, modformer averages them).",
-    )
-    ibm.add_argument("src", help="local IBM ModuleFormer / MoLM directory")
-    ibm.add_argument("dst", help="output model directory")
-    ibm.add_argument(
-        "--history-length",
-        type=int,
-        default=-1,
-        help="keys/values the imported model remembers across segments in Transformer-XL "
-        "training (default: -1 = unbounded, as IBM's code)",
-    )
-    ibm.add_argument(
-        "--drop-training-options",
-        action="store_true",
-        help="import although config.json sets training-only options modformer lacks "
-        "(sample_topk, moe_pdrop, embd_pdrop != resid_pdrop); they are left out",
-    )
-    ibm.set_defaults(func=run_convert_moduleformer)
-    j = conv.add_parser(
-        "jetmoe",
-        help="import a local JetMoeForCausalLM directory as a ModuleFormer",
-        description="Import a local transformers JetMoE directory (config.json + safetensors) "
-        "into a ModuleFormer with JetMoE's options (RMSNorm, SwiGLU experts, linear router, "
-        "RoPE softmax attention); tokenizer files are copied along. `modformer export hf` "
-        "writes it back.",
-    )
-    j.add_argument("src", help="local JetMoeForCausalLM directory")
-    j.add_argument("dst", help="output model directory")
-    j.set_defaults(func=run_convert_jetmoe)
-    m = conv.add_parser(
-        "mom",
-        help="phase-2 initialisation: a vanilla model's layers become a MoM module pool",
-        description="Turn a vanilla model (a modformer GPT directory, a training out_dir or a "
-        "local HF GPT-2 directory) into a Mixture-of-Modules model: layer l becomes module l of "
-        "the chunk covering l, routers start fresh. Then train it with `modformer train "
-        "--model.init_from DST`.",
-    )
-    m.add_argument("--from", dest="src", required=True, help="vanilla model directory")
-    m.add_argument(
-        "--chunks",
-        help="chunk string such as '[1-1-4-1-1]' covering every layer (default: the preset chunking for that depth)",
-    )
-    m.add_argument(
-        "--config", dest="mom_name", required=True, help="K, H and SKIP as a name such as K2H6S"
-    )
-    m.add_argument(
-        "--router", choices=["gru", "mlp"], default="gru", help="router type (default: gru)"
-    )
-    m.add_argument(
-        "--policy",
-        default="learned",
-        help="assembly policy: learned (default), vanilla, layer_skip, early_exit, parameter_sharing, moe, moe_share",
-    )
-    m.add_argument(
-        "--mom-same",
-        action="store_true",
-        help="MoM-same ablation: all modules of a chunk identical",
-    )
-    m.add_argument(
-        "--router-dim",
-        type=int,
-        help="router width (GRU state / MLP hidden size); default max(8, n_embd // 4), which "
-        "keeps the routers' parameters small beside the layers they route",
-    )
-    m.add_argument(
-        "--share-map",
-        help="policy parameter_sharing: the module each step uses, as H comma-separated "
-        "indices, e.g. '0,0,1,1'",
-    )
-    m.add_argument("dst", help="output model directory")
-    m.set_defaults(func=run_convert_mom)
-    o = conv.add_parser(
-        "mom-official",
-        help="import a checkpoint of the official MoM code (gzhch/Mixture-of-Modules)",
-        description="Import a local directory saved by the official Mixture-of-Modules code "
-        "(config.json with model_type gpt2-mot, and model.safetensors or pytorch_model.bin) into "
-        "a modformer MoM model directory. Pickles load with torch.load(weights_only=True); a "
-        "file that needs code to unpickle is refused. Tokenizer files are copied along.",
-    )
-    o.add_argument("src", help="local directory of an official GPT2MoTLMHeadModel")
-    o.add_argument("dst", help="output model directory")
-    o.set_defaults(func=run_convert_mom_official)
-
-    for kind in conv.choices.values():  # no import replaces a model silently
-        kind.add_argument("--overwrite", action="store_true", help="replace an existing DST model")
-
-
-def check_model_destination(dst: str, overwrite: bool) -> None:
-    """Before any work: `dst` can be written, and an existing model there is replaced only
-    with --overwrite (and a non-model directory never)."""
-    from modformer.utils import check_output_path
-
-    path = check_output_path(dst, "output directory", directory=True)
-    if path.is_dir() and any(path.iterdir()):
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"output directory {dst} is not empty and holds no model; choose another one"
-            )
-        if not overwrite:
-            raise ConfigError(f"{dst} already holds a model; pass --overwrite to replace it")
-
-
-def run_convert_gpt2(args: argparse.Namespace) -> None:
-    from modformer.convert.gpt2 import convert_gpt2
-
-    model = convert_gpt2(args.src, args.dst)
-    n = model.num_parameters()
-    print(f"converted {args.src} -> {args.dst} ({n:,} parameters)")
-
-
-def run_convert_moduleformer(args: argparse.Namespace) -> None:
-    from modformer.convert.moduleformer import convert_moduleformer
-
-    model = convert_moduleformer(
-        args.src, args.dst, args.drop_training_options, args.history_length
-    )
-    print(
-        f"converted {args.src} -> {args.dst} ({model.total_parameters():,} parameters, "
-        f"{model.active_parameters():,} active per token)"
-    )
-
-
-def run_convert_jetmoe(args: argparse.Namespace) -> None:
-    from modformer.convert.jetmoe import convert_jetmoe
-
-    model = convert_jetmoe(args.src, args.dst)
-    n = model.num_parameters()
-    print(f"converted {args.src} -> {args.dst} (JetMoE as ModuleFormer, {n:,} parameters)")
-
-
-def run_convert_mom(args: argparse.Namespace) -> None:
-    from modformer.convert.mom import mom_from_vanilla
-    from modformer.models.io import atomic_save_model
-    from modformer.models.loading import resolve_model_dir
-    from modformer.models.model_card import Provenance
-
-    src = resolve_model_dir(args.src)  # a model dir, a training out_dir or a HF GPT-2 dir
-    options = {}
-    if args.router_dim is not None:
-        options["router_dim"] = args.router_dim
-    if args.share_map is not None:
-        try:
-            options["share_map"] = [int(m) for m in args.share_map.split(",")]
-        except ValueError:
-            raise ConfigError(
-                f"--share-map {args.share_map!r}: expected comma-separated module indices, "
-                "e.g. '0,0,1,1'"
-            ) from None
-    model = mom_from_vanilla(
-        src,
-        chunks=args.chunks,
-        mom_name=args.mom_name,
-        router=args.router,
-        policy=args.policy,
-        mom_same=args.mom_same,
-        **options,
-    )
-    atomic_save_model(model, args.dst, Path(src), Provenance(method="convert", source=str(src)))
-    n = model.num_parameters()
-    print(
-        f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"
-    )
-
-
-def run_convert_mom_official(args: argparse.Namespace) -> None:
-    from modformer.convert.mom_official import convert_mom_official
-
-    model = convert_mom_official(args.src, args.dst)
-    n = model.num_parameters()
-    print(
-        f"converted {args.src} -> {args.dst}: MoM {model.config.mom_name} chunks {model.config.chunks} ({n:,} parameters)"
-    )
-
-
-# Subcommands that live in their own module as `add_*_arguments(parser)` + `run_*(args)`:
-# (name, module, add-arguments function, run function, one-line help, description).
-# The add-arguments function is looked up in `module`, or given as "other.module:function"
-# when `module` imports torch (its argparse definitions then live in modformer.cli_args).
+# Every subcommand: (name, module of its run function, its add-arguments function as
+# "module:function", the run function, one-line help, description). The run functions
+# live in modformer.commands (argparse namespace in, library calls out) and import torch;
+# the argument definitions live in the torch-free modformer.cli_args* modules.
 MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     (
         "prepare",
-        "modformer.data.prepare",
-        "add_prepare_arguments",
+        "modformer.commands.prepare",
+        "modformer.cli_args_train:add_prepare_arguments",
         "run_prepare",
         "tokenise a corpus into train/val token files",
         "Turn text into memory-mapped token files plus meta.json and a tokenizer. "
@@ -407,8 +35,47 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
         "pydoc topics, C headers).",
     ),
     (
+        "train",
+        "modformer.commands.train",
+        "modformer.cli_args_train:add_train_arguments",
+        "run_train",
+        "train a model (also under torchrun for DDP)",
+        "Train a model on prepared data. Settings come from --config (YAML/JSON), "
+        "then --set overrides, then the per-setting options below. Launch with "
+        "`torchrun --nproc_per_node N -m modformer.cli train ...` for DistributedDataParallel.",
+    ),
+    (
+        "eval",
+        "modformer.commands.evaluate",
+        "modformer.cli_args_models:add_eval_arguments",
+        "run_eval",
+        "loss / perplexity of a saved model",
+        "Report next-token loss and perplexity on a prepared split (optionally per "
+        "domain) or on a UTF-8 text file.",
+    ),
+    (
+        "generate",
+        "modformer.commands.generate",
+        "modformer.cli_args_models:add_generate_arguments",
+        "run_generate",
+        "generate text from a saved model",
+        "Continue a prompt with a saved model and its tokenizer.",
+    ),
+    (
+        "convert",
+        "modformer.commands.convert",
+        "modformer.cli_args_models:add_convert_arguments",
+        "run_convert",
+        "convert checkpoints (gpt2, IBM ModuleFormer, official MoM -> modformer; vanilla -> MoM)",
+        "Convert checkpoints. `gpt2` imports a local Hugging Face GPT-2 directory; "
+        "`moduleformer` an IBM ModuleFormer / MoLM directory; `mom-official` a checkpoint of "
+        "the official MoM code; "
+        "`mom` turns a vanilla model into a Mixture-of-Modules model (phase-2 initialisation). "
+        "Run `modformer convert KIND --help` for the options of each.",
+    ),
+    (
         "export",
-        "modformer.convert.export",
+        "modformer.commands.export",
         "modformer.cli_args:add_export_arguments",
         "run_export",
         "write a saved model as a native transformers directory (GPT-2, JetMoE)",
@@ -418,8 +85,8 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "demo",
-        "modformer.demo",
-        "add_demo_arguments",
+        "modformer.commands.demo",
+        "modformer.cli_args_train:add_demo_arguments",
         "run_demo",
         "the end-to-end demo on the built-in corpus",
         "Prepare the built-in corpus, train the tiny models, report validation "
@@ -438,8 +105,8 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "lm-eval",
-        "modformer.eval.lmeval",
-        "add_lmeval_arguments",
+        "modformer.commands.lmeval",
+        "modformer.cli_args_models:add_lmeval_arguments",
         "run_lmeval",
         "run lm-evaluation-harness tasks on a saved model, offline",
         "Evaluate a saved model with lm-evaluation-harness (hf backend) on built-in "
@@ -448,8 +115,8 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "plot-curves",
-        "modformer.eval.curves",
-        "add_plot_arguments",
+        "modformer.commands.plot_curves",
+        "modformer.cli_args_train:add_plot_arguments",
         "run_plot",
         "plot training and validation loss of runs to a PNG",
         "Draw the training and validation loss of one or more training runs "
@@ -457,7 +124,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "usage",
-        "modformer.analysis.usage",
+        "modformer.commands.usage",
         "modformer.cli_args:add_usage_arguments",
         "run_usage",
         "module/expert usage statistics of a ModuleFormer or MoM model",
@@ -466,7 +133,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "routing-report",
-        "modformer.analysis.routing_report",
+        "modformer.commands.routing_report",
         "modformer.cli_args:add_routing_report_arguments",
         "run_routing_report",
         "routing heatmaps, MoM transitions, per-domain expert KL",
@@ -475,8 +142,8 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "sweep",
-        "modformer.analysis.sweep",
-        "add_sweep_arguments",
+        "modformer.commands.sweep",
+        "modformer.cli_args_train:add_sweep_arguments",
         "run_sweep",
         "train a grid of configurations (e.g. MoM K x H) and plot val loss",
         "Train one run per grid point into OUT_DIR/points/<name>; resumable; writes "
@@ -515,7 +182,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "extend",
-        "modformer.surgery.extend",
+        "modformer.commands.extend",
         "modformer.cli_args:add_extend_arguments",
         "run_extend",
         "insert new experts for continual learning, freezing the old ones",
@@ -535,7 +202,7 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "reproduce",
-        "modformer.experiments.common",
+        "modformer.commands.reproduce",
         "modformer.cli_args:add_reproduce_arguments",
         "run_reproduce",
         "run one of the papers' experiments with seeds and baselines (docs/results.md)",
@@ -574,10 +241,10 @@ def _mounted(name: str) -> Callable[[argparse._SubParsersAction], None]:
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _mounted("prepare"),
-    _train,
-    _eval,
-    _generate,
-    _convert,
+    _mounted("train"),
+    _mounted("eval"),
+    _mounted("generate"),
+    _mounted("convert"),
     _mounted("export"),
     _mounted("finetune"),
     _mounted("lm-eval"),
@@ -669,6 +336,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         if isinstance(value, str) and value:
             check_output_path(value, _flag(args.command, dest), directory=is_dir)
     if args.command == "convert":
+        from modformer.commands.convert import check_model_destination
+
         check_model_destination(args.dst, args.overwrite)
     for dest in GUARDED_OUTPUTS.get(args.command, []):
         value = getattr(args, dest, None)

@@ -1,4 +1,6 @@
-"""Argument definitions of the subcommands whose library modules import torch.
+"""Argument definitions of the fine-tuning, cost, analysis, surgery, export and
+reproduction commands (`modformer.cli_args_models` and `modformer.cli_args_train` hold
+the others; `modformer.commands` the code that runs each command).
 
 They live here, torch-free, so that `modformer SUB --help` (and building the whole
 parser) starts in a fraction of a second. The choices and defaults shown in the help come

@@ -1,14 +1,13 @@
 """Dataclass configuration: load from YAML/JSON, override with `section.field=value`,
-expose every field as a documented command-line option, validate with messages that name
-the field.
+validate with messages that name the field.
 
-Each field's help text lives in `field(metadata={"help": ...})`, so `--help` and the
-docs are generated from the same place as the defaults.
+Each field's help text lives in `field(metadata={"help": ...})`, so `--help` (every field
+is a documented option: `modformer.cli_args_train.add_dataclass_arguments`) and the docs
+are generated from the same place as the defaults.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
@@ -33,11 +32,13 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
+    """Each field's annotated type, resolved (the modules use `from __future__ import
+    annotations`, so `dataclasses.fields` holds strings)."""
     return typing.get_type_hints(cls)
 
 
-def _is_dataclass_type(tp: Any) -> bool:
+def is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
@@ -94,7 +95,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         return dict(value)
-    if _is_dataclass_type(tp):
+    if is_dataclass_type(tp):
         return from_dict(tp, value, prefix=f"{name}.")
     return value
 
@@ -104,7 +105,7 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    types_ = _field_types(cls)
+    types_ = field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -160,59 +161,6 @@ def load_file(path: str | Path) -> dict[str, Any]:
             f"config file {path} must hold a mapping of sections, got {type(data).__name__}"
         )
     return data
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """Add `--section.field` options for every (nested) field, with its help and default.
-
-    Options default to None (= not given) so that only what the user typed overrides the
-    config file.
-    """
-    for f in dataclasses.fields(cls):
-        tp = _field_types(cls)[f.name]
-        name = f"{prefix}{f.name}"
-        if _is_dataclass_type(tp):
-            group = parser.add_argument_group(f"{name} settings")
-            add_dataclass_arguments(group, tp, prefix=f"{name}.")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "")
-        parser.add_argument(
-            f"--{name}",
-            dest=name,
-            default=None,
-            metavar=_metavar(tp),
-            help=f"{help_text} (default: {default!r})",
-        )
-
-
-def _metavar(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        origin = typing.get_origin(tp)
-    if origin is list:
-        return "A,B,..."
-    if origin is dict or tp is dict:
-        return "YAML"
-    return getattr(tp, "__name__", "VALUE").upper()
-
-
-def collect_cli_overrides(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, Any]:
-    """The `--section.field` values the user actually gave, as a nested dict."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        tp = _field_types(cls)[f.name]
-        name = f"{prefix}{f.name}"
-        if _is_dataclass_type(tp):
-            sub = collect_cli_overrides(args, tp, prefix=f"{name}.")
-            if sub:
-                out[f.name] = sub
-            continue
-        value = getattr(args, name, None)
-        if value is not None:
-            out[f.name] = parse_override(f"x={value}")[1]
-    return out
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""Analysis of trained modular models: module usage statistics (`usage`), routing
-reports with plots (`routing_report`) and hyper-parameter sweeps (`sweep`). Names are
-imported on first use (see modformer._lazy)."""
+"""Analysis of trained modular models: module usage statistics (`usage`) and routing
+reports with plots (`routing_report`). Names are imported on first use (see
+modformer._lazy)."""
 
 from typing import TYPE_CHECKING
 

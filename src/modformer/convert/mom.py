@@ -33,7 +33,8 @@ from torch import nn
 
 from modformer.models.gpt import Block, GPTConfig, GPTForCausalLM
 from modformer.models.mom.configuration_mom import MoMConfig, default_chunks
-from modformer.models.mom.modeling_mom import AttentionModulePool, FFNModulePool, MoMForCausalLM
+from modformer.models.mom.modeling_mom import MoMForCausalLM
+from modformer.models.mom.module_pools import AttentionModulePool, FFNModulePool
 
 # Fields that fix the weights' shapes or meaning: they come from the source model.
 SHAPE_FIELDS = (

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from modformer._lazy import lazy_exports
 from modformer.data.corpus import BUILTIN_DOMAINS, DataError, build_corpus
-from modformer.data.prepare import add_prepare_arguments, prepare, run_prepare
+from modformer.data.prepare import prepare
 from modformer.data.tokenizer import token_dtype
 
 _LAZY = {name: "modformer.data.dataset" for name in ("TokenDataset", "load_tokenizer", "read_meta")}
@@ -19,11 +19,9 @@ __all__ = [
     "BUILTIN_DOMAINS",
     "DataError",
     "TokenDataset",
-    "add_prepare_arguments",
     "build_corpus",
     "load_tokenizer",
     "prepare",
     "read_meta",
-    "run_prepare",
     "token_dtype",
 ]

@@ -25,7 +25,6 @@ the last file written, and `TokenDataset` refuses a directory without it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -41,7 +40,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from modformer.data.corpus import (
-    BUILTIN_DOMAINS,
     DEFAULT_MAX_BYTES_PER_DOMAIN,
     USER_SUFFIXES,
     Corpus,
@@ -379,139 +377,4 @@ def prepare(
         shutil.rmtree(staging_dir, ignore_errors=True)
         raise
     logger.info("wrote %s", output_dir)
-    return meta
-
-
-def _comma_separated(value: str) -> list[str]:
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(
-            "expected a comma-separated list, e.g. python,prose or .py,.md"
-        )
-    return names
-
-
-def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `modformer prepare`."""
-    parser.add_argument(
-        "output_dir",
-        help="directory to create with train.bin, val.bin, meta.json and tokenizer/",
-    )
-    parser.add_argument(
-        "--inputs",
-        nargs="+",
-        metavar="[NAME=]PATH",
-        help="your own text: files (.jsonl: one document per line; anything else: one "
-        "document per file), globs (quote them; ** recurses, e.g. code='src/**/*.py') or "
-        "directories (searched recursively for --suffixes). NAME=PATH puts the files in "
-        "domain NAME; otherwise the domain is --domain, the directory name, or the file name "
-        "without extension. Without --inputs the built-in corpus is used.",
-    )
-    parser.add_argument(
-        "--suffixes",
-        type=_comma_separated,
-        default=list(USER_SUFFIXES),
-        metavar="LIST",
-        help="comma-separated file endings a directory input contributes, e.g. .py,.md "
-        f"(default: {','.join(USER_SUFFIXES)})",
-    )
-    parser.add_argument(
-        "--domain",
-        metavar="NAME",
-        help="domain name for every input given without NAME=",
-    )
-    parser.add_argument(
-        "--domains",
-        type=_comma_separated,
-        metavar="LIST",
-        help=f"comma-separated built-in domains to include ({', '.join(BUILTIN_DOMAINS)}); "
-        "default: all of them without --inputs, none with --inputs",
-    )
-    parser.add_argument(
-        "--tokenizer",
-        default="bpe",
-        help="'bpe' trains a byte-level BPE on the corpus; 'byte' uses raw UTF-8 bytes "
-        "(257 tokens); a path loads a local Hugging Face tokenizer directory or "
-        "tokenizer.json (nothing is downloaded). Default: bpe",
-    )
-    parser.add_argument(
-        "--vocab-size",
-        type=int,
-        default=DEFAULT_VOCAB_SIZE,
-        help=f"vocabulary size of the trained BPE, end-of-text token included (at least 257; "
-        f"ignored for byte and loaded tokenizers). Default: {DEFAULT_VOCAB_SIZE}",
-    )
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=DEFAULT_VAL_FRACTION,
-        help="share of each domain's text held out for validation, in (0, 0.5], as whole "
-        "documents (at least one per domain); a single-document domain is split by "
-        "position. Default: %(default)s",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=DEFAULT_SEED,
-        help="seed of the train/val split. Default: %(default)s",
-    )
-    parser.add_argument(
-        "--max-bytes-per-domain",
-        type=int,
-        default=DEFAULT_MAX_BYTES_PER_DOMAIN,
-        help="cap on the text read for each built-in domain, in bytes (your own inputs are "
-        "read whole). Default: %(default)s",
-    )
-    parser.add_argument(
-        "--include-python-tests",
-        action="store_true",
-        help="include the standard library's test suites in the built-in python domain",
-    )
-    parser.add_argument(
-        "--text-field",
-        default="text",
-        help="JSON field that holds the document text in .jsonl inputs. Default: %(default)s",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace OUTPUT_DIR if it holds an earlier prepare output",
-    )
-    parser.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="do not show progress bars",
-    )
-
-
-def run_prepare(args: argparse.Namespace) -> dict[str, Any]:
-    """Run `modformer prepare` from parsed arguments and print a summary."""
-    meta = prepare(
-        args.output_dir,
-        inputs=args.inputs,
-        domains=args.domains,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        max_bytes_per_domain=args.max_bytes_per_domain,
-        text_field=args.text_field,
-        overwrite=args.overwrite,
-        domain=args.domain,
-        include_python_tests=args.include_python_tests,
-        progress=not args.no_progress,
-        suffixes=args.suffixes,
-    )
-    print(
-        f"wrote {args.output_dir}: vocab_size {meta['vocab_size']} ({meta['tokenizer']['kind']}), "
-        f"{meta['splits']['train']['tokens']:,} train / {meta['splits']['val']['tokens']:,} "
-        f"val tokens ({meta['dtype']})"
-    )
-    for name, stats in meta["domains"].items():
-        print(
-            f"  {name:<16} {stats['documents']:>7,} docs {stats['train_tokens']:>12,} train "
-            f"{stats['val_tokens']:>10,} val tokens"
-        )
-    if meta["skipped"]:
-        print(f"  skipped {len(meta['skipped'])} inputs (see 'skipped' in meta.json)")
     return meta

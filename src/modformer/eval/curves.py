@@ -13,7 +13,6 @@ changes no global matplotlib state and needs no display.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -220,39 +219,3 @@ def _atomic_savefig(figure, out_png: Path) -> None:
 
     with atomic_path(out_png, suffix=".png") as tmp:
         figure.savefig(tmp, dpi=120)
-
-
-# ---------------------------------------------------------------------------------------
-# Command line: `modformer plot-curves`
-# ---------------------------------------------------------------------------------------
-
-
-def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "runs", nargs="+", metavar="RUN", help="training out_dirs or metrics.jsonl files"
-    )
-    parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--labels", help="comma-separated legend names, one per run")
-    parser.add_argument(
-        "--x", choices=X_AXES, default="step", help="x axis: step or tokens (default: step)"
-    )
-    parser.add_argument(
-        "--smooth", type=float, default=0.0, help="EMA smoothing of the training loss, in [0, 1)"
-    )
-    parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
-    parser.add_argument("--title", help="figure title")
-
-
-def run_plot(args: argparse.Namespace) -> Path:
-    labels = [name.strip() for name in args.labels.split(",")] if args.labels else None
-    out = plot_training_curves(
-        args.runs,
-        args.out,
-        labels=labels,
-        x_axis=args.x,
-        smoothing=args.smooth,
-        log_y=args.log_y,
-        title=args.title,
-    )
-    print(f"wrote {out}")
-    return out

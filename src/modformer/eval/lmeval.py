@@ -5,7 +5,7 @@ which knows modformer's architectures only once ``modformer`` is imported (impor
 registers them with the Auto classes). Three ways to run it, all on a model directory
 that holds its tokenizer files (as ``modformer train`` saves it):
 
-1. ``modformer lm-eval MODEL --tasks T1,T2 --include-path DIR`` (`run_lmeval`): imports
+1. ``modformer lm-eval MODEL --tasks T1,T2 --include-path DIR`` (`evaluate_lm_eval`): imports
    modformer, then calls ``lm_eval.simple_evaluate`` with the ``hf`` backend on MODEL,
    ``trust_remote_code=False``.
 2. ``python -m modformer.eval.lmeval [lm_eval arguments]``: lm-eval's own command line,
@@ -25,7 +25,6 @@ JSONL directly; set ``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1`` to make that a gu
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -189,94 +188,6 @@ def _modformer_classes(
         f"{str(config_path)!r} has model_type {model_type!r}, which is not a modformer "
         f"architecture ({', '.join(known)}); remote code is only needed for those"
     )
-
-
-# ---------------------------------------------------------------------------------------
-# Command line: `modformer lm-eval`
-# ---------------------------------------------------------------------------------------
-
-
-def add_lmeval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory (with its tokenizer) or training out_dir")
-    parser.add_argument(
-        "--tasks", help="comma-separated lm-eval task names (e.g. modformer_python_completion)"
-    )
-    parser.add_argument(
-        "--include-path",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="directory of extra task YAMLs, e.g. docs/lm_eval_task (repeatable)",
-    )
-    parser.add_argument(
-        "--no-default-tasks",
-        action="store_true",
-        help="index only the --include-path tasks (faster start-up)",
-    )
-    parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="requests per forward pass (default: 8)"
-    )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
-    parser.add_argument(
-        "--dtype", default="float32", help="float32, bfloat16, float16 or auto (default: float32)"
-    )
-    parser.add_argument(
-        "--limit", type=float, help="examples per task (a fraction if < 1; for quick checks)"
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of Python, NumPy, torch and few-shot sampling (default: 0)",
-    )
-    parser.add_argument("--output", help="write the results to this JSON file")
-    parser.add_argument(
-        "--write-remote-code",
-        action="store_true",
-        help="instead of evaluating: write the model code and auto_map into MODEL (saved "
-        "models have them; this is for older directories) so that the plain "
-        "`lm_eval --model hf --model_args pretrained=MODEL,trust_remote_code=True` works",
-    )
-
-
-def run_lmeval(args: argparse.Namespace) -> dict[str, Any] | None:
-    """`modformer lm-eval`: evaluate MODEL on --tasks (or, with --write-remote-code, only
-    prepare MODEL for the plain lm_eval command)."""
-    if args.write_remote_code:
-        model_dir = write_remote_code(args.model)
-        print(
-            f"wrote the model code and auto_map into {model_dir}; now run\n"
-            f"  lm_eval --model hf --model_args pretrained={model_dir.resolve()},"
-            "trust_remote_code=True --tasks ..."
-        )
-        return None
-    if not args.tasks:
-        raise ValueError("--tasks is required (or pass --write-remote-code)")
-    limit = args.limit
-    if limit is not None and limit >= 1:
-        limit = int(limit)
-    results = evaluate_lm_eval(
-        args.model,
-        [name.strip() for name in args.tasks.split(",") if name.strip()],
-        include_paths=args.include_path,
-        include_default_tasks=not args.no_default_tasks,
-        num_fewshot=args.num_fewshot,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        limit=limit,
-        seed=args.seed,
-    )
-    from lm_eval.utils import make_table
-
-    print(make_table(results))
-    summary = results_summary(results)
-    if args.output:
-        from modformer.utils import atomic_write_text
-
-        atomic_write_text(args.output, json.dumps(summary, indent=2))
-    return summary
 
 
 def main() -> None:

@@ -1,8 +1,10 @@
-"""Reproduction experiments: one module per claim of the papers, run by
-`modformer reproduce NAME` (see docs/results.md for what each measured).
+"""Experiment drivers, the code that trains models to measure something: the reproduction
+experiments, one module per claim of the papers, run by `modformer reproduce NAME` (see
+docs/results.md for what each measured); the end-to-end demo (`demo`, `modformer demo`)
+and hyper-parameter sweeps (`sweep`, `modformer sweep`).
 
-This file only names them (it imports nothing heavy, so `modformer --help` stays fast);
-each module exposes ``run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict``,
+This file only names the reproduction experiments (it imports nothing heavy, so
+`modformer --help` stays fast); each of their modules exposes ``run(out_dir: Path, seeds: Sequence[int], scale: str) -> dict``,
 trains its arms through `modformer.experiments.common.run_arm` (resumable) and writes
 ``results.json`` and ``results.md`` in ``out_dir``.
 """

@@ -201,25 +201,6 @@ def run_experiment(name: str, out_dir: str | Path, seeds: Sequence[int], scale: 
     return module.run(claim_out_dir(Path(out_dir), name, scale), seeds, scale)
 
 
-def run_reproduce(args: Any) -> dict:
-    """`modformer reproduce NAME`."""
-    try:
-        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(
-            f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2"
-        ) from None
-    out_dir = (
-        Path(args.out_dir)
-        if args.out_dir
-        else Path("runs") / "reproduce" / experiment_dir_name(args.name, args.scale)
-    )
-    start = time.perf_counter()
-    payload = run_experiment(args.name, out_dir, seeds, args.scale)
-    print(f"{args.name}: results in {out_dir}/results.md ({time.perf_counter() - start:.0f} s)")
-    return payload
-
-
 # ---- data and measurement shared by the experiments ------------------------------------
 
 BUILTIN_DATA = dict(vocab_size=4096, max_bytes_per_domain=1_500_000, seed=1337)
@@ -256,7 +237,7 @@ def measure(
         "val_loss": losses["all"]["loss"],
         "val_tokens": losses["all"]["tokens"],
         "val_loss_per_domain": {k: v["loss"] for k, v in losses.items() if k != "all"},
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "total_params": model.num_parameters(),
         "active_params": flops.active_parameters,
         "flops_per_token": flops.per_token,
     }

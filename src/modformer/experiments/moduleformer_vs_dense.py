@@ -90,7 +90,7 @@ def scale_of(scale: str) -> Scale:
 
 
 def train_config(data: Path, run_dir: Path, seed: int, sc: Scale, steps: int, lr: float, model):
-    """The demo's recipe (`modformer.demo._train_cfg`) on one thread, evaluation only at
+    """The demo's recipe (`modformer.experiments.demo._train_cfg`) on one thread, evaluation only at
     the end (the experiments measure the whole validation split themselves)."""
     from modformer.train.config import load_train_config
 
@@ -127,7 +127,7 @@ def measure_model(model, data: Path, block_size: int, batch_size: int = 16) -> d
     return {
         "val_loss": losses["all"]["loss"],
         "val_tokens": losses["all"]["tokens"],
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "total_params": model.num_parameters(),
         "active_params": flops.active_parameters,
         "flops_per_token": flops.per_token,
     }

@@ -122,7 +122,7 @@ def train_cfg(
     s: Scale, data: Path, run_dir: Path, steps: int, seed: int, lr: float | None = None,
     warmup_steps: int | None = None, **model: Any
 ):  # fmt: skip
-    """The demo's recipe (`modformer.demo._train_cfg`) on one thread, evaluating only at the end."""
+    """The demo's recipe (`modformer.experiments.demo._train_cfg`) on one thread, evaluating only at the end."""
     from modformer.train.config import load_train_config
 
     peak = s.lr if lr is None else lr
@@ -176,7 +176,7 @@ def measure_domains(model_dir: Path, data: Path, s: Scale) -> dict[str, Any]:
         "val_loss": sum(per_domain[d] * tokens[d] for d in per_domain) / total,
         "val_tokens": total,
         "val_loss_per_domain": per_domain,
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "total_params": model.num_parameters(),
         "active_params": flops.active_parameters,
         "flops_per_token": flops.per_token,
     }

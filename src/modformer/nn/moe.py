@@ -18,54 +18,30 @@ in the forward pass. Freezing the original experts is then plain ``requires_grad
 on whole parameters, which no optimizer can move (a gradient mask on one stacked tensor
 would still be moved by AdamW's weight decay).
 
-Only the selected (token, expert) pairs are computed: pairs are grouped by expert with
-``make_dispatch`` and each expert's weights are applied to its pairs by one grouped GEMM
-(``grouped_linear``); expert weights are stacked as (experts, d_in, d_out), and
-``combine_pairs`` sums each token's gated expert outputs. Padding tokens
-(``token_mask`` False) select no expert at all: their outputs are 0.
+Both expert layers are `Experts` (``nn/experts.py``): expert weights are stacked as
+(experts, d_in, d_out), and the (token, expert) pairs of a routing decision are computed
+by the layer's backend, ``"grouped"`` (only the selected pairs, one grouped GEMM per
+projection; the default) or ``"loop"`` (one masked matmul per expert, the definition).
+Padding tokens (``token_mask`` False) select no expert at all: their outputs are 0.
 Nothing here reads a value back to the host.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from modformer.nn.activations import get_activation
-from modformer.nn.grouped import (
-    combine_pairs,
-    gather_pairs,
-    grouped_linear,
-    make_dispatch,
-    pair_order,
-    slot_order,
-)
+from modformer.nn.experts import Experts, compute_dtype
 from modformer.nn.rope_attention import apply_rotary, softmax_attention
 from modformer.nn.routers import RouterSlots, routing_dtype
+from modformer.nn.routing import RoutingDecision
 from modformer.nn.stick_breaking import stick_breaking_attention
 
 ROUTER_TYPES = ("mlp", "linear")
 EXPERT_MLPS = ("gelu", "swiglu")
 ATTENTION_TYPES = ("stick_breaking", "softmax_rope")
-
-
-@dataclass
-class RouterOutput:
-    """One router's decisions for a flat batch of tokens.
-
-    ``logits`` (tokens, N) are ``h(x) = A act(B x)``; ``probs`` their softmax (the
-    full distribution the auxiliary losses need); ``top_k_gates`` / ``top_k_indices``
-    (tokens, k) the kept gates (renormalised to sum to 1 only for the linear router)
-    and their experts. All floats are in at least fp32 (fp64 in an fp64 model).
-    """
-
-    logits: torch.Tensor
-    probs: torch.Tensor
-    top_k_gates: torch.Tensor
-    top_k_indices: torch.Tensor
 
 
 def _check_inserted(num_inserted: int, num_experts: int) -> None:
@@ -151,8 +127,10 @@ class TopKRouter(nn.Module):
             return self.expert_embedding.weight
         return torch.cat([self.expert_embedding.weight, self.inserted_expert_embedding.weight])
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
-        """x: (tokens, n_embd)."""
+    def forward(self, x: torch.Tensor) -> RoutingDecision:
+        """x: (tokens, n_embd) -> the decision: (tokens, k) ``indices`` and ``weights``
+        (the kept gates), the (tokens, N) ``logits`` ``h(x)`` and ``probs`` (their
+        softmax, the full distribution the auxiliary losses need), in at least fp32."""
         hidden = x if self.input_proj is None else self.act(self.input_proj(x))
         weight = self.expert_embedding_weight()
         if self.slots is None:
@@ -169,27 +147,9 @@ class TopKRouter(nn.Module):
         if self.slots is not None:
             top_k_indices = self.slots.choice_index(top_k_indices)
             logits, probs = self.slots.choices(logits), self.slots.choices(probs)
-        return RouterOutput(logits, probs, top_k_gates, top_k_indices)
-
-
-def _dispatch(route: RouterOutput, num_experts: int, token_mask: torch.Tensor | None):
-    """Group the selected (token, expert) pairs by expert; padding tokens select nothing."""
-    indices = route.top_k_indices
-    if token_mask is not None:
-        # Index num_experts is "no expert": make_dispatch leaves such pairs out.
-        indices = indices.masked_fill(~token_mask[:, None], num_experts)
-    return make_dispatch(indices, num_experts)
-
-
-def _expert_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype of the grouped GEMMs: autocast's dtype when autocast is on, else x's.
-
-    nn.Linear is cast by autocast but grouped_mm is not; casting by hand keeps bf16
-    training on the fast grouped path instead of fp32 (which has none on CUDA).
-    """
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+        return RoutingDecision(
+            top_k_indices, top_k_gates, self.num_experts, probs=probs, logits=logits
+        )
 
 
 def _output_bias(enabled: bool, n_embd: int) -> nn.Parameter | None:
@@ -197,7 +157,7 @@ def _output_bias(enabled: bool, n_embd: int) -> nn.Parameter | None:
     return nn.Parameter(torch.zeros(n_embd)) if enabled else None
 
 
-class SparseMoE(nn.Module):
+class SparseMoE(Experts):
     """Sparse mixture of FFN experts: ``y = sum_m g(m|x) f_m(x)``, only top-k computed.
 
     Expert m is ``act(x @ w_in[m]) @ w_out[m]`` (no biases, as the official code). The
@@ -207,6 +167,7 @@ class SparseMoE(nn.Module):
     columns the gate and the last D_ffd the up projection, and expert m is
     ``(act(x W_gate) * (x W_up)) @ w_out[m]`` (SwiGLU with ``activation="silu"``).
     ``output_bias``: ``y + b`` with one (D_emb,) bias per layer.
+    ``backend``: the `Experts` backend, ``"grouped"`` or ``"loop"``.
     """
 
     def __init__(
@@ -224,11 +185,11 @@ class SparseMoE(nn.Module):
         expert_mlp: str = "gelu",
         output_bias: bool = False,
         router_bias: bool = False,
+        backend: str = "grouped",
     ):
-        super().__init__()
+        super().__init__(num_experts, backend)
         if expert_mlp not in EXPERT_MLPS:
             raise ValueError(f"expert_mlp {expert_mlp!r} is unknown; choose one of {EXPERT_MLPS}")
-        self.num_experts = num_experts
         self.num_inserted = num_inserted
         self.top_k = top_k
         self.gated = expert_mlp == "swiglu"
@@ -259,35 +220,27 @@ class SparseMoE(nn.Module):
 
     def forward(
         self, x: torch.Tensor, token_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, RouterOutput]:
+    ) -> tuple[torch.Tensor, RoutingDecision]:
         """x: (..., n_embd); token_mask: x.shape[:-1].numel() bools, True = real token."""
         flat = x.reshape(-1, x.shape[-1])
         route = self.router(flat)
-        dispatch = _dispatch(route, self.num_experts, token_mask)
-        dtype = _expert_dtype(flat)
-        # Without padding every pair is in some expert's group: no rows to zero.
-        complete = token_mask is None
-        w_in = _all_experts(self.w_in, self.w_in_inserted).to(dtype)
-        w_out = _all_experts(self.w_out, self.w_out_inserted).to(dtype)
-        hidden = grouped_linear(
-            gather_pairs(flat.to(dtype), dispatch),
-            w_in,
-            dispatch.offsets,
-            zero_left_out=not complete,
-        )
+        # Without padding every pick is one of the experts: no left-out pairs.
+        pairs = self.route(route.indices, route.weights, token_mask, all_picked=token_mask is None)
+        w_in = _all_experts(self.w_in, self.w_in_inserted)
+        w_out = _all_experts(self.w_out, self.w_out_inserted)
+        hidden = pairs.linear(pairs.gather(flat.to(compute_dtype(flat))), w_in)
         if self.gated:
             gate, up = hidden.chunk(2, dim=-1)
             hidden = self.act(gate) * up
         else:
             hidden = self.act(hidden)
-        out = grouped_linear(hidden, w_out, dispatch.offsets, zero_left_out=not complete)
-        y = combine_pairs(out, dispatch, route.top_k_gates)
+        y = pairs.linear_sum(hidden, w_out)
         if self.output_bias is not None:
             y = y + self.output_bias.to(y.dtype)
         return y.view(*x.shape[:-1], -1), route
 
 
-class MixtureOfAttentionHeads(nn.Module):
+class MixtureOfAttentionHeads(Experts):
     """MoA with stick-breaking attention experts (sec. 3.1-3.2).
 
     Expert m has its own ``W_q[m]`` (D_emb x D_att, split into ``n_head`` heads of
@@ -309,6 +262,7 @@ class MixtureOfAttentionHeads(nn.Module):
     over their full head_dim; the caller rotates the keys (`rotate`) before caching them
     and passes the same ``rope`` (cos, sin) angles here for the queries.
     ``output_bias``: ``y + b`` with one (D_emb,) bias per layer (JetMoE's MoA bias).
+    ``backend``: the `Experts` backend, ``"grouped"`` or ``"loop"``.
     """
 
     def __init__(
@@ -328,15 +282,15 @@ class MixtureOfAttentionHeads(nn.Module):
         output_bias: bool = False,
         router_bias: bool = False,
         kv_bias: bool = False,
+        backend: str = "grouped",
     ):
-        super().__init__()
+        super().__init__(num_experts, backend)
         if att_hidden % n_head != 0:
             raise ValueError(f"att_hidden ({att_hidden}) must be divisible by n_head ({n_head})")
         if attention_type not in ATTENTION_TYPES:
             raise ValueError(
                 f"attention_type {attention_type!r} is unknown; choose one of {ATTENTION_TYPES}"
             )
-        self.num_experts = num_experts
         self.num_inserted = num_inserted
         self.top_k = top_k
         self.n_head = n_head
@@ -407,7 +361,7 @@ class MixtureOfAttentionHeads(nn.Module):
         token_mask: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, RouterOutput]:
+    ) -> tuple[torch.Tensor, RoutingDecision]:
         """Attend from x (B, T, n_embd) to ``keys``/``values`` (B, n_head, Tk, head_dim).
 
         The last T keys belong to x; the first ``Tk - T`` are a prefix (KV cache or
@@ -420,17 +374,15 @@ class MixtureOfAttentionHeads(nn.Module):
         k = self.top_k
         flat = x.reshape(-1, C)
         route = self.router(flat)
-        dispatch = _dispatch(route, self.num_experts, token_mask)
-        dtype = _expert_dtype(flat)
+        pairs = self.route(route.indices, route.weights, token_mask)
+        dtype = compute_dtype(flat)
 
         # Queries of the selected pairs, put back at their (token, slot) place; slot s of
         # a token becomes heads s * n_head .. (s + 1) * n_head - 1.
-        q_pairs = grouped_linear(
-            gather_pairs(flat.to(dtype), dispatch),
-            _all_experts(self.w_q, self.w_q_inserted).to(dtype),
-            dispatch.offsets,
+        q_pairs = pairs.linear(
+            pairs.gather(flat.to(dtype)), _all_experts(self.w_q, self.w_q_inserted)
         )
-        q = slot_order(q_pairs, dispatch)
+        q = pairs.slot_order(q_pairs)
         q = q.view(B, T, k * self.n_head, self.head_dim).transpose(1, 2)
         # Every slot attends to the same shared keys/values: repeat them per slot.
         keys = keys.to(dtype).repeat(1, k, 1, 1)
@@ -445,9 +397,8 @@ class MixtureOfAttentionHeads(nn.Module):
             attended = stick_breaking_attention(q, keys, values, key_padding_mask, self.block_size)
 
         attended = attended.transpose(1, 2).reshape(B * T * k, self.att_hidden)
-        w_o = _all_experts(self.w_o, self.w_o_inserted).to(dtype)
-        out = grouped_linear(pair_order(attended, dispatch), w_o, dispatch.offsets)
-        y = combine_pairs(out, dispatch, route.top_k_gates)
+        w_o = _all_experts(self.w_o, self.w_o_inserted)
+        y = pairs.linear_sum(pairs.pair_order(attended), w_o)
         if self.output_bias is not None:
             y = y + self.output_bias.to(y.dtype)
         return y.view(B, T, -1), route

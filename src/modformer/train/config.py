@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,8 +9,6 @@ from typing import Any
 
 from modformer.config import (
     ConfigError,
-    add_dataclass_arguments,
-    collect_cli_overrides,
     from_dict,
     load_file,
     merge,
@@ -190,30 +187,3 @@ def load_train_config(
     cfg = from_dict(TrainConfig, data)
     cfg.validate()
     return cfg
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML or JSON file with the settings below, by section")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override one setting, e.g. --set optim.lr=3e-4 (repeatable)",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest intact checkpoint in out_dir (same settings required)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the results of an earlier run in out_dir (final model, metrics, "
-        "checkpoints); without it such an out_dir is refused",
-    )
-    add_dataclass_arguments(parser, TrainConfig)
-
-
-def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return load_train_config(args.config, args.set, collect_cli_overrides(args, TrainConfig))

@@ -103,3 +103,18 @@ def shard_model(model: nn.Module, precision: str) -> None:
     # backward: keep them gathered after forward instead of gathering twice.
     fully_shard(model, mp_policy=policy, reshard_after_forward=False)
     model.set_reduce_scatter_unused_params(True)
+
+
+@torch.no_grad()
+def ranks_in_sync(model: nn.Module, info: DistInfo) -> bool:
+    """All ranks hold identical parameters (DDP must keep them so): compare a checksum."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    checksum = torch.stack(
+        [
+            flat.sum(),
+            (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype, device=flat.device)).sum(),
+        ]
+    )
+    gathered = [torch.zeros_like(checksum) for _ in range(info.world_size)]
+    dist.all_gather(gathered, checksum)
+    return all(torch.equal(g, gathered[0]) for g in gathered)

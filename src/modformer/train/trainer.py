@@ -7,6 +7,11 @@ seeded by (seed, step), and each rank trains on its own slice of it; the checkpo
 the model, optimizer, scheduler and every rank's RNG states of the step it was taken.
 Because the data is defined by global position, a run resumed on another number of
 processes with the same global batch sees the same windows (see docs/distributed.md).
+
+The loop's parts live beside it in `modformer.train`: `optim` (AdamW and the schedule),
+`batches` (what each step reads), `metrics` (metrics.jsonl and progress lines), `resume`
+(whether a checkpoint fits, and restoring it), `distributed` (process group, FSDP, DDP
+checks), `checkpoint` and `dist_checkpoint` (the files).
 """
 
 from __future__ import annotations
@@ -22,10 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -39,17 +42,22 @@ from modformer.models.registry import build_config, build_model
 from modformer.models.trainable import apply_trainable_scope
 from modformer.train import checkpoint as ckpt_lib
 from modformer.train import dist_checkpoint as dcp_lib
+from modformer.train.batches import SequentialStream, batch_generator
 from modformer.train.config import TrainConfig
 from modformer.train.distributed import (
     DistInfo,
     all_reduce_mean,
     cleanup,
     init_distributed,
+    ranks_in_sync,
     resolve_device,
     shard_model,
 )
 from modformer.train.evaluate import evaluate_batches
-from modformer.utils import DirectoryLock, check_output_path
+from modformer.train.metrics import MetricsWriter, format_duration, to_jsonable, val_line
+from modformer.train.optim import lr_at, make_optimizer
+from modformer.train.resume import restore_checkpoint
+from modformer.utils import DirectoryLock, atomic_write_text, check_output_path
 
 log = logging.getLogger("modformer.train")
 
@@ -60,38 +68,6 @@ RESULT_FILES = ("model", "final.json", "metrics.jsonl")
 
 class NonFiniteError(ModformerError):
     """Training produced a NaN/inf loss, gradient norm or model; nothing bad was saved."""
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to optim.lr, then cosine decay to optim.min_lr at max_steps."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    span = max(cfg.max_steps - o.warmup_steps, 1)
-    progress = min((step - o.warmup_steps) / span, 1.0)
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """Weight decay on >= 2-D weights (matrices, embeddings) only; not on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps
-    )
-
-
-def batch_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 131 + micro)
-    return g
 
 
 def load_or_build_model(cfg: TrainConfig, vocab_size: int) -> PreTrainedModel:
@@ -126,169 +102,6 @@ def load_or_build_model(cfg: TrainConfig, vocab_size: int) -> PreTrainedModel:
             "model.overrides.vocab_size"
         )
     return model
-
-
-class MetricsWriter:
-    """JSONL metrics (and optional TensorBoard), written by rank 0 only."""
-
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
-        self.enabled = enabled
-        self.path = out_dir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            # Drop entries past the checkpoint: those steps are about to be redone. A line
-            # that is not JSON (torn by a kill mid-write) is dropped with a warning.
-            kept = []
-            for number, line in enumerate(self.path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    step = int(record.get("step", 0))
-                except (ValueError, TypeError, AttributeError):
-                    log.warning(
-                        "%s line %d is not a JSON record (torn write?); dropped it",
-                        self.path,
-                        number,
-                    )
-                    continue
-                if step <= resume_step:
-                    kept.append(line)
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError(
-                    "tensorboard=true needs the tensorboard package: pip install tensorboard"
-                ) from None
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _to_jsonable(value: torch.Tensor) -> float | list[float]:
-    value = value.detach().float().cpu()
-    return value.item() if value.numel() == 1 else [round(v, 6) for v in value.flatten().tolist()]
-
-
-def _check_resume_compatible(
-    saved: dict[str, Any], cfg: TrainConfig, saved_world: int, world: int
-) -> None:
-    """Same model, data and seed; the same global batch, adapting grad_accum (or else the
-    per-process batch) when the number of processes changed. May update `cfg`."""
-    now = asdict(cfg)
-    for section in ("model", "data"):
-        for key, value in saved[section].items():
-            if now[section].get(key) != value:
-                raise ConfigError(
-                    f"--resume: {section}.{key} was {value!r} in the checkpointed run but is "
-                    f"{now[section].get(key)!r} now; resume with the same settings or use a new out_dir"
-                )
-    for key in ("seed", "parallel"):
-        if saved.get(key, "ddp") != now[key]:
-            raise ConfigError(
-                f"--resume: {key} was {saved.get(key, 'ddp')!r} but is {now[key]!r} now; "
-                f"resume with {key}={saved.get(key, 'ddp')}"
-            )
-    resolve_resume_batch(cfg, saved["batch_size"], saved["grad_accum"], saved_world, world)
-
-
-def resolve_resume_batch(
-    cfg: TrainConfig, saved_batch: int, saved_accum: int, saved_world: int, world: int
-) -> None:
-    """Keep the global batch (batch_size x grad_accum x processes) of the checkpointed run.
-
-    If the user kept batch_size and grad_accum but the process count changed, grad_accum is
-    rescaled (or, if that is not a whole number, batch_size). A global batch that cannot be
-    kept is an error unless allow_batch_change is set.
-    """
-    saved_global = saved_batch * saved_accum * saved_world
-    now_global = cfg.batch_size * cfg.grad_accum * world
-    if now_global == saved_global:
-        return
-    if world != saved_world and (cfg.batch_size, cfg.grad_accum) == (saved_batch, saved_accum):
-        per_rank = saved_global / world
-        if cfg.data.sequential:
-            # Sequential rows are split by position over batch_size x processes rows.
-            options = [("batch_size", per_rank / cfg.grad_accum)]
-        else:
-            options = [
-                ("grad_accum", per_rank / cfg.batch_size),
-                ("batch_size", per_rank / cfg.grad_accum),
-            ]
-        for field, value in options:
-            if value >= 1 and value == int(value):
-                setattr(cfg, field, int(value))
-                log.warning(
-                    "--resume on %d processes (checkpoint: %d): %s set to %d to keep the "
-                    "global batch of %d sequences",
-                    world,
-                    saved_world,
-                    field,
-                    int(value),
-                    saved_global,
-                )
-                return
-    if cfg.allow_batch_change:
-        log.warning(
-            "--resume: global batch changes from %d to %d sequences (allow_batch_change=true)",
-            saved_global,
-            now_global,
-        )
-        return
-    raise ConfigError(
-        f"--resume: the checkpointed run's global batch was {saved_global} sequences "
-        f"(batch_size {saved_batch} x grad_accum {saved_accum} x {saved_world} processes); "
-        f"now it would be {now_global} (batch_size {cfg.batch_size} x grad_accum "
-        f"{cfg.grad_accum} x {world} processes) and no whole grad_accum or batch_size keeps "
-        "it. Choose batch_size and grad_accum that keep it, or pass allow_batch_change=true "
-        "to train on with the new global batch"
-    )
-
-
-class SequentialStream:
-    """Each batch row reads consecutive segments of its own slice of the token stream, so a
-    model with Transformer-XL history sees segment s+1 right after segment s."""
-
-    def __init__(
-        self, dataset: TokenDataset, batch_size: int, block_size: int, rank: int, world: int
-    ):
-        tokens = dataset.tokens
-        rows = batch_size * world
-        self.row_len = len(tokens) // rows
-        if self.row_len < block_size:
-            raise ConfigError(
-                f"data.sequential: {len(tokens)} tokens cannot feed {rows} rows of {block_size}"
-            )
-        self.tokens = tokens
-        self.block_size = block_size
-        self.starts = [(rank * batch_size + b) * self.row_len for b in range(batch_size)]
-        self.segments_per_row = self.row_len // block_size
-
-    def batch(self, index: int) -> torch.Tensor:
-        offset = (index % self.segments_per_row) * self.block_size
-        rows = [self.tokens[s + offset : s + offset + self.block_size] for s in self.starts]
-        return torch.as_tensor(np.stack(rows).astype(np.int64))
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -413,42 +226,9 @@ def _train(
     if resume and resume_from is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_root)
     if resume_from is not None:
-        sharded = dcp_lib.is_sharded_checkpoint(resume_from)
-        if sharded != fsdp:
-            written_by = "fsdp" if sharded else "ddp"
-            raise ConfigError(
-                f"--resume: {resume_from} was written by a parallel={written_by} run; "
-                f"resume it with parallel={written_by}"
-            )
-        if sharded:
-            ckpt_lib.verify_checkpoint(resume_from)
-            state = dcp_lib.load_trainer_state_json(resume_from)
-        else:
-            state = ckpt_lib.load_trainer_state(resume_from)  # verified against its manifest
-        try:
-            saved_world = state.get("world_size", info.world_size)
-            _check_resume_compatible(state["config"], cfg, saved_world, info.world_size)
-            if sharded:
-                dcp_lib.load_sharded_checkpoint(resume_from, model, optimizer)
-                dcp_lib.restore_rank_rng(resume_from, info.rank, cfg.seed)
-            else:
-                loaded = load_pretrained(resume_from / "model", model_class)
-                model.load_state_dict(loaded.state_dict())
-                optimizer.load_state_dict(state["optimizer"])
-                if info.rank < len(state["rng"]):
-                    ckpt_lib.set_rng_state(state["rng"][info.rank])
-                else:  # more processes than the checkpointed run: a fresh stream for this rank
-                    dcp_lib.seed_rank_rng(cfg.seed, info.rank)
-            scheduler.load_state_dict(state["scheduler"])
-            start_step = int(state["step"])
-        except (ConfigError, ckpt_lib.CheckpointError):
-            raise
-        except (ModelLoadError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-            message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ckpt_lib.CheckpointError(
-                f"checkpoint {resume_from} does not fit this run's model ({message}); resume "
-                "with the settings it was written with, or use a new out_dir"
-            ) from None
+        start_step = restore_checkpoint(
+            resume_from, cfg, info, model, model_class, optimizer, scheduler
+        )
         if info.is_main:
             log.info("resumed from %s at step %d", resume_from, start_step)
     elif info.is_main:
@@ -619,7 +399,7 @@ def _train(
             record["grad_norm"] = float(grad_norm)
             if skipped:
                 record["skipped_steps"] = skipped
-            record.update({k: _to_jsonable(v) for k, v in aux_metrics.items()})
+            record.update({k: to_jsonable(v) for k, v in aux_metrics.items()})
             metrics.write(record)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             if print_lines:
@@ -634,7 +414,7 @@ def _train(
             last_eval = evaluate()
             metrics.write({"step": done, **last_eval})
             if print_lines:
-                print(_val_line(done, cfg.max_steps, last_eval), flush=True)
+                print(val_line(done, cfg.max_steps, last_eval), flush=True)
         if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done != cfg.max_steps:
             save(done)
         bar.update(1)
@@ -642,7 +422,7 @@ def _train(
 
     last_eval = evaluate()
     if print_lines:
-        print(_val_line(cfg.max_steps, cfg.max_steps, last_eval), flush=True)
+        print(val_line(cfg.max_steps, cfg.max_steps, last_eval), flush=True)
     if not math.isfinite(last_eval["val_loss"]):
         raise NonFiniteError(
             f"the final validation loss is {last_eval['val_loss']}: the model is broken, so it "
@@ -677,39 +457,9 @@ def _train(
             val_loss=last_eval.get("val_loss"),
         )
         ckpt_lib.atomic_save_model(export, out_dir / "model", tokenizer_dir, provenance)
-        n_params = sum(p.numel() for p in model.parameters())
-        final.update({"params": n_params, "tokens_trained": cfg.max_steps * tokens_per_step})
-        (out_dir / "final.json").write_text(json.dumps(final, indent=2))
+        final.update(
+            {"params": export.num_parameters(), "tokens_trained": cfg.max_steps * tokens_per_step}
+        )
+        atomic_write_text(out_dir / "final.json", json.dumps(final, indent=2))
     metrics.close()
     return final
-
-
-def format_duration(seconds: float) -> str:
-    """1h05m, 3m07s or 42s."""
-    seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def _val_line(step: int, max_steps: int, result: dict[str, float]) -> str:
-    return (
-        f"step {step}/{max_steps}  val loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.2f}"
-    )
-
-
-@torch.no_grad()
-def ranks_in_sync(model: nn.Module, info: DistInfo) -> bool:
-    """All ranks hold identical parameters (DDP must keep them so): compare a checksum."""
-    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-    checksum = torch.stack(
-        [
-            flat.sum(),
-            (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype, device=flat.device)).sum(),
-        ]
-    )
-    gathered = [torch.zeros_like(checksum) for _ in range(info.world_size)]
-    dist.all_gather(gathered, checksum)
-    return all(torch.equal(g, gathered[0]) for g in gathered)

@@ -2,12 +2,11 @@
 
 Read top to bottom:
 
-- `AttentionModulePool` / `FFNModulePool`: the modules of one chunk, each with its own
-  pre-LN, stored stacked as (num_modules, d_in, d_out) tensors. A decision's (token, pick)
-  pairs are sorted by module (`make_dispatch`), each pair gets its module's LN affine, and
-  every projection is one grouped GEMM over all modules (`grouped_linear`); results go
-  back to their tokens, weighted, with `combine_pairs`. SKIP pairs sort to the end, where
-  the grouped GEMM and the zero-padded per-module biases leave them exactly zero.
+- `AttentionModulePool` / `FFNModulePool` (`module_pools.py`): the modules of one chunk,
+  each with its own pre-LN, stored stacked as (num_modules, d_in, d_out) tensors and run
+  on a decision's (token, pick) pairs by an `Experts` backend (`nn/experts.py`): the
+  per-module loop that is the definition, or the grouped GEMMs of the fast path. SKIP
+  picks select no module and add exactly zero.
 - `MoMChunk`: H assembly steps, `u_h = F^A_h(x_h) + x_h`, `x_{h+1} = F^F_h(u_h) + u_h`,
   with the modules each token runs chosen by the chunk's policy (`policies.py`).
 - `MoMModel`: embeddings, then fixed GPT-2 `Block`s and chunks in chunk-string order,
@@ -18,7 +17,7 @@ Attention assembly (eq. 5): q/k/v of a token are the sums over its picked module
 `sum_k r_k * a W^O_k`. A token whose picks are all SKIP gets no output at that step, and
 by default (`all_skip_tokens="drop"`) is no key either: it is masked out of the keys
 (boolean SDPA mask). With `all_skip_tokens="zero_key"` (the official code) it stays in the
-keys: its q/k/v rows are exactly zero (SKIP pairs are left out of the grouped GEMMs), so
+keys: its q/k/v rows are exactly zero (SKIP pairs select no module), so
 it is a zero key with a zero value and no mask is needed.
 
 KV cache: every assembled attention layer has its own cache layer, numbered in order
@@ -29,7 +28,8 @@ them aligned with the keys. `config.num_hidden_layers` counts both kinds.
 
 Routing trace: `model(..., return_routing=True)` returns `routing`, a tuple with one
 `RoutingStep` per chunk step in execution order (fixed blocks are not listed: every
-token runs their one attention and one FFN). Nothing is kept when it is off.
+token runs their one attention and one FFN): where the step is, and its attention and
+FFN `RoutingDecision`s. Nothing is kept when it is off.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -53,7 +52,9 @@ from modformer.models.flops import FlopCounting
 from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
 from modformer.models.mom.flops import mom_flops
-from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
+from modformer.models.mom.module_pools import AttentionModulePool, FFNModulePool, ModulePool
+from modformer.models.mom.policies import AssemblyPolicy, SkipCriterion, build_policy
+from modformer.models.mom.routing import MoMRouting
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
     cache_field,
@@ -62,41 +63,30 @@ from modformer.models.outputs import (
     output_cache,
     resolve_cache,
 )
-from modformer.nn.activations import get_activation
-from modformer.nn.grouped import (
-    Dispatch,
-    combine_pairs,
-    gather_pairs,
-    grouped_linear,
-    make_dispatch,
-)
+from modformer.nn.experts import ExpertPairs
 from modformer.nn.masking import causal_padding_mask
+from modformer.nn.moe_losses import expert_load, switch_balance
 from modformer.nn.routers import RouterSlots
+from modformer.nn.routing import RoutingDecision
 
 # ---- outputs ---------------------------------------------------------------------------
 
 
 @dataclass
 class RoutingStep:
-    """The decisions of one chunk step. B, T: batch and tokens of the call.
+    """Where one chunk step is, and its two decisions. B, T: batch and tokens of the call.
 
-    attn_index / ffn_index: (B, T, k) long pool indices; the value num_attn_modules /
-        num_ffn_modules means SKIP (with `router_width="chunk"` also a choice beyond
-        the pool, which runs no module either). For the `moe` policy FFN indices count over the
-        H * E pool (expert e of step h is h * E + e).
-    attn_weight / ffn_weight: (B, T, k) weights r_k, in at least fp32.
-    A token runs `(attn_index < num_attn_modules).sum(-1)` attention modules here.
+    attn / ffn: the step's decisions with (B, T, k) indices and weights (detached); the
+    index equal to `RoutingDecision.num_choices` (the pool size) runs no module (SKIP,
+    and with `router_width="chunk"` also a choice beyond the pool). For the `moe` policy
+    FFN indices count over the H * E pool (expert e of step h is h * E + e).
     """
 
     chunk: int
     step: int
     layer: int
-    attn_index: torch.Tensor
-    attn_weight: torch.Tensor
-    ffn_index: torch.Tensor
-    ffn_weight: torch.Tensor
-    num_attn_modules: int
-    num_ffn_modules: int
+    attn: RoutingDecision
+    ffn: RoutingDecision
 
 
 @dataclass
@@ -109,219 +99,6 @@ class MoMModelOutput(BaseModelOutputWithPast):
 @dataclass
 class MoMCausalLMOutput(ModformerCausalLMOutput):
     routing: tuple[RoutingStep, ...] | None = None
-
-
-# ---- module pools ----------------------------------------------------------------------
-
-
-@dataclass
-class RoutedPairs:
-    """One decision's picks, and its (token, pick) pairs sorted by module.
-
-    index, weight: (n, k) pool indices (the pool size = SKIP) and routing weights.
-    """
-
-    index: torch.Tensor
-    weight: torch.Tensor
-    dispatch: Dispatch
-
-    @classmethod
-    def sort(cls, index: torch.Tensor, weight: torch.Tensor, num_modules: int) -> RoutedPairs:
-        return cls(index, weight, make_dispatch(index, num_modules))
-
-    def module_weights(self, num_modules: int) -> torch.Tensor:
-        """(n, num_modules) fp32: each token's total routing weight per module."""
-        n = self.index.shape[0]
-        dense = self.weight.new_zeros(n, num_modules + 1).scatter_add_(1, self.index, self.weight)
-        return dense[:, :num_modules]
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls run in: autocast's when it is on (grouped_mm has no autocast rule)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-# Columns appended to the normalised input rows: a 1 that carries the folded bias, then
-# zeros so rows stay 16-byte aligned for grouped_mm.
-BIAS_COLUMNS = 8
-
-
-class _ModulePool(nn.Module):
-    """Shared by both pools: the per-module pre-LN + input projection and the output
-    projection, each as one grouped GEMM over all (token, module) pairs.
-
-    Input side: `LN_k(x) W_k + b_k = x_hat (g_k * W_k) + (beta_k W_k + b_k)` with
-    `x_hat` the normalisation (the same for every module) and g_k, beta_k module k's LN
-    affine. We fold each module's affine and bias into its weight once per forward
-    (`folded_input_weight`), so a pair costs one gathered row of `[x_hat, 1, 0...]` and
-    one GEMM row, with no per-pair elementwise work.
-    Output side: `sum_k r_k (h_k W_k + b_k)`: the GEMM rows are scaled by r_k and summed
-    per token, and the biases come from one small (n, N) x (N, d) matmul of routing weights.
-    """
-
-    def __init__(self, config: MoMConfig, num_modules: int):
-        super().__init__()
-        self.num_modules = num_modules
-        self.n_embd = config.n_embd
-        self.eps = config.layer_norm_epsilon
-        self.ln_weight = nn.Parameter(torch.ones(num_modules, config.n_embd))
-        self.ln_bias = self._bias(config, config.n_embd)
-
-    def _weight(self, d_in: int, d_out: int) -> nn.Parameter:
-        # Values come from `reset_parameters`, which the model's `_init_weights` calls.
-        return nn.Parameter(torch.empty(self.num_modules, d_in, d_out))
-
-    def _bias(self, config: MoMConfig, d_out: int) -> nn.Parameter | None:
-        return nn.Parameter(torch.zeros(self.num_modules, d_out)) if config.bias else None
-
-    def extra_repr(self) -> str:
-        shapes = ", ".join(f"{n}={tuple(p.shape)}" for n, p in self.named_parameters(recurse=False))
-        return f"num_modules={self.num_modules}, {shapes}"
-
-    def reset_parameters(self, std: float, resid_std: float) -> None:
-        """GPT-2 init: LN weight 1, biases 0, input projection N(0, std), output
-        projection (`proj_weight`, on the residual path) N(0, resid_std)."""
-        for name, param in self.named_parameters(recurse=False):
-            if name == "ln_weight":
-                init.ones_(param)
-            elif name.endswith("bias"):
-                init.zeros_(param)
-            else:
-                init.normal_(param, mean=0.0, std=resid_std if name == "proj_weight" else std)
-
-    def folded_input_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """(N, d, f) weight and (N, f) bias -> (N, d + BIAS_COLUMNS, f) with the LN affine
-        folded in: rows `[g * W; beta W + b; 0...]`. Computed once per forward, shared by
-        all assembly steps."""
-        folded_bias = torch.zeros_like(weight[:, 0]) if bias is None else bias
-        if self.ln_bias is not None:
-            folded_bias = folded_bias + torch.bmm(self.ln_bias[:, None, :], weight)[:, 0]
-        padding = weight.new_zeros(weight.shape[0], BIAS_COLUMNS - 1, weight.shape[2])
-        return torch.cat([self.ln_weight[:, :, None] * weight, folded_bias[:, None], padding], 1)
-
-    def normalized_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, d) -> (n, d + BIAS_COLUMNS) rows `[x_hat, 1, 0...]`."""
-        x_hat = F.layer_norm(x, (self.n_embd,), eps=self.eps)
-        ones = x_hat.new_ones(x_hat.shape[0], 1)
-        return torch.cat([x_hat, ones, x_hat.new_zeros(x_hat.shape[0], BIAS_COLUMNS - 1)], 1)
-
-    @staticmethod
-    def grouped(rows: torch.Tensor, weight: torch.Tensor, pairs: RoutedPairs) -> torch.Tensor:
-        """rows[j] @ weight[module of pair j] as one grouped GEMM; SKIP rows come out 0."""
-        dtype = _compute_dtype(rows)
-        return grouped_linear(rows.to(dtype), weight.to(dtype), pairs.dispatch.offsets)
-
-    def project_in(
-        self, x: torch.Tensor, folded_weight: torch.Tensor, pairs: RoutedPairs
-    ) -> torch.Tensor:
-        """LN_k(x_t) W_k + b_k for every pair (t, k): (n, d) -> (P, f)."""
-        return self.grouped(
-            gather_pairs(self.normalized_rows(x), pairs.dispatch), folded_weight, pairs
-        )
-
-    def project_out(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        pairs: RoutedPairs,
-    ) -> torch.Tensor:
-        """sum over a token's pairs of r_k (h_j W_k + b_k): (P, f) pair rows -> (n, d)."""
-        out = combine_pairs(self.grouped(hidden, weight, pairs), pairs.dispatch, pairs.weight)
-        if bias is not None:
-            out = out + pairs.module_weights(self.num_modules).to(out.dtype) @ bias.to(out.dtype)
-        return out
-
-
-class AttentionModulePool(_ModulePool):
-    """N attention modules: own pre-LN, fused W_Q|W_K|W_V (d x 3d) and W_O (d x d)."""
-
-    def __init__(self, config: MoMConfig, num_modules: int):
-        super().__init__(config, num_modules)
-        d = config.n_embd
-        self.n_head = config.n_head
-        self.head_dim = d // config.n_head
-        self.qkv_weight = self._weight(d, 3 * d)
-        self.qkv_bias = self._bias(config, 3 * d)
-        self.proj_weight = self._weight(d, d)
-        self.proj_bias = self._bias(config, d)
-        self.weighted_qkv = config.weighted_qkv
-        self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
-
-    def folded_qkv_weight(self) -> torch.Tensor:
-        return self.folded_input_weight(self.qkv_weight, self.qkv_bias)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        pairs: RoutedPairs,
-        folded_qkv_weight: torch.Tensor,
-        mask: AttentionMasks,
-        cache: Cache | None,
-        layer_idx: int,
-        is_key: torch.Tensor | None = None,
-        key_flag_layer: int | None = None,
-    ) -> torch.Tensor:
-        """x: (B, T, d) -> attention output (B, T, d) (the residual is added by the caller).
-
-        is_key: (B, T) bool, False for tokens whose picks are all SKIP, or None when no
-        token can be; with a cache their flags are kept in layer `key_flag_layer`.
-        """
-        B, T, d = x.shape
-        qkv_rows = self.project_in(x.reshape(B * T, d), folded_qkv_weight, pairs)
-        qkv = combine_pairs(qkv_rows, pairs.dispatch, pairs.weight if self.weighted_qkv else None)
-        q, k, v = (
-            t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in qkv.split(d, 1)
-        )
-        if cache is not None:
-            k, v = cache.update(k, v, layer_idx)
-        attn_mask = mask.base
-        if is_key is not None:
-            if cache is not None:
-                flags = is_key[:, None, :, None]
-                is_key = cache.update(flags, flags, key_flag_layer)[0][:, 0, :, 0]
-            attn_mask = mask.restricted_to_keys(is_key)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None and T > 1,
-        )
-        a = y.transpose(1, 2).reshape(B * T, d)
-        out = self.project_out(
-            gather_pairs(a, pairs.dispatch), self.proj_weight, self.proj_bias, pairs
-        )
-        return self.resid_dropout(out.view(B, T, d))
-
-
-class FFNModulePool(_ModulePool):
-    """N FFN modules: own pre-LN and a GPT-2 MLP (d -> d_inner -> d)."""
-
-    def __init__(self, config: MoMConfig, num_modules: int):
-        super().__init__(config, num_modules)
-        self.fc_weight = self._weight(config.n_embd, config.d_inner)
-        self.fc_bias = self._bias(config, config.d_inner)
-        self.proj_weight = self._weight(config.d_inner, config.n_embd)
-        self.proj_bias = self._bias(config, config.n_embd)
-        self.act = get_activation(config.activation_function)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def folded_fc_weight(self) -> torch.Tensor:
-        return self.folded_input_weight(self.fc_weight, self.fc_bias)
-
-    def forward(
-        self, u: torch.Tensor, pairs: RoutedPairs, folded_fc_weight: torch.Tensor
-    ) -> torch.Tensor:
-        """Eq. 6: sum_k r_k * m^F_k(u) for u (B, T, d); SKIP picks add nothing."""
-        B, T, d = u.shape
-        hidden = self.act(self.project_in(u.reshape(B * T, d), folded_fc_weight, pairs))
-        out = self.project_out(hidden, self.proj_weight, self.proj_bias, pairs)
-        return self.dropout(out.view(B, T, d))
 
 
 # ---- per-forward state -----------------------------------------------------------------
@@ -378,24 +155,14 @@ class ChunkTrace:
     loads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     routing: list[RoutingStep] = field(default_factory=list)
 
-    def observe(self, name: str, sel: Selection, ctx: ForwardContext) -> None:
+    def observe(self, name: str, decision: RoutingDecision, ctx: ForwardContext) -> None:
         """Module load (fraction of picks per choice) and the Switch balance term of a
         routed decision; no host syncs."""
-        picks = sel.picks
-        k = picks.shape[-1]
-        picked = torch.zeros_like(sel.probs).scatter_add_(
-            1, picks, torch.ones(picks.shape, dtype=sel.probs.dtype, device=picks.device)
-        )
-        if ctx.token_weight is None:
-            load, mean_prob = picked.mean(0) / k, sel.probs.mean(0)
-        else:
-            w = ctx.token_weight[:, None]
-            denom = w.sum().clamp(min=1.0)
-            load = (picked * w).sum(0) / (denom * k)
-            mean_prob = (sel.probs * w).sum(0) / denom
+        picks, probs = decision.router_picks, decision.probs
+        load = expert_load(picks, probs.shape[-1], ctx.token_weight) / decision.top_k
         self.loads.setdefault(name, []).append(load.detach())
         if ctx.balance_loss:
-            self.balance_terms.append(sel.probs.shape[-1] * (load * mean_prob).sum())
+            self.balance_terms.append(switch_balance(probs, picks, ctx.token_weight))
 
 
 # ---- chunk -----------------------------------------------------------------------------
@@ -432,11 +199,11 @@ class MoMChunk(GradientCheckpointingLayer):
         self.attn = AttentionModulePool(config, 1 if self.tied else self.policy.num_attn_modules)
         self.ffn = FFNModulePool(config, 1 if self.tied else self.policy.num_ffn_modules)
 
-    def _pairs(self, sel: Selection, num_choices: int, pool: _ModulePool) -> RoutedPairs:
-        index = sel.index
+    def _pairs(self, decision: RoutingDecision, pool: ModulePool) -> ExpertPairs:
+        index = decision.indices
         if self.tied:  # every module pick -> stored module 0, SKIP -> 1 (= the pool size)
-            index = (index >= num_choices).long()
-        return RoutedPairs.sort(index, sel.weight, pool.num_modules)
+            index = (~decision.picks_module()).long()
+        return pool.route(index, decision.weights)
 
     def forward(
         self,
@@ -452,42 +219,38 @@ class MoMChunk(GradientCheckpointingLayer):
         state = policy.begin(trace.carry)
         observe = policy.routed and ctx.compute_aux
         prefix = f"mom/chunk{self.chunk_index}"
-        qkv_weight, fc_weight = self.attn.folded_qkv_weight(), self.ffn.folded_fc_weight()
+        qkv, fc = self.attn.qkv_projection(), self.ffn.fc_projection()
         for h in range(self.steps):
-            attn_sel = policy.attention(h, x.reshape(B * T, d), state)
+            attn_route = policy.attention(h, x.reshape(B * T, d), state)
             is_key = None
             if self.key_flag_layer is not None:
-                is_key = (attn_sel.index < policy.num_attn_modules).any(-1).view(B, T)
+                is_key = attn_route.runs_any_module().view(B, T)
             x = x + self.attn(
                 x,
-                self._pairs(attn_sel, policy.num_attn_modules, self.attn),
-                qkv_weight,
+                self._pairs(attn_route, self.attn),
+                qkv,
                 ctx.masks,
                 cache,
                 self.first_layer + h,
                 is_key,
                 None if self.key_flag_layer is None else self.key_flag_layer + h,
             )
-            ffn_sel = policy.ffn(h, x.reshape(B * T, d), state)
-            x = x + self.ffn(x, self._pairs(ffn_sel, policy.num_ffn_modules, self.ffn), fc_weight)
+            ffn_route = policy.ffn(h, x.reshape(B * T, d), state)
+            x = x + self.ffn(x, self._pairs(ffn_route, self.ffn), fc)
 
             if observe:
-                if attn_sel.probs is not None:
-                    trace.observe(f"{prefix}/attn_load", attn_sel, ctx)
-                if ffn_sel.probs is not None:
-                    trace.observe(f"{prefix}/ffn_load", ffn_sel, ctx)
+                if attn_route.probs is not None:
+                    trace.observe(f"{prefix}/attn_load", attn_route, ctx)
+                if ffn_route.probs is not None:
+                    trace.observe(f"{prefix}/ffn_load", ffn_route, ctx)
             if ctx.record_routing:
                 trace.routing.append(
                     RoutingStep(
                         chunk=self.chunk_index,
                         step=h,
                         layer=self.first_layer + h,
-                        attn_index=attn_sel.index.view(B, T, -1),
-                        attn_weight=attn_sel.weight.detach().view(B, T, -1),
-                        ffn_index=ffn_sel.index.view(B, T, -1),
-                        ffn_weight=ffn_sel.weight.detach().view(B, T, -1),
-                        num_attn_modules=policy.num_attn_modules,
-                        num_ffn_modules=policy.num_ffn_modules,
+                        attn=attn_route.detach().view_tokens(B, T),
+                        ffn=ffn_route.detach().view_tokens(B, T),
                     )
                 )
         return x, trace
@@ -529,7 +292,7 @@ class MoMPreTrainedModel(CheckpointingMixin, PortableModelMixin, PreTrainedModel
         resid_std = std / math.sqrt(2 * self.config.num_vanilla_layers)
         if isinstance(module, nn.Linear) and getattr(module, "is_residual_projection", False):
             init.normal_(module.weight, mean=0.0, std=resid_std)
-        elif isinstance(module, _ModulePool):
+        elif isinstance(module, ModulePool):
             module.reset_parameters(std, resid_std)
 
 
@@ -666,7 +429,7 @@ class MoMModel(MoMPreTrainedModel):
         )
 
 
-class MoMForCausalLM(FlopCounting, MoMPreTrainedModel, GenerationMixin):
+class MoMForCausalLM(FlopCounting, MoMRouting, MoMPreTrainedModel, GenerationMixin):
     flop_counter = staticmethod(mom_flops)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 

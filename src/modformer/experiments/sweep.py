@@ -27,7 +27,6 @@ from there.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import io
@@ -481,54 +480,3 @@ def sweep(
         write_results(out_dir, axes, rows)  # partial results survive an interruption
     plot = plot_sweep(axes, rows, out_dir / "sweep.png")
     return {"grid": {a.key: a.values for a in axes}, "points": rows, "plot": plot}
-
-
-# ---- CLI -------------------------------------------------------------------------------
-
-
-def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--base-config", help="YAML/JSON training configuration shared by every point"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a base setting for every point, e.g. --set optim.lr=3e-4 (repeatable)",
-    )
-    parser.add_argument(
-        "--grid",
-        action="append",
-        required=True,
-        metavar="SECTION.FIELD=V1,V2,...",
-        help="a grid axis, e.g. --grid model.overrides.K=1,2,3,4 (repeatable; the grid is "
-        "every combination)",
-    )
-    parser.add_argument("--out-dir", required=True, help="sweep directory (points/, results)")
-    parser.add_argument(
-        "--steps", type=int, help="max_steps of every point (default: the config's)"
-    )
-    parser.add_argument(
-        "--init-from-vanilla",
-        metavar="DIR",
-        help="phase-2 MoM sweep: convert this trained vanilla model per point (K/H/skip and "
-        "chunks from model.overrides) and train from it",
-    )
-
-
-def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    result = sweep(
-        args.base_config,
-        args.grid,
-        args.out_dir,
-        sets=args.set,
-        steps=args.steps,
-        init_from_vanilla=args.init_from_vanilla,
-    )
-    axes = [GridAxis(key, values) for key, values in result["grid"].items()]
-    print(format_results(axes, result["points"]))
-    print(f"\nresults: {Path(args.out_dir) / 'results.csv'}")
-    if result["plot"] is not None:
-        print(f"plot: {result['plot']}")
-    return result

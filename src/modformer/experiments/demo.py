@@ -3,7 +3,7 @@
 Stage `vanilla`: prepare the default corpus, train the tiny GPT, report validation
 loss/perplexity beside a unigram model of the same corpus, and generate a sample.
 Stage `mom`: phase 2 of two-phase training: the vanilla model's layers become MoM module
-pools, trained for `--mom-steps`; beside it the vanilla model trained the same extra steps.
+pools, trained for `mom_steps`; beside it the vanilla model trained the same extra steps.
 Stage `moduleformer`: train a tiny ModuleFormer and a dense GPT of equal active compute for
 the same steps on the same batches; report validation loss, tokens/s and active/total
 parameters.
@@ -13,9 +13,10 @@ step transitions, per-domain expert distributions and their KL) as PNG + JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,56 +26,26 @@ from modformer.utils import atomic_write_text
 STAGES = ("vanilla", "mom", "moduleformer", "report")
 
 
-def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--work-dir",
-        default="runs/demo",
-        help="where data, runs and results go (default: runs/demo)",
-    )
-    p.add_argument(
-        "--stages",
-        default=",".join(STAGES),
-        help=f"comma-separated stages to run, from {', '.join(STAGES)} (default: all)",
-    )
-    p.add_argument(
-        "--steps", type=int, default=300, help="training steps of the vanilla model (default: 300)"
-    )
-    p.add_argument(
-        "--mom-steps",
-        type=int,
-        default=100,
-        help="phase-2 steps of MoM and of the continued vanilla model (default: 100)",
-    )
-    p.add_argument(
-        "--mom-config", default="K2H3S", help="MoM K/H/SKIP name for phase 2 (default: K2H3S)"
-    )
-    p.add_argument(
-        "--mom-chunks",
-        default="[1-2-1]",
-        help="chunk string over the tiny model's 4 layers (default: [1-2-1])",
-    )
-    p.add_argument(
-        "--moduleformer-steps",
-        type=int,
-        default=150,
-        help="training steps of the ModuleFormer comparison (default: 150)",
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
-    p.add_argument("--block-size", type=int, default=128, help="tokens per sequence (default: 128)")
-    p.add_argument(
-        "--vocab-size", type=int, default=4096, help="BPE vocabulary size (default: 4096)"
-    )
-    p.add_argument(
-        "--max-bytes-per-domain",
-        type=int,
-        default=1_500_000,
-        help="bytes of text taken from each built-in domain (default: 1.5 MB)",
-    )
-    p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+@dataclass
+class DemoSettings:
+    """What the demo trains and where (`modformer demo` shows these defaults)."""
+
+    work_dir: str | Path = "runs/demo"
+    stages: Sequence[str] = STAGES
+    steps: int = 300  # of the vanilla model
+    mom_steps: int = 100  # phase 2: MoM and the vanilla model continued
+    mom_config: str = "K2H3S"
+    mom_chunks: str = "[1-2-1]"  # over the tiny model's 4 layers
+    moduleformer_steps: int = 150
+    batch_size: int = 8
+    block_size: int = 128
+    vocab_size: int = 4096
+    max_bytes_per_domain: int = 1_500_000
+    seed: int = 1337
+    progress: bool = True
 
 
-def _prepare_data(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
+def _prepare_data(settings: DemoSettings, data_dir: Path) -> dict[str, Any]:
     from modformer.data.prepare import prepare
 
     if (data_dir / "meta.json").is_file():
@@ -82,31 +53,31 @@ def _prepare_data(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     print(f"== preparing the built-in corpus into {data_dir}")
     return prepare(
         data_dir,
-        vocab_size=args.vocab_size,
-        max_bytes_per_domain=args.max_bytes_per_domain,
-        seed=args.seed,
-        progress=not args.no_progress,
+        vocab_size=settings.vocab_size,
+        max_bytes_per_domain=settings.max_bytes_per_domain,
+        seed=settings.seed,
+        progress=settings.progress,
     )
 
 
-def _train_cfg(args: argparse.Namespace, data_dir: Path, out_dir: Path, steps: int, **model: Any):
+def _train_cfg(settings: DemoSettings, data_dir: Path, out_dir: Path, steps: int, **model: Any):
     from modformer.train.config import load_train_config
 
     cfg = load_train_config(
         cli={
             "model": model,
-            "data": {"dir": str(data_dir), "block_size": args.block_size},
+            "data": {"dir": str(data_dir), "block_size": settings.block_size},
             "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": max(steps // 20, 1)},
             "out_dir": str(out_dir),
-            "seed": args.seed,
+            "seed": settings.seed,
             "max_steps": steps,
-            "batch_size": args.batch_size,
+            "batch_size": settings.batch_size,
             "eval_interval": max(steps // 5, 1),
             "eval_batches": 16,
             "log_interval": 20,
             "ckpt_interval": 0,
             "keep_last": 1,
-            "progress": not args.no_progress,
+            "progress": settings.progress,
         }
     )
     return cfg
@@ -120,7 +91,7 @@ def _fresh_run(out_dir: Path) -> None:
         shutil.rmtree(out_dir)
 
 
-def stage_vanilla(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
+def stage_vanilla(settings: DemoSettings, data_dir: Path, work: Path) -> dict[str, Any]:
     from modformer.data.dataset import TokenDataset
     from modformer.eval.lm import unigram_loss
     from modformer.generation import greedy_sample_checked
@@ -129,9 +100,11 @@ def stage_vanilla(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[
 
     out_dir = work / "vanilla"
     _fresh_run(out_dir)
-    print(f"== training the tiny vanilla GPT for {args.steps} steps")
+    print(f"== training the tiny vanilla GPT for {settings.steps} steps")
     t0 = time.perf_counter()
-    final = train(_train_cfg(args, data_dir, out_dir, args.steps, arch="gpt", preset="tiny"))
+    final = train(
+        _train_cfg(settings, data_dir, out_dir, settings.steps, arch="gpt", preset="tiny")
+    )
     seconds = time.perf_counter() - t0
     tr, va = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
     unigram = unigram_loss(tr.tokens, va.tokens, tr.vocab_size)
@@ -154,7 +127,7 @@ def stage_vanilla(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[
 
 def count_parameters(model) -> tuple[int, int]:
     """(active, total): parameters one token touches, and all of them."""
-    total = sum(p.numel() for p in model.parameters())
+    total = model.num_parameters()
     active = model.active_parameters() if hasattr(model, "active_parameters") else total
     return active, total
 
@@ -170,19 +143,19 @@ def _flops_per_token(model, data_dir: Path, block_size: int) -> float:
 
 
 def _train_and_measure(
-    args, data_dir: Path, out_dir: Path, steps: int, **model: Any
+    settings: DemoSettings, data_dir: Path, out_dir: Path, steps: int, **model: Any
 ) -> dict[str, Any]:
     from modformer.models.loading import load_model
     from modformer.train.trainer import train
 
     _fresh_run(out_dir)
     t0 = time.perf_counter()
-    final = train(_train_cfg(args, data_dir, out_dir, steps, **model))
+    final = train(_train_cfg(settings, data_dir, out_dir, steps, **model))
     seconds = time.perf_counter() - t0
     model = load_model(out_dir)
     active, total = count_parameters(model)
     return {
-        "flops_per_token": _flops_per_token(model, data_dir, args.block_size),
+        "flops_per_token": _flops_per_token(model, data_dir, settings.block_size),
         "val_loss": final["val_loss"],
         "val_ppl": final["val_ppl"],
         "tokens_per_s": final["tokens_trained"] / seconds,
@@ -192,7 +165,7 @@ def _train_and_measure(
     }
 
 
-def stage_mom(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
+def stage_mom(settings: DemoSettings, data_dir: Path, work: Path) -> dict[str, Any]:
     from modformer.convert.mom import mom_from_vanilla
     from modformer.models.io import atomic_save_model
 
@@ -201,37 +174,37 @@ def stage_mom(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str,
         raise ConfigError(
             f"the mom stage starts from the vanilla stage's model, but {vanilla} does not exist; run --stages vanilla,mom"
         )
-    steps = args.mom_steps
+    steps = settings.mom_steps
     init = work / "mom_init"
-    model = mom_from_vanilla(vanilla, chunks=args.mom_chunks, mom_name=args.mom_config)
+    model = mom_from_vanilla(vanilla, chunks=settings.mom_chunks, mom_name=settings.mom_config)
     atomic_save_model(model, init, tokenizer_dir=vanilla)
     print(
-        f"== phase 2: MoM {args.mom_config} {args.mom_chunks} from the vanilla model, {steps} steps; vanilla continued for the same steps"
+        f"== phase 2: MoM {settings.mom_config} {settings.mom_chunks} from the vanilla model, {steps} steps; vanilla continued for the same steps"
     )
     return {
-        f"MoM {args.mom_config}": _train_and_measure(
-            args, data_dir, work / "mom", steps, init_from=str(init)
+        f"MoM {settings.mom_config}": _train_and_measure(
+            settings, data_dir, work / "mom", steps, init_from=str(init)
         ),
         "vanilla (cont.)": _train_and_measure(
-            args, data_dir, work / "vanilla_cont", steps, init_from=str(vanilla)
+            settings, data_dir, work / "vanilla_cont", steps, init_from=str(vanilla)
         ),
     }
 
 
-def stage_moduleformer(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
-    steps = args.moduleformer_steps
+def stage_moduleformer(settings: DemoSettings, data_dir: Path, work: Path) -> dict[str, Any]:
+    steps = settings.moduleformer_steps
     print(f"== ModuleFormer (tiny) vs dense GPT of equal active compute, {steps} steps each")
     return {
         "moduleformer": _train_and_measure(
-            args, data_dir, work / "moduleformer", steps, arch="moduleformer", preset="tiny"
+            settings, data_dir, work / "moduleformer", steps, arch="moduleformer", preset="tiny"
         ),
         "dense": _train_and_measure(
-            args, data_dir, work / "dense", steps, arch="gpt", preset="tiny"
+            settings, data_dir, work / "dense", steps, arch="gpt", preset="tiny"
         ),
     }
 
 
-def stage_report(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Any]:
+def stage_report(settings: DemoSettings, data_dir: Path, work: Path) -> dict[str, Any]:
     from modformer.analysis.routing_report import write_routing_report
     from modformer.analysis.usage import collect_usage_on_data
     from modformer.eval.curves import plot_training_curves, run_length
@@ -252,7 +225,7 @@ def stage_report(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[s
         if (work / name / "model" / "config.json").is_file():
             model = load_model(work / name)
             stats = collect_usage_on_data(
-                model, data_dir, block_size=args.block_size, max_batches=8, per_domain=True
+                model, data_dir, block_size=settings.block_size, max_batches=8, per_domain=True
             )
             report = write_routing_report(stats, out / name)
             figures += [str(out / name / f) for f in report["figures"]]
@@ -277,24 +250,31 @@ def print_table(
         print(f"   {name:<14}{cells}")
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+def run_demo(settings: DemoSettings) -> dict[str, Any]:
+    """Run the stages in `settings.stages` (in the demo's order) in `settings.work_dir`;
+    returns what results.json holds afterwards (earlier stages' results are kept)."""
+    if isinstance(settings.stages, str):
+        raise ConfigError(
+            f"stages must be a list of stage names such as {list(STAGES[:2])}, "
+            f"got the string {settings.stages!r}"
+        )
+    stages = [s.strip() for s in settings.stages if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         raise ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    work = Path(args.work_dir)
+    if settings.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {settings.steps}")
+    work = Path(settings.work_dir)
     earlier = read_results(work / "results.json")  # read first: a bad file fails fast
     data_dir = work / "data"
-    meta = _prepare_data(args, data_dir)
+    meta = _prepare_data(settings, data_dir)
     print(
         f"   corpus: {', '.join(meta['domains'])}; {meta['splits']['train']['tokens']:,} train / "
         f"{meta['splits']['val']['tokens']:,} val tokens, vocab {meta['vocab_size']}"
     )
     results: dict[str, Any] = {}
     if "vanilla" in stages:
-        r = results["vanilla"] = stage_vanilla(args, data_dir, work)
+        r = results["vanilla"] = stage_vanilla(settings, data_dir, work)
         print("\n== vanilla GPT (tiny)")
         print(f"   parameters          {r['params']:,}")
         print(
@@ -306,7 +286,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         print(f"   training time       {r['train_seconds']:.0f} s")
         print(f"   sample: {r['sample_prompt']}{r['sample']!r}")
     if "mom" in stages:
-        rows = results["mom"] = stage_mom(args, data_dir, work)
+        rows = results["mom"] = stage_mom(settings, data_dir, work)
         print_table(
             "phase 2: MoM vs vanilla trained the same extra steps",
             rows,
@@ -318,7 +298,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             ],
         )
     if "moduleformer" in stages:
-        rows = results["moduleformer"] = stage_moduleformer(args, data_dir, work)
+        rows = results["moduleformer"] = stage_moduleformer(settings, data_dir, work)
         print_table(
             "ModuleFormer vs dense (same steps, same batches)",
             rows,
@@ -331,7 +311,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             ],
         )
     if "report" in stages:
-        rep = results["report"] = stage_report(args, data_dir, work)
+        rep = results["report"] = stage_report(settings, data_dir, work)
         print("\n== figures")
         for f in rep["figures"]:
             print(f"   {f}")
