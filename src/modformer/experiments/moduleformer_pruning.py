@@ -146,7 +146,6 @@ def score(model, data: Path, sc: PruningScale, label: str, total_before: int) ->
     from modformer.data.dataset import TokenDataset
     from modformer.eval.costs import inference_flops
     from modformer.eval.lm import evaluate_split
-    from modformer.models.trainable import count_parameters
 
     torch.set_num_threads(1)
     model = model.eval()
@@ -155,7 +154,7 @@ def score(model, data: Path, sc: PruningScale, label: str, total_before: int) ->
     )
     batch = next(TokenDataset(data, "val", domains=[DOMAIN]).iter_sequential(sc.block_size, 4))
     flops = inference_flops(model, batch)
-    total = count_parameters(model)
+    total = model.num_parameters()
     return Point(
         label=label,
         params_ratio=total / total_before,
@@ -201,7 +200,7 @@ def pretrain(out: Path, seed: int, data: Path, sc: PruningScale) -> ArmResult:
         _fresh(run_dir)
         final = train(train_config(data, run_dir, seed, sc, sc.pretrain_steps, sc.lr, sc.model))
         model = _load(run_dir)
-        point = score(model, data, sc, UNPRUNED, sum(p.numel() for p in model.parameters()))
+        point = score(model, data, sc, UNPRUNED, model.num_parameters())
         return _result("pretrain", seed, point, [], int(final["tokens_trained"]), sc.pretrain_steps)
 
     return run_arm(out, "pretrain", seed, fit)

@@ -26,7 +26,6 @@ from transformers import PreTrainedModel
 
 from modformer.models.gpt import GPTForCausalLM
 from modformer.models.moduleformer import ModuleFormerForCausalLM
-from modformer.models.trainable import count_parameters
 from modformer.surgery.extend import SurgeryError, new_config, rebuild
 
 LAYER_DROP_STRATEGIES = ("top", "uniform")
@@ -86,7 +85,7 @@ def drop_layers(
             state[f"transformer.h.{new_index[int(match.group(1))]}.{match.group(2)}"] = value
     changes = {k: [v[i] for i in keep] for k, v in _per_layer_fields(config).items()}
     dropped = rebuild(model, new_config(config, n_layer=n_keep, **changes), state)
-    before, after = count_parameters(model), count_parameters(dropped)
+    before, after = model.num_parameters(), dropped.num_parameters()
     report = {
         "strategy": strategy,
         "layers_before": config.num_hidden_layers,
@@ -103,6 +102,6 @@ def layer_drop_ratios(model: PreTrainedModel) -> dict[int, float]:
     strategies when the layers are alike; computed, not assumed, from the layers' sizes)."""
     layers = model.transformer.h
     per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    total = count_parameters(model)
+    total = model.num_parameters()
     rest = total - sum(per_layer)
     return {n: (rest + sum(per_layer[:n])) / total for n in range(1, len(per_layer) + 1)}
