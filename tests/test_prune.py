@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM
 
-from modformer.analysis.usage import UsageStats, collect_usage
-from modformer.cli_args import add_prune_arguments
-from modformer.data.corpus import DataError
-from modformer.data.dataset import TokenDataset
+from modformer.analysis.usage import collect_usage
 from modformer.models.gpt import GPTConfig, GPTForCausalLM
 from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
 from modformer.models.mom import MoMConfig, MoMForCausalLM
 from modformer.nn.routers import RouterSlots
 from modformer.surgery import SurgeryError, extend_model, prune_model
-from modformer.surgery.prune import (
-    finetune_then_prune,
-    prune_then_finetune,
-    run_prune,
-)
-from modformer.train.checkpoint import atomic_save_model
 
 VOCAB = 64
 # Router rows (ModuleFormer: rows of A; MoM: output biases) pushed so low that these
@@ -235,149 +223,6 @@ def test_pruning_an_extended_model_merges_its_inserted_experts():
     assert all(p.requires_grad for p in pruned.parameters())
     x = token_batches(1)[0]
     assert torch.equal(pruned(input_ids=x).logits, model.eval()(input_ids=x).logits)
-
-
-# ---- CLI and workflows -----------------------------------------------------------------
-
-
-def saved_model(tmp_path, data_dir, name="model", **overrides):
-    vocab = TokenDataset(data_dir, "train").vocab_size
-    model = moduleformer(vocab_size=vocab, **overrides)
-    return atomic_save_model(model, tmp_path / name, tokenizer_dir=data_dir / "tokenizer")
-
-
-def prune_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_prune_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def test_prune_command(tmp_path, tiny_data_dir, capsys):
-    model_dir = saved_model(tmp_path, tiny_data_dir)
-    out = tmp_path / "pruned"
-    report = run_prune(
-        prune_args(str(model_dir), str(out), "--data", str(tiny_data_dir), "--threshold", "0.6")
-    )
-    printed = capsys.readouterr().out
-    assert f"{report['params_before']:,} -> {report['params_after']:,}" in printed
-    assert report["params_after"] < report["params_before"]
-    loaded = AutoModelForCausalLM.from_pretrained(out)
-    assert sum(p.numel() for p in loaded.parameters()) == report["params_after"]
-    assert json.loads((out / "prune_report.json").read_text()) == report
-    assert (out / "tokenizer.json").is_file()
-    for pool in report["pools"]:
-        assert all(pool["frequencies"][i] >= 0.6 for i in pool["kept"]) or pool["raised_to_top_k"]
-        assert all(pool["frequencies"][i] < 0.6 for i in pool["removed"])
-
-    # The same from saved usage statistics.
-    usage = collect_usage(AutoModelForCausalLM.from_pretrained(model_dir), token_batches(2))
-    usage.save(tmp_path / "usage.json")
-    again = run_prune(
-        prune_args(
-            str(model_dir),
-            str(tmp_path / "p2"),
-            "--usage",
-            str(tmp_path / "usage.json"),
-            "--threshold",
-            "0.6",
-        )
-    )
-    assert again["pools"][0]["frequencies"] == pytest.approx(
-        UsageStats.load(tmp_path / "usage.json").module_frequencies()["layer0/attn"].tolist(),
-        abs=1e-6,
-    )
-
-    with pytest.raises(SurgeryError, match="threshold must be in"):
-        run_prune(prune_args(str(model_dir), str(out), "--data", "x", "--threshold", "2"))
-
-
-def test_prune_command_rejects_data_of_another_tokenizer(tmp_path, tiny_data_dir):
-    model_dir = saved_model(tmp_path, tiny_data_dir)
-    tokenizer_file = model_dir / "tokenizer.json"
-    tokenizer = json.loads(tokenizer_file.read_text())
-    tokenizer["added_tokens"] = tokenizer.get("added_tokens", []) + [
-        {"id": 999, "content": "<other>", "special": True}
-    ]
-    tokenizer_file.write_text(json.dumps(tokenizer))
-    with pytest.raises(DataError, match="different tokenizer"):
-        run_prune(
-            prune_args(
-                str(model_dir),
-                str(tmp_path / "o"),
-                "--data",
-                str(tiny_data_dir),
-                "--threshold",
-                "0.5",
-            )
-        )
-    assert not (tmp_path / "o").exists()
-
-
-TRAIN_SETTINGS = [
-    "batch_size=8",
-    "data.block_size=32",
-    "eval_batches=1",
-    "progress=false",
-    "optim.warmup_steps=2",
-    "optim.lr=3e-3",
-    "ckpt_interval=0",
-    "eval_interval=0",
-]
-
-
-def usage_entropy(report: dict) -> float:
-    """Mean over pools of the entropy of the sum-normalised frequencies (nats)."""
-    entropies = []
-    for pool in report["pools"]:
-        p = torch.tensor(pool["frequencies"])
-        p = p / p.sum()
-        entropies.append(float(-(p * p.clamp_min(1e-12).log()).sum()))
-    return sum(entropies) / len(entropies)
-
-
-def test_load_concentration_workflow_concentrates_usage(tmp_path, tiny_data_dir):
-    model_dir = saved_model(tmp_path, tiny_data_dir, aux_loss_type="none")
-    settings = [*TRAIN_SETTINGS, "max_steps=30"]
-    results = {}
-    for weight in (0.0, 1.0):
-        results[weight] = finetune_then_prune(
-            model_dir,
-            tiny_data_dir,
-            [0.05, 0.3],
-            tmp_path / f"lc{weight}",
-            load_concentration_weight=weight,
-            train_settings=settings,
-            block_size=32,
-            max_batches=4,
-        )
-    without, with_lc = (results[w]["prune"][0.05] for w in (0.0, 1.0))
-    # Measured: 1.45 nats without, 0.87 with (uniform over 4 and 8 experts: 1.39 / 2.08).
-    assert usage_entropy(with_lc) < usage_entropy(without) - 0.2
-    assert with_lc["params_after"] < without["params_after"]
-    finetuned = AutoModelForCausalLM.from_pretrained(tmp_path / "lc1.0" / "finetuned" / "model")
-    assert finetuned.config.load_concentration_weight == 1.0
-    # A higher threshold never keeps more.
-    reports = results[1.0]["prune"]
-    assert reports[0.3]["params_after"] <= reports[0.05]["params_after"]
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "lc1.0" / "pruned_tau0.3")
-
-
-def test_prune_then_finetune_workflow(tmp_path, tiny_data_dir):
-    model_dir = saved_model(tmp_path, tiny_data_dir)
-    result = prune_then_finetune(
-        model_dir,
-        tiny_data_dir,
-        0.6,
-        tmp_path / "pf",
-        train_settings=[*TRAIN_SETTINGS, "max_steps=3"],
-        block_size=32,
-        max_batches=4,
-    )
-    finetuned = AutoModelForCausalLM.from_pretrained(tmp_path / "pf" / "finetuned" / "model")
-    kept = kept_by_key(result["prune"])
-    assert finetuned.config.ffd_experts_per_layer == [len(kept[f"layer{i}/ffn"]) for i in range(2)]
-    assert result["train"]["params"] == result["prune"]["params_after"]
-    assert result["prune"]["params_after"] < result["prune"]["params_before"]
 
 
 def test_config_validation_of_router_slots():

@@ -44,6 +44,12 @@ EXPERIMENTS["moduleformer-forgetting"] = Experiment(
     "GPT on a new domain, and insertion vs the full fine-tuning trajectory at equal learning "
     "(Tables 5-6)",
 )
+EXPERIMENTS["moduleformer-pruning"] = Experiment(
+    "modformer.experiments.moduleformer_pruning",
+    "pruning curves on the python domain: finetune-then-prune (with and without load "
+    "concentration) and prune-then-finetune against layer dropping at equal parameters "
+    "(Figs. 3-4)",
+)
 
 # Mixture-of-Modules paper (docs/results.md, "## Mixture-of-Modules").
 EXPERIMENTS["mom-vs-vanilla"] = Experiment(

@@ -35,38 +35,29 @@ another order and move the last bit. ModuleFormer's gates are not renormalised, 
 holds when the removed experts' softmax mass is zero in fp32; MoM renormalises over the
 kept logits, so its removed modules may hold mass.
 
-The two workflows of sec. 5.3 are `prune_then_finetune` (prune by the pretrained model's
-usage on the target data, then fine-tune the smaller model) and `finetune_then_prune`
-(fine-tune with the load-concentration loss of eq. 8, ``load_concentration_weight``, so
-the task's load gathers on few experts, then prune; one fine-tuning serves every
-threshold).
+The two workflows of sec. 5.3 (prune then fine-tune, fine-tune with load concentration
+then prune) are experiment drivers: `modformer.experiments.prune_workflows`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from modformer.analysis.usage import UsageStats, check_same_tokenizer, normalize
+from modformer.analysis.usage import UsageStats, normalize
 from modformer.defaults import NORMS
-from modformer.models.moduleformer import ModuleFormerForCausalLM
 from modformer.models.routed import RoutedModel, RoutedPool, canonical_pool_key
 from modformer.surgery.extend import (
     SurgeryError,
     count_parameters,
-    load_model_dir,
     merge_inserted_experts,
     new_config,
     rebuild,
-    save_model_with_tokenizer,
 )
 
 
@@ -267,145 +258,3 @@ def format_prune_report(report: Mapping[str, Any]) -> str:
         f"({100 * report['params_ratio']:.1f}%)"
     )
     return "\n".join(lines)
-
-
-# ---- workflows (sec. 5.3) --------------------------------------------------------------
-
-
-def _train(init_from: Path, data_dir: str | Path, out_dir: Path, settings: Sequence[str]):
-    from modformer.train.config import load_train_config
-    from modformer.train.trainer import train
-
-    overrides = [f"model.init_from={init_from}", f"data.dir={data_dir}", f"out_dir={out_dir}"]
-    cfg = load_train_config(overrides=[*overrides, *settings])
-    return train(cfg)
-
-
-def _usage(
-    model: PreTrainedModel | str | Path,
-    data_dir: str | Path,
-    split: str,
-    block_size: int,
-    max_batches: int | None,
-) -> UsageStats:
-    from modformer.analysis.usage import collect_usage_on_data
-
-    return collect_usage_on_data(
-        model, data_dir, split=split, block_size=block_size, max_batches=max_batches
-    )
-
-
-def prune_then_finetune(
-    model_dir: str | Path,
-    data_dir: str | Path,
-    threshold: float,
-    out_dir: str | Path,
-    train_settings: Sequence[str] = (),
-    norm: str = "max",
-    split: str = "val",
-    block_size: int = 128,
-    max_batches: int | None = None,
-) -> dict[str, Any]:
-    """Workflow 1 (sec. 5.3, "p-f"): prune by the model's usage on the target data, then
-    fine-tune the pruned model there. `train_settings` are `modformer train --set` strings
-    (e.g. "max_steps=200"). Writes out_dir/pruned (the pruned model, prune_report.json)
-    and out_dir/finetuned (the training run). Returns {"prune": report, "train": final}.
-
-    The commands are the same two steps::
-
-        modformer prune MODEL --data DATA --threshold TAU OUT/pruned
-        modformer train --set model.init_from=OUT/pruned --set data.dir=DATA \\
-            --set out_dir=OUT/finetuned ...
-    """
-    out_dir = Path(out_dir)
-    check_same_tokenizer(model_dir, data_dir)
-    model = load_model_dir(model_dir)
-    usage = _usage(model, data_dir, split, block_size, max_batches)
-    pruned, report = prune_model(model, usage, threshold, norm)
-    save_pruned(pruned, report, out_dir / "pruned", model_dir)
-    final = _train(out_dir / "pruned", data_dir, out_dir / "finetuned", train_settings)
-    return {"prune": report, "train": final}
-
-
-def finetune_then_prune(
-    model_dir: str | Path,
-    data_dir: str | Path,
-    thresholds: Sequence[float],
-    out_dir: str | Path,
-    load_concentration_weight: float = 0.001,
-    train_settings: Sequence[str] = (),
-    norm: str = "max",
-    split: str = "val",
-    block_size: int = 128,
-    max_batches: int | None = None,
-) -> dict[str, Any]:
-    """Workflow 2 (sec. 5.3, "f-p"): fine-tune with the load-concentration loss (eq. 8;
-    the paper's weight is 0.001), then prune the fine-tuned model at every threshold.
-    Writes out_dir/finetuned (the run) and out_dir/pruned_tau{TAU}. Returns {"train":
-    final metrics, "prune": {tau: report}}.
-
-    As commands: write the weight into the model's config (the trainer keeps a saved
-    model's config), fine-tune, then prune::
-
-        modformer train --set model.init_from=START --set data.dir=DATA \\
-            --set out_dir=OUT/finetuned ...      # START: config has load_concentration_weight
-        modformer prune OUT/finetuned --data DATA --threshold TAU OUT/pruned_tauTAU
-    """
-    if not load_concentration_weight >= 0:
-        raise SurgeryError(
-            f"load_concentration_weight must be >= 0, got {load_concentration_weight}"
-        )
-    thresholds = [_check_threshold(t) for t in thresholds]
-    out_dir = Path(out_dir)
-    check_same_tokenizer(model_dir, data_dir)
-    model = load_model_dir(model_dir)
-    if not isinstance(model, ModuleFormerForCausalLM):
-        raise SurgeryError(
-            "the load-concentration loss (eq. 8) is a ModuleFormer loss; pass a ModuleFormer"
-        )
-    model.config.load_concentration_weight = float(load_concentration_weight)
-    save_model_with_tokenizer(model, out_dir / "start", model_dir)
-    final = _train(out_dir / "start", data_dir, out_dir / "finetuned", train_settings)
-    finetuned = out_dir / "finetuned" / "model"
-    model = load_model_dir(finetuned)
-    usage = _usage(model, data_dir, split, block_size, max_batches)
-    reports = {}
-    for tau in thresholds:
-        pruned, report = prune_model(model, usage, tau, norm)
-        save_pruned(pruned, report, out_dir / f"pruned_tau{tau:g}", finetuned)
-        reports[tau] = report
-    return {"train": final, "prune": reports}
-
-
-def save_pruned(
-    model: PreTrainedModel, report: Mapping[str, Any], out_dir: str | Path, source_dir
-) -> Path:
-    """The pruned model (with the source's tokenizer) and its prune_report.json."""
-    from modformer.utils import atomic_write_text
-
-    out = save_model_with_tokenizer(model, out_dir, source_dir, method="prune")
-    atomic_write_text(Path(out) / "prune_report.json", json.dumps(report, indent=1))
-    return out
-
-
-# ---- CLI -------------------------------------------------------------------------------
-
-
-def run_prune(args: argparse.Namespace) -> dict[str, Any]:
-    _check_threshold(args.threshold)  # fail before loading anything
-    if args.data:
-        check_same_tokenizer(args.model, args.data)
-    model = load_model_dir(args.model)
-    if args.usage:
-        usage = UsageStats.load(args.usage)
-    else:
-        usage = _usage(model, args.data, args.split, args.block_size, args.max_batches)
-    pruned, report = prune_model(model, usage, args.threshold, args.norm)
-    save_pruned(pruned, report, args.out, args.model)
-    if args.report:
-        from modformer.utils import atomic_write_text
-
-        atomic_write_text(args.report, json.dumps(report, indent=1))
-    print(format_prune_report(report))
-    print(f"wrote {args.out}")
-    return report
