@@ -54,6 +54,7 @@ from modformer.models.gpt.modeling_gpt import GPTModel
 from modformer.models.mom import MoMConfig
 from modformer.models.mom.modeling_mom import MoMModel, RoutingStep
 from modformer.nn.experts import EXPERT_BACKENDS, experts_backend
+from modformer.nn.routing import RoutingDecision
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -68,11 +69,11 @@ def attention_core_flops(d: int, seq: int) -> float:
 def mom_flops_per_token(config: MoMConfig, routing: list[RoutingStep], seq: int) -> dict:
     """Forward matmul FLOPs per token of one chunk, from the measured module counts."""
     d, d_ff, r = config.n_embd, config.d_inner, config.router_dim
-    num_choices = routing[0].num_attn_modules + (1 if config.skip else 0)
+    num_choices = routing[0].attn.num_columns  # the router's outputs: modules (+ SKIP)
     attn = ffn = router = 0.0
     for step in routing:
-        attn += modules_per_token(step.attn_index, step.num_attn_modules) * 2 * (4 * d * d)
-        ffn += modules_per_token(step.ffn_index, step.num_ffn_modules) * 2 * (2 * d * d_ff)
+        attn += modules_per_token(step.attn) * 2 * (4 * d * d)
+        ffn += modules_per_token(step.ffn) * 2 * (2 * d * d_ff)
         # Two GRU routers: input gates (d -> 3r), state gates (r -> 3r, none on the zero
         # state of the first step) and the output layer (r -> choices).
         state_gates = 0 if step.step == 0 else 3 * r * r
@@ -101,9 +102,9 @@ def matching_ffn_width(matmul_flops: float, d: int, n_layer: int) -> int:
     return 8 * round(width / 8)
 
 
-def modules_per_token(index: torch.Tensor, num_modules: int) -> float:
-    """Average number of non-SKIP picks per token of a (B, T, k) routing decision."""
-    return (index < num_modules).sum(-1).float().mean().item()
+def modules_per_token(decision: RoutingDecision) -> float:
+    """Average number of non-SKIP picks per token of a routing decision."""
+    return decision.modules_run_per_token().float().mean().item()
 
 
 # ---- official-style MoM (gzhch/Mixture-of-Modules, mom/model.py) --------------------
@@ -373,13 +374,12 @@ def run(args: argparse.Namespace) -> None:
         out = ours(inputs_embeds=x, use_cache=False, return_routing=True)
         routing = list(out.routing)
         max_diff = (out.last_hidden_state - official(x)).abs().max().item()
-    skip_index = routing[0].num_attn_modules
     steps = [
         {
-            "attn_modules_per_token": modules_per_token(s.attn_index, skip_index),
-            "ffn_modules_per_token": modules_per_token(s.ffn_index, skip_index),
-            "attn_tokens_with_skip": (s.attn_index == skip_index).any(-1).float().mean().item(),
-            "ffn_tokens_with_skip": (s.ffn_index == skip_index).any(-1).float().mean().item(),
+            "attn_modules_per_token": modules_per_token(s.attn),
+            "ffn_modules_per_token": modules_per_token(s.ffn),
+            "attn_tokens_with_skip": (~s.attn.picks_module()).any(-1).float().mean().item(),
+            "ffn_tokens_with_skip": (~s.ffn.picks_module()).any(-1).float().mean().item(),
         }
         for s in routing
     ]

@@ -74,9 +74,9 @@ class LoopMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         route = self.router(hidden_states)
-        routing_weights = route.top_k_gates.to(hidden_states.dtype)
+        routing_weights = route.weights.to(hidden_states.dtype)
         final = torch.zeros_like(hidden_states)
-        expert_mask = F.one_hot(route.top_k_indices, len(self.experts)).permute(2, 1, 0)
+        expert_mask = F.one_hot(route.indices, len(self.experts)).permute(2, 1, 0)
         for expert_idx, expert in enumerate(self.experts):
             idx, top_x = torch.where(expert_mask[expert_idx])
             current_state = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
@@ -100,14 +100,14 @@ def breakdown_steps(moe: SparseMoE, x: torch.Tensor, grad: torch.Tensor) -> dict
     already gathered rows. Their ratios to the dense step say where the overhead goes."""
     with torch.no_grad():
         route = moe.router(x)
-    gates = route.top_k_gates.detach().requires_grad_(True)
-    pairs = moe.route(route.top_k_indices, gates, all_picked=True)
+    gates = route.weights.detach().requires_grad_(True)
+    pairs = moe.route(route.indices, gates, all_picked=True)
     rows = pairs.gather(x.detach()).requires_grad_(True)
     pair_grad = torch.randn_like(rows)
 
     def router() -> None:
         r = moe.router(x)
-        (r.top_k_gates.sum() + r.logits.sum()).backward()
+        (r.weights.sum() + r.logits.sum()).backward()
 
     def movement() -> None:
         pairs.combine(pairs.gather(x)).backward(grad)
@@ -178,7 +178,7 @@ def main() -> None:
     with torch.no_grad():
         y, route = moe(x)
         max_diff = (y - loop(x)).abs().max().item()
-        load = torch.bincount(route.top_k_indices.flatten(), minlength=args.experts)
+        load = torch.bincount(route.indices.flatten(), minlength=args.experts)
     x.requires_grad_(True)
 
     fns = {

@@ -121,6 +121,7 @@ def test_convert_gpt2_cli(tmp_path, capsys):
         "routing-report",
         "sweep",
         "prune",
+        "prune-workflow",
         "extend",
         "forgetting",
         "export",

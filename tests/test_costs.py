@@ -151,7 +151,7 @@ def brute_force_causal_pairs(steps) -> int:
     it that run one too (loops, as an independent check of the vectorised count)."""
     pairs = 0
     for step in steps:
-        runs = (step.attn_index < step.num_attn_modules).any(-1).tolist()
+        runs = step.attn.picks_module().any(-1).tolist()
         for row in runs:
             for t in range(len(row)):
                 if row[t]:
@@ -194,7 +194,7 @@ def test_mom_count_matches_flop_counter_with_skip(overrides):
     assert sdpa == report.components["attention_scores"]
 
     if model.config.skip and model.config.attn_k == 1:
-        skipped = torch.stack([(s.attn_index == s.num_attn_modules) for s in steps]).float()
+        skipped = torch.stack([(~s.attn.picks_module()) for s in steps]).float()
         assert 0.0 < skipped.mean() < 1.0, "the test needs some all-SKIP tokens"
         d = model.config.n_embd
         causal = inference_flops(model, x)
@@ -209,8 +209,8 @@ def test_skip_reduces_attention_cost():
     never, often = mom(mom="K1H2S"), mom(mom="K1H2S")  # the fresh router skips ~40%
     bias_attention_router_to_skip(never, -1e4)
     no_skip, with_skip = inference_flops(never, x), inference_flops(often, x)
-    assert all((s.attn_index < s.num_attn_modules).all() for s in routing(never, x))
-    runs = sum(int((s.attn_index < s.num_attn_modules).sum()) for s in routing(often, x))
+    assert all(s.attn.picks_module().all() for s in routing(never, x))
+    runs = sum(int(s.attn.picks_module().sum()) for s in routing(often, x))
     pair_flops = 2 * 128 * 3 * 128 + 2 * 128 * 128  # W_QKV and W_O of one module
     fixed = 2 * B * T * pair_flops  # the two fixed blocks of [1-2-1]
     assert with_skip.components["attention_projections"] == fixed + runs * pair_flops
@@ -253,8 +253,8 @@ def test_mom_active_parameters_count_distinct_modules():
     chunk = next(m for m in model.transformer.h if isinstance(m, MoMChunk))
     per_attn = sum(p.numel() for p in chunk.attn.parameters()) // 2
     per_ffn = sum(p.numel() for p in chunk.ffn.parameters()) // 2
-    attn_distinct = (steps[0].attn_index != steps[1].attn_index).float() + 1
-    ffn_distinct = (steps[0].ffn_index != steps[1].ffn_index).float() + 1
+    attn_distinct = (steps[0].attn.indices != steps[1].attn.indices).float() + 1
+    ffn_distinct = (steps[0].ffn.indices != steps[1].ffn.indices).float() + 1
     expected = total - 2 * (per_attn + per_ffn)
     expected += attn_distinct.mean().item() * per_attn + ffn_distinct.mean().item() * per_ffn
     assert report.active_parameters == pytest.approx(expected)

@@ -218,7 +218,7 @@ def test_moduleformer_rank_with_unused_experts_does_not_hang(worker):
     (rank 0's per-expert load is in the metrics) and FSDP still finished, equal to DDP."""
     results, root = worker
     records = [json.loads(x) for x in (root / "moduleformer_fsdp" / "metrics.jsonl").open()]
-    load = [r["load/ffd/0"] for r in records if "load/ffd/0" in r]
+    load = [r["load/ffn/0"] for r in records if "load/ffn/0" in r]
     assert load and all(min(step_load) == 0.0 for step_load in load)
     assert results["moduleformer_fsdp"]["step"] == 4
 

@@ -42,8 +42,8 @@ def two_domains(two_domain_dir, monkeypatch):
 
 def test_usage_summary_counts_entropy_dead_and_rare_experts():
     counts = {
-        "layer0/att": torch.tensor([5, 5, 5, 5]),  # uniform: entropy 1, none dead
-        "layer0/ffd": torch.tensor([100, 0, 1, 99]),  # one dead, one rare (1/200 < 0.1/4)
+        "layer0/attn": torch.tensor([5, 5, 5, 5]),  # uniform: entropy 1, none dead
+        "layer0/ffn": torch.tensor([100, 0, 1, 99]),  # one dead, one rare (1/200 < 0.1/4)
     }
     s = usage_summary(counts)
     p = torch.tensor([100, 1, 99], dtype=torch.float64) / 200
@@ -107,12 +107,12 @@ def test_divergences_between_domains_and_split_half_floor():
     c = lambda *v: torch.tensor(v)  # noqa: E731
     halves = {
         "a": [
-            {"layer0/ffd": c(9, 1), "layer0/att": c(1, 1)},
-            {"layer0/ffd": c(8, 2), "layer0/att": c(1, 1)},
+            {"layer0/ffn": c(9, 1), "layer0/attn": c(1, 1)},
+            {"layer0/ffn": c(8, 2), "layer0/attn": c(1, 1)},
         ],
         "b": [
-            {"layer0/ffd": c(1, 9), "layer0/att": c(1, 1)},
-            {"layer0/ffd": c(2, 8), "layer0/att": c(1, 1)},
+            {"layer0/ffn": c(1, 9), "layer0/attn": c(1, 1)},
+            {"layer0/ffn": c(2, 8), "layer0/attn": c(1, 1)},
         ],
     }
     d = divergences(halves)

@@ -147,7 +147,7 @@ def test_bad_input():
     with pytest.raises(SurgeryError, match="needs a ModuleFormer model .* got a GPTForCausalLM"):
         extend_model(gpt, 1)
     mom = MoMForCausalLM(MoMConfig.from_preset("tiny", vocab_size=VOCAB))
-    with pytest.raises(SurgeryError, match="got a MoM model"):
+    with pytest.raises(SurgeryError, match="got a MoMForCausalLM"):
         extend_model(mom, 1)
     # A scope with nothing to train is refused rather than freezing the whole model.
     plain = moduleformer(trainable_scope="inserted_experts")

@@ -11,13 +11,14 @@ import torch
 
 from conftest import make_text_inputs
 from modformer.cli_args import add_forgetting_arguments
+from modformer.commands.forgetting import run_forgetting
 from modformer.data.prepare import prepare
-from modformer.surgery import SurgeryError
-from modformer.surgery.forgetting import (
+from modformer.experiments.forgetting import (
     format_forgetting_table,
-    run_forgetting,
+    old_loss_at_new_loss,
     run_forgetting_experiment,
 )
+from modformer.surgery import SurgeryError
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,7 @@ def test_smoke_run_has_the_table_structure(tmp_path, three_domain_data, capsys):
             "--batch-size", "2",
             "--block-size", "16",
             "--eval-batches", "1",
+            "--trajectory-interval", "1",
             "--threads", "1",
         ]
     )  # fmt: skip
@@ -66,13 +68,21 @@ def test_smoke_run_has_the_table_structure(tmp_path, three_domain_data, capsys):
     for row in result["rows"]:
         for when in ("before", "after"):
             assert set(row[when]["per_domain"]) == {"prose", "c", "python"}
-            assert all(math.isfinite(row[when][k]) for k in ("old", "new"))
+            ev = row[when]
+            assert all(math.isfinite(ev[k]) for k in ("old", "new"))
+            # "old" and "all" are token-weighted means of the domains' losses.
+            tokens, losses = ev["tokens"], ev["per_domain"]
+            old = (losses["prose"] * tokens["prose"] + losses["c"] * tokens["c"]) / (
+                tokens["prose"] + tokens["c"]
+            )
+            assert ev["old"] == pytest.approx(old) and ev["new"] == losses["python"]
+            assert min(losses.values()) < ev["all"] < max(losses.values())
     # Every ModuleFormer run starts from the same pretrained model.
     befores = {json.dumps(row["before"]) for m, row in rows.items() if m.startswith("module")}
     assert len(befores) == 1
     for name in ("moduleformer insert reg=0", "moduleformer insert reg=1"):
         assert rows[name]["frozen_unchanged"] is True
-        assert set(rows[name]["at_insertion"]) == {"old", "new", "per_domain"}
+        assert set(rows[name]["at_insertion"]) == {"old", "new", "all", "per_domain", "tokens"}
         assert rows[name]["trainable_params"] < rows["moduleformer full"]["trainable_params"]
         assert rows[name]["params"] > rows["moduleformer full"]["params"]
     assert rows["gpt full"]["trainable_params"] == rows["gpt full"]["params"]
@@ -82,7 +92,21 @@ def test_smoke_run_has_the_table_structure(tmp_path, three_domain_data, capsys):
     assert table in capsys.readouterr().out
     lines = table.splitlines()
     assert len(lines) == 2 + 4 and lines[0].startswith("| method | trainable params")
-    assert all(line.count("|") == 9 for line in lines)
+    assert all(line.count("|") == 10 for line in lines)
+
+    # Full fine-tuning was evaluated at steps 0 (the pretrained model), 1 and 2 (the end);
+    # its intermediate checkpoints are gone once evaluated.
+    for name in ("moduleformer full", "gpt full"):
+        points = rows[name]["trajectory"]
+        assert [p["step"] for p in points] == [0, 1, 2]
+        assert points[0]["old"] == rows[name]["before"]["old"]
+        assert points[-1]["new"] == rows[name]["after"]["new"]
+    assert not (tmp_path / "exp" / "runs" / "moduleformer_full" / "checkpoints").exists()
+    for name in ("moduleformer insert reg=0", "moduleformer insert reg=1"):
+        expected = old_loss_at_new_loss(
+            rows["moduleformer full"]["trajectory"], rows[name]["after"]["new"]
+        )
+        assert rows[name]["full_at_equal_new"] == expected
 
 
 def test_bad_input(tmp_path, three_domain_data):
@@ -96,3 +120,22 @@ def test_bad_input(tmp_path, three_domain_data):
         run_forgetting_experiment(tmp_path, three_domain_data, steps=0)
     with pytest.raises(SurgeryError, match="routing_reg_weights"):
         run_forgetting_experiment(tmp_path, three_domain_data, routing_reg_weights=[-1.0])
+    with pytest.raises(SurgeryError, match="trajectory_interval must be >= 0"):
+        run_forgetting_experiment(tmp_path, three_domain_data, trajectory_interval=-1)
+
+
+def test_old_loss_at_new_loss_interpolates_at_the_first_crossing():
+    points = [
+        {"step": 0, "old": 4.0, "new": 5.0},
+        {"step": 10, "old": 4.4, "new": 4.6},
+        {"step": 20, "old": 4.6, "new": 4.7},  # not monotone: the first crossing counts
+        {"step": 30, "old": 4.8, "new": 4.2},
+    ]
+    at = old_loss_at_new_loss(points, 4.8)  # halfway from step 0 to step 10
+    assert at == pytest.approx({"old": 4.2, "step": 5.0})
+    assert old_loss_at_new_loss(points, 4.6) == pytest.approx({"old": 4.4, "step": 10.0})
+    at = old_loss_at_new_loss(points, 4.4)  # between steps 20 and 30: 3/5 of the way
+    assert at == pytest.approx({"old": 4.6 + 0.6 * 0.2, "step": 26.0})
+    assert old_loss_at_new_loss(points, 4.1) is None  # never learned that much
+    assert old_loss_at_new_loss(points, 5.0) is None  # nothing learned: nothing to match
+    assert old_loss_at_new_loss(points, 5.3) is None

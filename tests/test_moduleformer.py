@@ -58,7 +58,7 @@ def test_smoe_with_one_expert_is_a_dense_mlp():
     moe = SparseMoE(16, num_experts=1, top_k=1, hidden_size=32, router_hidden=8)
     x = routed_inputs(16)
     y, route = moe(x)
-    assert torch.all(route.top_k_gates == 1.0)  # softmax over a single expert
+    assert torch.all(route.weights == 1.0)  # softmax over a single expert
     dense = F.gelu(x @ moe.w_in[0], approximate="tanh") @ moe.w_out[0]
     torch.testing.assert_close(y, dense, atol=1e-6, rtol=1e-5)
 
@@ -66,7 +66,7 @@ def test_smoe_with_one_expert_is_a_dense_mlp():
 def test_router_computes_in_at_least_fp32():
     moe = SparseMoE(16, num_experts=4, top_k=2, hidden_size=8, router_hidden=8).double()
     route = moe.router(routed_inputs(16).double().reshape(-1, 16))
-    assert route.logits.dtype == route.probs.dtype == route.top_k_gates.dtype == torch.float64
+    assert route.logits.dtype == route.probs.dtype == route.weights.dtype == torch.float64
     # The fp64 gates are the fp64 softmax itself, not an fp32 rounding of it.
     x = routed_inputs(16).double().reshape(-1, 16)
     exact = torch.softmax(moe.router.expert_embedding(F.relu(moe.router.input_proj(x))), -1)
@@ -80,7 +80,7 @@ def test_fp64_model_routes_in_fp64():
     out = model.transformer(tokens(2, 6), use_cache=False)
     for att_route, ffd_route in out.router_outputs:
         for route in (att_route, ffd_route):
-            assert route.probs.dtype == route.top_k_gates.dtype == torch.float64
+            assert route.probs.dtype == route.weights.dtype == torch.float64
     assert out.last_hidden_state.dtype == torch.float64
 
 
@@ -106,7 +106,7 @@ def test_moa_with_one_expert_is_stick_breaking_multihead_attention(att_hidden, n
     x = routed_inputs(n_embd)
     keys, values = moa.project_kv(x)
     y, route = moa(x, keys, values)
-    assert torch.all(route.top_k_gates == 1.0)
+    assert torch.all(route.weights == 1.0)
     if moa.kv_proj is None:  # D_att == D_emb and one head: W_k = W_v = identity
         w_k = w_v = torch.eye(n_embd)
     else:
@@ -125,8 +125,8 @@ def test_sparse_smoe_matches_dense_loop_over_experts():
     y, route = moe(x, token_mask)
     # Gates are the top-k softmax probabilities themselves, not renormalised.
     assert route.probs.dtype == torch.float32
-    torch.testing.assert_close(route.top_k_gates, route.probs.gather(1, route.top_k_indices))
-    assert torch.all(route.top_k_gates.sum(-1) < 1.0)
+    torch.testing.assert_close(route.weights, route.probs.gather(1, route.indices))
+    assert torch.all(route.weights.sum(-1) < 1.0)
 
     flat = x.reshape(-1, 16)
     every_expert = [F.gelu(flat @ moe.w_in[m], approximate="tanh") @ moe.w_out[m] for m in range(N)]
@@ -135,8 +135,8 @@ def test_sparse_smoe_matches_dense_loop_over_experts():
         if not token_mask[t]:
             continue
         for s in range(k):
-            m = int(route.top_k_indices[t, s])
-            reference[t] = reference[t] + route.top_k_gates[t, s] * every_expert[m][t]
+            m = int(route.indices[t, s])
+            reference[t] = reference[t] + route.weights[t, s] * every_expert[m][t]
     torch.testing.assert_close(y.reshape(-1, 16), reference, atol=1e-6, rtol=1e-5)
     assert torch.all(y.reshape(-1, 16)[~token_mask] == 0)
 
@@ -183,8 +183,8 @@ def test_sparse_moa_matches_dense_loop_over_experts():
         if not token_mask[t]:
             continue
         for s in range(k):
-            m = int(route.top_k_indices[t, s])
-            reference[t] += route.top_k_gates[t, s] * every_expert[m][t].float()
+            m = int(route.indices[t, s])
+            reference[t] += route.weights[t, s] * every_expert[m][t].float()
     torch.testing.assert_close(y.reshape(B * T, -1), reference, atol=1e-5, rtol=1e-5)
 
 
@@ -421,7 +421,7 @@ def test_aux_loss_and_metrics():
     torch.testing.assert_close(out.aux_loss, 0.5 * torch.stack(per_router).mean())
     assert out.aux_metrics["aux/mi"].requires_grad is False
     for layer in range(model.config.n_layer):
-        for kind, k in (("att", model.config.k_att), ("ffd", model.config.k_ffd)):
+        for kind, k in (("attn", model.config.k_att), ("ffn", model.config.k_ffd)):
             load = out.aux_metrics[f"load/{kind}/{layer}"]
             assert load.dim() == 1 and not load.requires_grad
             torch.testing.assert_close(load.sum(), torch.tensor(float(k)))

@@ -153,8 +153,8 @@ def reference_logits(model: MoMForCausalLM, ids: torch.Tensor) -> torch.Tensor:
             x = x + reference_attention(
                 entry.attn,
                 x,
-                sel.index.view(B, T, -1),
-                sel.weight.view(B, T, -1),
+                sel.indices.view(B, T, -1),
+                sel.weights.view(B, T, -1),
                 policy.num_attn_modules,
                 cfg.weighted_qkv,
                 cfg.mom_same,
@@ -164,7 +164,7 @@ def reference_logits(model: MoMForCausalLM, ids: torch.Tensor) -> torch.Tensor:
                 index, weight = moe_reference_selection(policy, h, u)
             else:
                 sel = policy.ffn(h, u, state)
-                index, weight = sel.index, sel.weight
+                index, weight = sel.indices, sel.weights
             x = x + reference_ffn(
                 entry.ffn,
                 x,
@@ -289,14 +289,14 @@ def test_learned_assembly_matches_explicit_loops(kwargs):
     ids = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():
         out = model(ids, return_routing=True)
-    skip_picks = [(r.attn_index == r.num_attn_modules) for r in out.routing]
+    skip_picks = [(~r.attn.picks_module()) for r in out.routing]
     if model.config.skip:  # the routers do pick SKIP, and other modules
         assert any(s.any() for s in skip_picks) and not all(s.all() for s in skip_picks)
     if model.config.attn_k == 1:  # some tokens skip a whole attention step
         assert any(s.all(-1).any() for s in skip_picks)
     for r in out.routing:  # each router picks its own K
-        assert r.attn_index.shape[-1] == model.config.attn_k
-        assert r.ffn_index.shape[-1] == model.config.ffn_k
+        assert r.attn.index.shape[-1] == model.config.attn_k
+        assert r.ffn.index.shape[-1] == model.config.ffn_k
     torch.testing.assert_close(out.logits, reference_logits(model, ids), atol=1e-4, rtol=1e-4)
 
 
@@ -309,8 +309,8 @@ def test_moe_policies_match_explicit_loops(policy):
         out = model(ids, return_routing=True)
     for r in out.routing:  # private experts of step h are h*E .. h*E + E-1
         lo = 0 if policy == "moe_share" else 3 * r.step
-        assert r.ffn_index.min() >= lo and r.ffn_index.max() < lo + 3
-        assert torch.all(r.attn_index == r.step)
+        assert r.ffn.indices.min() >= lo and r.ffn.indices.max() < lo + 3
+        assert torch.all(r.attn.indices == r.step)
     torch.testing.assert_close(out.logits, reference_logits(model, ids), atol=1e-4, rtol=1e-4)
 
 
@@ -379,10 +379,10 @@ def test_per_token_skip_criteria_match_explicit_loops(policy):
     ids = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():
         out = model(ids, return_routing=True)
-    skipped = torch.stack([r.attn_index[..., 0] == r.num_attn_modules for r in out.routing])
+    skipped = torch.stack([r.attn.indices[..., 0] == r.attn.num_choices for r in out.routing])
     assert skipped.any() and not skipped.all()
     assert torch.equal(
-        skipped, torch.stack([r.ffn_index[..., 0] == r.num_ffn_modules for r in out.routing])
+        skipped, torch.stack([r.ffn.indices[..., 0] == r.ffn.num_choices for r in out.routing])
     )
     if policy == "early_exit":  # once skipped, skipped for the rest
         assert torch.equal(skipped, skipped.cummax(0).values)
@@ -408,11 +408,11 @@ def test_routing_trace_format():
         (0, 0, 1), (0, 1, 2), (0, 2, 3), (1, 0, 5), (1, 1, 6), (1, 2, 7),
     ]  # fmt: skip
     for r in out.routing:
-        assert r.attn_index.shape == r.ffn_weight.shape == (2, 5, 2)
-        assert r.num_attn_modules == r.num_ffn_modules == 2
-        assert r.attn_index.max() <= 2  # 2 = SKIP
-        torch.testing.assert_close(r.attn_weight.sum(-1), torch.ones(2, 5))
-        assert not r.attn_weight.requires_grad
+        assert r.attn.indices.shape == r.ffn.weights.shape == (2, 5, 2)
+        assert r.attn.num_choices == r.ffn.num_choices == 2
+        assert r.attn.indices.max() <= 2 and r.attn.skip_index == 2
+        torch.testing.assert_close(r.attn.weights.sum(-1), torch.ones(2, 5))
+        assert not r.attn.weights.requires_grad
 
 
 def test_balance_loss_and_module_loads():
@@ -441,7 +441,7 @@ def test_module_loads_exclude_padding():
     out = model(ids, attention_mask=mask, labels=ids, return_routing=True)
     real = mask.bool()
     expected = torch.stack(
-        [F.one_hot(r.attn_index[real][:, 0], 3).float().mean(0) for r in out.routing]
+        [F.one_hot(r.attn.indices[real][:, 0], 3).float().mean(0) for r in out.routing]
     ).mean(0)
     torch.testing.assert_close(out.aux_metrics["mom/chunk0/attn_load"], expected)
 
@@ -491,7 +491,7 @@ def test_cached_and_uncached_greedy_decoding_agree(kwargs):
     if model.config.attention_may_skip_all:  # the cache really held masked keys
         with torch.no_grad():
             trace = model(cached.sequences, return_routing=True).routing
-        all_skip = torch.stack([(r.attn_index == r.num_attn_modules).all(-1) for r in trace])
+        all_skip = torch.stack([(~r.attn.picks_module()).all(-1) for r in trace])
         assert all_skip[..., :6].any() and all_skip[..., 6:].any() and not all_skip.all()
 
 
@@ -555,4 +555,4 @@ def test_fp64_model_routes_in_fp64():
         out = model(ids, return_routing=True)
     assert out.logits.dtype == torch.float64
     for step in out.routing:
-        assert step.attn_weight.dtype == step.ffn_weight.dtype == torch.float64
+        assert step.attn.weights.dtype == step.ffn.weights.dtype == torch.float64

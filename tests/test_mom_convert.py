@@ -144,8 +144,8 @@ def test_learned_routers_train_and_gradients_reach_every_picked_module():
     out = mom(ids, labels=ids, return_routing=True)
     out.loss.backward()
     chunk = mom.transformer.chunks[0]
-    picked_attn = torch.cat([r.attn_index.flatten() for r in out.routing])
-    picked_ffn = torch.cat([r.ffn_index.flatten() for r in out.routing])
+    picked_attn = torch.cat([r.attn.indices.flatten() for r in out.routing])
+    picked_ffn = torch.cat([r.ffn.indices.flatten() for r in out.routing])
     for m in range(2):  # a module has gradient exactly when some token picked it
         assert (chunk.attn.qkv_weight.grad[m].abs().sum() > 0) == (picked_attn == m).any()
         assert (chunk.ffn.fc_weight.grad[m].abs().sum() > 0) == (picked_ffn == m).any()
@@ -203,7 +203,7 @@ def test_reduced_pools_take_layers_spread_in_depth_order():
     ids = torch.randint(0, VOCAB, (2, 12))
     out = mom(ids, labels=ids, return_routing=True)
     assert torch.isfinite(out.loss)
-    assert all(s.attn_index.shape[-1] == 2 and s.ffn_index.shape[-1] == 1 for s in out.routing)
+    assert all(s.attn.index.shape[-1] == 2 and s.ffn.index.shape[-1] == 1 for s in out.routing)
 
 
 def test_reduced_pools_larger_than_a_chunk_are_a_clear_error():

@@ -484,7 +484,7 @@ def test_official_options_match_the_plain_reimplementation(tmp_path, overrides):
         padded[real], official_logits(hf, state64, ids, mask)[real].float(), atol=1e-4, rtol=1e-4
     )
     if hf["routing_top_k"] == 1:  # some tokens really did skip a whole attention step
-        assert any((r.attn_index == r.num_attn_modules).all(-1).any() for r in out.routing)
+        assert any((~r.attn.picks_module()).all(-1).any() for r in out.routing)
     if hf["num_attn"] != hf["num_ffn"]:
         chunk = model.transformer.chunks[0]
         assert (chunk.attn.num_modules, chunk.ffn.num_modules) == (hf["num_attn"], hf["num_ffn"])
@@ -492,7 +492,7 @@ def test_official_options_match_the_plain_reimplementation(tmp_path, overrides):
     if "softmax" not in hf["router_type"]:
         # raw logits as weights: unnormalised (and negative in places for these weights)
         weights = torch.cat(
-            [torch.cat([r.attn_weight, r.ffn_weight]).flatten() for r in out.routing]
+            [torch.cat([r.attn.weights, r.ffn.weights]).flatten() for r in out.routing]
         )
         assert not torch.allclose(weights, torch.ones(()).expand_as(weights))
 
@@ -568,7 +568,7 @@ def zero_key_reference(model: MoMForCausalLM, ids: torch.Tensor) -> torch.Tensor
         pool, state = entry.attn, entry.policy.begin({})
         for h in range(cfg.H):
             sel = entry.policy.attention(h, x.reshape(B * T, -1), state)
-            pick, weight = sel.index.view(B, T), sel.weight.view(B, T)
+            pick, weight = sel.indices.view(B, T), sel.weights.view(B, T)
             qkv = torch.zeros(B, T, 3 * cfg.n_embd)
             for b in range(B):
                 for t in range(T):
@@ -593,7 +593,7 @@ def zero_key_reference(model: MoMForCausalLM, ids: torch.Tensor) -> torch.Tensor
             sel = entry.policy.ffn(h, u, state)
             x = x + entry.ffn(
                 x,
-                entry._pairs(sel, entry.policy.num_ffn_modules, entry.ffn),
+                entry._pairs(sel, entry.ffn),
                 entry.ffn.fc_projection(),
             )
     return model.lm_head(tr.ln_f(x))
@@ -606,7 +606,7 @@ def test_zero_key_all_skip_tokens_match_a_plain_reference():
     ids = torch.randint(0, 41, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(ids, return_routing=True)
-    all_skip = torch.stack([(r.attn_index == r.num_attn_modules).all(-1) for r in out.routing])
+    all_skip = torch.stack([(~r.attn.picks_module()).all(-1) for r in out.routing])
     assert all_skip.any() and not all_skip.all()
     torch.testing.assert_close(out.logits, zero_key_reference(model, ids), atol=1e-4, rtol=1e-4)
     dropped = small_mom(K=1, H=3, skip=True)  # same weights, the default "drop"
@@ -665,7 +665,7 @@ def test_zero_keys_count_in_attention_costs():
     kept = inference_flops(zero_key, ids).components["attention_scores"]
     with torch.no_grad():
         (step,) = zero_key(ids, return_routing=True).routing
-    query = (step.attn_index < step.num_attn_modules).any(-1)
+    query = step.attn.picks_module().any(-1)
     assert query.any() and not query.all()
     extra_keys = ((~query).long().cumsum(1) * query).sum()  # earlier all-SKIP keys per query
     assert kept - dropped == int(extra_keys) * 4 * 16  # 2 * 2 FLOPs per key and width
@@ -682,9 +682,9 @@ def test_chunk_wide_routers():
     with torch.no_grad():
         trace = model(ids, return_routing=True).routing
     for step in trace:
-        assert step.attn_index.max() <= 2 and step.ffn_index.max() <= 3  # 2 / 3 = SKIP
-        torch.testing.assert_close(step.attn_weight.sum(-1), torch.ones(2, 12))
-    assert any((s.attn_index == 2).all(-1).any() for s in trace)
+        assert step.attn.indices.max() <= 2 and step.ffn.indices.max() <= 3  # 2 / 3 = SKIP
+        torch.testing.assert_close(step.attn.weights.sum(-1), torch.ones(2, 12))
+    assert any((s.attn.indices == 2).all(-1).any() for s in trace)
     with pytest.raises(Exception, match="pruning needs router_width='pool'"):
         prune_model(model, {"chunk0/attn": torch.ones(2), "chunk0/ffn": torch.ones(3)}, 0.5)
 

@@ -135,10 +135,10 @@ def test_linear_router_renormalises_the_top_k_logits():
     route = router(x)
     logits = x @ router.expert_embedding.weight.T
     kept, idx = logits.topk(2, dim=-1)
-    assert torch.equal(route.top_k_indices, idx)
-    torch.testing.assert_close(route.top_k_gates, torch.softmax(kept, -1))
+    assert torch.equal(route.indices, idx)
+    torch.testing.assert_close(route.weights, torch.softmax(kept, -1))
     torch.testing.assert_close(route.probs, torch.softmax(logits, -1))
-    torch.testing.assert_close(route.top_k_gates.sum(-1), torch.ones(7))
+    torch.testing.assert_close(route.weights.sum(-1), torch.ones(7))
 
 
 def test_swiglu_experts_match_a_dense_loop():
@@ -155,7 +155,7 @@ def test_swiglu_experts_match_a_dense_loop():
     flat = x.reshape(-1, n_embd)
     expected = moe.output_bias.expand(flat.shape[0], -1).clone()
     for t in range(flat.shape[0]):
-        for gate, e in zip(route.top_k_gates[t], route.top_k_indices[t]):
+        for gate, e in zip(route.weights[t], route.indices[t]):
             h = flat[t] @ moe.w_in[e]
             expert = (torch.nn.functional.silu(h[:hidden]) * h[hidden:]) @ moe.w_out[e]
             expected[t] += gate * expert

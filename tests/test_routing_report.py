@@ -86,27 +86,27 @@ def test_moduleformer_report_through_the_cli(two_domain_data, tmp_path, capsys):
         [str(model_dir), str(two_domain_data), "--out-dir", str(out_dir), "--block-size", "16"]
     )
     report = run_routing_report(args)
-    assert "mean symmetric KL between domains (ffd)" in capsys.readouterr().out
+    assert "mean symmetric KL between domains (ffn)" in capsys.readouterr().out
     assert "transitions" not in report  # ModuleFormer has no steps
-    for name in ("usage_heatmap.png", "domain_experts_ffd.png", "domain_kl_ffd.png"):
+    for name in ("usage_heatmap.png", "domain_experts_ffn.png", "domain_kl_ffn.png"):
         assert_png(out_dir / name)
     assert (out_dir / "usage.json").is_file()
     saved = json.loads((out_dir / "report.json").read_text())
     per_key = saved["kl"]["per_key"]
-    assert set(per_key) == {"layer0/att", "layer0/ffd", "layer1/att", "layer1/ffd"}
+    assert set(per_key) == {"layer0/attn", "layer0/ffn", "layer1/attn", "layer1/ffn"}
     for table in per_key.values():
         table = np.array(table)
         assert np.array_equal(np.diag(table), np.zeros(2)) and np.allclose(table, table.T)
-    mean = np.array(saved["kl"]["mean"]["ffd"])
+    mean = np.array(saved["kl"]["mean"]["ffn"])
     assert np.allclose(
-        mean, (np.array(per_key["layer0/ffd"]) + np.array(per_key["layer1/ffd"])) / 2
+        mean, (np.array(per_key["layer0/ffn"]) + np.array(per_key["layer1/ffn"])) / 2
     )
     # The per-layer value is the smoothed symmetric KL of the two domains' counts.
     stats = UsageStats.load(out_dir / "usage.json")
-    p = smoothed_distribution(stats.per_domain["code"].counts["layer1/ffd"].numpy())
-    q = smoothed_distribution(stats.per_domain["prose"].counts["layer1/ffd"].numpy())
+    p = smoothed_distribution(stats.per_domain["code"].counts["layer1/ffn"].numpy())
+    q = smoothed_distribution(stats.per_domain["prose"].counts["layer1/ffn"].numpy())
     expected = 0.5 * float(np.sum(p * np.log(p / q)) + np.sum(q * np.log(q / p)))
-    assert math.isclose(per_key["layer1/ffd"][0][1], expected, rel_tol=1e-9)
+    assert math.isclose(per_key["layer1/ffn"][0][1], expected, rel_tol=1e-9)
 
 
 def test_kl_table_values():
@@ -149,6 +149,6 @@ def test_single_step_mom_has_no_transition_figure(tmp_path):
 
 
 def test_bad_norm_is_a_clear_error():
-    stats = UsageStats("moduleformer", {"layer0/ffd": torch.tensor([1, 2])}, tokens=1)
+    stats = UsageStats("moduleformer", {"layer0/ffn": torch.tensor([1, 2])}, tokens=1)
     with pytest.raises(UsageError, match="norm must be"):
         build_report(stats, norm="l2")

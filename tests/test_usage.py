@@ -91,7 +91,7 @@ def test_moduleformer_counts_match_router_outputs_without_padding():
     stats = collect_usage(model, batches, attention_mask_fn=padding_mask)
 
     assert stats.arch == "moduleformer"
-    assert set(stats.counts) == {"layer0/att", "layer0/ffd", "layer1/att", "layer1/ffd"}
+    assert set(stats.counts) == {"layer0/attn", "layer0/ffn", "layer1/attn", "layer1/ffn"}
     expected = {key: torch.zeros(c.shape, dtype=torch.int64) for key, c in stats.counts.items()}
     tokens = 0
     with torch.no_grad():
@@ -104,10 +104,10 @@ def test_moduleformer_counts_match_router_outputs_without_padding():
                 for t in range(real.numel()):  # a plain loop: the reference count
                     if not real[t]:
                         continue
-                    for e in att.top_k_indices[t].tolist():
-                        expected[f"layer{layer}/att"][e] += 1
-                    for e in ffd.top_k_indices[t].tolist():
-                        expected[f"layer{layer}/ffd"][e] += 1
+                    for e in att.indices[t].tolist():
+                        expected[f"layer{layer}/attn"][e] += 1
+                    for e in ffd.indices[t].tolist():
+                        expected[f"layer{layer}/ffn"][e] += 1
     assert stats.tokens == tokens == 3 * 2 * 12 - 3 * 3
     for key, counts in stats.counts.items():
         assert counts.dtype == torch.int64
@@ -137,7 +137,7 @@ def test_mom_counts_skip_last_and_transitions_match_routing():
             mask = padding_mask(x)
             out = model(input_ids=x, attention_mask=mask, use_cache=False, return_routing=True)
             steps = {
-                (r.step, kind): getattr(r, f"{kind}_index")
+                (r.step, kind): getattr(r, kind).indices
                 for r in out.routing
                 for kind in ("attn", "ffn")
             }

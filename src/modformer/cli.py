@@ -161,13 +161,24 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "prune",
-        "modformer.surgery.prune",
+        "modformer.commands.prune",
         "modformer.cli_args:add_prune_arguments",
         "run_prune",
         "remove rarely used experts / modules (ModuleFormer, MoM) and their router rows",
         "Count each expert's (or MoM module's) activation frequency on a data set, "
         "normalise within its layer (max or sum) and remove those below --threshold, with their "
         "router rows. Writes a smaller, loadable model and prints parameters before and after.",
+    ),
+    (
+        "prune-workflow",
+        "modformer.commands.prune",
+        "modformer.cli_args:add_prune_workflow_arguments",
+        "run_prune_workflow",
+        "fine-tune then prune, or prune then fine-tune, on chosen domains (ModuleFormer)",
+        "The two orders of ModuleFormer sec. 5.3 on --domains of a prepared data set: "
+        "finetune-then-prune fine-tunes once with the load-concentration loss and prunes at "
+        "every --thresholds value; prune-then-finetune prunes the pretrained model by its usage "
+        "there at each threshold and fine-tunes each result. Writes the models and summary.json.",
     ),
     (
         "extend",
@@ -181,13 +192,14 @@ MOUNTED: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "forgetting",
-        "modformer.surgery.forgetting",
+        "modformer.commands.forgetting",
         "modformer.cli_args:add_forgetting_arguments",
         "run_forgetting",
         "the continual-learning experiment (ModuleFormer Tables 5-6 at CPU scale)",
         "Pretrain without one domain, then learn it by full fine-tuning, by expert "
         "insertion at several routing-regulariser weights, and with a dense model; report old- "
-        "and new-domain validation loss before and after.",
+        "and new-domain validation loss before and after, and full fine-tuning's old-domain "
+        "loss where its trajectory reaches each insertion run's new-domain loss.",
     ),
     (
         "reproduce",
@@ -243,6 +255,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _mounted("routing-report"),
     _mounted("sweep"),
     _mounted("prune"),
+    _mounted("prune-workflow"),
     _mounted("extend"),
     _mounted("forgetting"),
     _mounted("demo"),
@@ -266,6 +279,7 @@ OUTPUT_ARGUMENTS: dict[str, list[tuple[str, bool]]] = {
     "routing-report": [("out_dir", True)],
     "sweep": [("out_dir", True)],
     "prune": [("out", True), ("report", False)],
+    "prune-workflow": [("out", True)],
     "extend": [("out", True)],
     "forgetting": [("out_dir", True)],
     "demo": [("work_dir", True)],
@@ -282,6 +296,7 @@ GUARDED_OUTPUTS: dict[str, list[str]] = {
     "cost": ["json"],
     "usage": ["out"],
     "prune": ["out", "report"],
+    "prune-workflow": ["out"],
     "extend": ["out"],
     "export": ["dst"],
     "plot-curves": ["out"],
@@ -301,7 +316,9 @@ def add_overwrite_option(name: str, parser: argparse.ArgumentParser) -> None:
 
 
 def _flag(command: str, dest: str) -> str:
-    positional = dest in ("dst", "output_dir") or (dest == "out" and command in ("prune", "extend"))
+    positional = dest in ("dst", "output_dir") or (
+        dest == "out" and command in ("prune", "prune-workflow", "extend")
+    )
     return dest.upper() if positional else "--" + dest.replace("_", "-")
 
 

@@ -285,6 +285,74 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", help="also write the report JSON here")
 
 
+def _name_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def add_prune_workflow_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="pretrained ModuleFormer model directory or training out_dir")
+    parser.add_argument("out", help="directory for the fine-tuned and pruned models")
+    parser.add_argument(
+        "--data", required=True, help="prepared data directory to fine-tune and count usage on"
+    )
+    parser.add_argument(
+        "--workflow",
+        required=True,
+        choices=["finetune-then-prune", "prune-then-finetune"],
+        help="finetune-then-prune: fine-tune once (with --load-concentration-weight), then "
+        "prune at every threshold; prune-then-finetune: prune the pretrained model at each "
+        "threshold, then fine-tune each pruned model",
+    )
+    parser.add_argument(
+        "--thresholds",
+        type=_float_list,
+        required=True,
+        help="comma-separated thresholds on the normalised activation frequency, e.g. 0.1,0.3",
+    )
+    parser.add_argument(
+        "--domains",
+        type=_name_list,
+        help="comma-separated domains of --data to fine-tune and count usage on, e.g. python "
+        "(default: the whole data)",
+    )
+    parser.add_argument(
+        "--load-concentration-weight",
+        type=float,
+        help="weight of the load-concentration loss (eq. 8) while fine-tuning in "
+        "finetune-then-prune (default: 0.001, the paper's; 0 fine-tunes without it); "
+        "not used by prune-then-finetune",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="a `modformer train` setting of the fine-tuning, e.g. --set max_steps=200 "
+        "(repeatable)",
+    )
+    parser.add_argument(
+        "--norm",
+        choices=list(NORMS),
+        default="max",
+        help="normalise each layer's frequencies by their max (default, as the paper) or sum",
+    )
+    parser.add_argument(
+        "--split",
+        default="val",
+        choices=["train", "val"],
+        help="split of --data to count usage on (default: val, as the paper)",
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=128, help="tokens per window when counting (128)"
+    )
+    parser.add_argument(
+        "--max-batches", type=int, help="batches per domain to count usage on (default: all)"
+    )
+
+
 def add_extend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="ModuleFormer model directory or training out_dir")
     parser.add_argument("out", help="directory for the extended model")
@@ -357,7 +425,17 @@ def add_forgetting_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=64, help="tokens per sequence (64)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (2e-3)")
     parser.add_argument(
-        "--eval-batches", type=int, default=4, help="val batches of 8 per domain (default: 4)"
+        "--eval-batches",
+        type=int,
+        default=4,
+        help="val batches of 8 windows per domain (default: 4; 0: the whole validation split)",
+    )
+    parser.add_argument(
+        "--trajectory-interval",
+        type=int,
+        default=15,
+        help="evaluate full fine-tuning every N steps, to compare insertion with it at equal "
+        "new-domain loss (default: 15; 0: only at the end)",
     )
     parser.add_argument(
         "--max-bytes-per-domain",

@@ -34,28 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from modformer.analysis.usage import (
-    ARCH_MODULEFORMER,
-    UsageError,
-    UsageStats,
-)
+from modformer.analysis.usage import UsageError, UsageStats
 from modformer.defaults import DEFAULT_KL_EPSILON, NORMS
+from modformer.models.routed import POOL_KINDS
 
 # ---- numbers -----------------------------------------------------------------------------
-
-
-def kinds_of(stats: UsageStats) -> tuple[str, str]:
-    """The two decision types: (attention, FFN) key suffixes of this architecture."""
-    return ("att", "ffd") if stats.arch == ARCH_MODULEFORMER else ("attn", "ffn")
-
-
-def choice_labels(stats: UsageStats, size: int) -> list[str]:
-    """Column names: E0.. (ModuleFormer experts) or M0.. plus SKIP last (MoM)."""
-    prefix = "E" if stats.arch == ARCH_MODULEFORMER else "M"
-    labels = [f"{prefix}{i}" for i in range(size)]
-    if stats.skip and size:
-        labels[-1] = "SKIP"
-    return labels
 
 
 def usage_rows(stats: UsageStats, kind: str, norm: str = "max") -> tuple[list[str], np.ndarray]:
@@ -134,7 +117,7 @@ def build_report(
             counts = t.numpy()
             pooled = counts.sum(axis=0)
             report["transitions"][key] = {
-                "labels": choice_labels(stats, pooled.shape[0]),
+                "labels": stats.column_labels(pooled.shape[0]),
                 "counts": counts.tolist(),  # (H-1, C, C): [h, i, j] = i at step h, j at h+1
                 "probabilities": _nan_to_none(transition_probabilities(pooled)),
             }
@@ -154,7 +137,7 @@ def build_report(
             for key in stats.counts
         }
         mean = {}
-        for kind in kinds_of(stats):
+        for kind in POOL_KINDS:
             tables = [t for key, t in per_key.items() if key.rsplit("/", 1)[1] == kind]
             if tables:
                 mean[kind] = np.mean(tables, axis=0).tolist()
@@ -227,16 +210,16 @@ def _heatmap(
 
 
 def plot_usage_heatmap(stats: UsageStats, path: Path, norm: str = "max") -> Path:
-    kinds = kinds_of(stats)
+    kinds = POOL_KINDS
     rows = [usage_rows(stats, kind, norm) for kind in kinds]
     height = max(2.5, 0.35 * max(len(labels) for labels, _ in rows) + 1.5)
     width = max(6.0, 0.5 * sum(m.shape[1] for _, m in rows) + 4)
     figure = new_figure(width, height)
     panels = figure.subplots(1, 2)
-    what = "expert" if stats.arch == ARCH_MODULEFORMER else "module"
+    what = stats.choice_name
     for axes, kind, (labels, matrix) in zip(panels, kinds, rows):
         image = _heatmap(
-            axes, matrix, labels, choice_labels(stats, matrix.shape[1]), f"{kind} {what} usage"
+            axes, matrix, labels, stats.column_labels(matrix.shape[1]), f"{kind} {what} usage"
         )
         figure.colorbar(image, ax=axes, shrink=0.8, label=f"frequency / {norm}")
     figure.suptitle(f"{stats.arch}: {what} usage over {stats.tokens:,} tokens")
@@ -249,13 +232,13 @@ def plot_transitions(stats: UsageStats, path: Path) -> Path | None:
     if not stats.transitions or all(t.shape[0] == 0 for t in stats.transitions.values()):
         return None
     chunks = sorted({key.split("/")[0] for key in stats.transitions}, key=lambda c: int(c[5:]))
-    kinds = kinds_of(stats)
+    kinds = POOL_KINDS
     figure = new_figure(10, 4.2 * len(chunks))
     panels = np.atleast_2d(figure.subplots(len(chunks), 2, squeeze=False))
     for row, chunk in enumerate(chunks):
         for col, kind in enumerate(kinds):
             counts = stats.transitions[f"{chunk}/{kind}"].numpy().sum(axis=0)
-            labels = choice_labels(stats, counts.shape[0])
+            labels = stats.column_labels(counts.shape[0])
             image = _heatmap(
                 panels[row, col],
                 transition_probabilities(counts),
@@ -286,14 +269,14 @@ def plot_domain_distributions(stats: UsageStats, report: dict, kind: str, path: 
             axes,
             matrix,
             domains,
-            choice_labels(stats, matrix.shape[1]),
+            stats.column_labels(matrix.shape[1]),
             key.rsplit("/", 1)[0],
             annotate=matrix.size <= 64,
         )
     for index in range(len(keys), rows * columns):
         panels[index // columns, index % columns].set_visible(False)
     figure.colorbar(image, ax=panels.ravel().tolist(), shrink=0.8, label="share of picks")
-    figure.suptitle(f"{kind}: expert distribution per domain")
+    figure.suptitle(f"{kind}: {stats.choice_name} distribution per domain")
     return save_figure(figure, path)
 
 
@@ -333,7 +316,7 @@ def write_routing_report(
     if transitions is not None:
         figures.append(transitions)
     if "domains" in report:
-        for kind in kinds_of(stats):
+        for kind in POOL_KINDS:
             figures.append(
                 plot_domain_distributions(
                     stats, report, kind, out_dir / f"domain_experts_{kind}.png"

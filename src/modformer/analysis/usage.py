@@ -6,17 +6,21 @@ each layer by the max (default) or the sum) and the module loads / routing paths
 (paper Figure 6). Pruning (`modformer.surgery`) and the routing reports
 (`routing_report.py`) both start from a `UsageStats`.
 
-Keys of ``UsageStats.counts`` (each a (num_choices,) int64 tensor):
+Counting loops over the model's routed pools (`modformer.models.routed`), the same code
+for every family. Keys of ``UsageStats.counts`` (each a (num_choices,) int64 tensor) are
+the decisions' keys:
 
-- ModuleFormer: ``layer{l}/att`` (attention experts) and ``layer{l}/ffd`` (FFN experts).
+- ModuleFormer: ``layer{l}/attn`` (attention experts) and ``layer{l}/ffn`` (FFN experts);
+  files written by older versions say ``att`` / ``ffd`` and are read under today's names.
 - MoM: ``chunk{c}/step{h}/attn`` and ``chunk{c}/step{h}/ffn``; ``num_choices`` is the
   pool size, plus one when the chunk can SKIP (the learned policy with SKIP, or the
   layer-skip / early-exit policies), and then SKIP is the last entry. Fixed ``1`` blocks
   are not listed: every token runs their one attention and one FFN.
 
-MoM ``transitions``: ``chunk{c}/attn`` / ``chunk{c}/ffn`` -> (H-1, C, C) int64, entry
-``[h, i, j]`` = how many times a token picked choice i at step h and choice j at step h+1,
-counted over all K x K pairs of its picks (so one token adds K^2 per step pair).
+``transitions`` (pools decided again at every step, MoM): ``chunk{c}/attn`` /
+``chunk{c}/ffn`` -> (H-1, C, C) int64, entry ``[h, i, j]`` = how many times a token picked
+choice i at step h and choice j at step h+1, counted over all K x K pairs of its picks
+(so one token adds K^2 per step pair).
 
 Counting stays on the model's device (``scatter_add_`` on int64, no host syncs per
 batch); the tensors are moved to the CPU once at the end.
@@ -36,9 +40,11 @@ import torch
 from torch import nn
 
 from modformer.defaults import NORMS
+from modformer.models.routed import POOL_KINDS, RoutedModel, canonical_pool_key, choice_labels
+from modformer.nn.routing import RoutingDecision
 
-ARCH_MODULEFORMER = "moduleformer"
-ARCH_MOM = "mom"
+# How older usage files (without label fields) name the choices of each family.
+_LEGACY_LABELS = {"moduleformer": ("E", "expert"), "mom": ("M", "module")}
 
 
 class UsageError(ValueError):
@@ -63,15 +69,21 @@ def normalize(counts: torch.Tensor, norm: str = "max") -> torch.Tensor:
     return counts / scale
 
 
+def _canonical_keys(table: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if table is None else {canonical_pool_key(k): v for k, v in table.items()}
+
+
 @dataclass
 class UsageStats:
     """Selection counts of every routed decision of a model on some data.
 
-    ``arch``: "moduleformer" or "mom". ``counts``: key -> (num_choices,) int64 (see the
-    module docstring for the keys). ``tokens``: real (non-padding) tokens seen.
-    ``per_domain``: the same statistics for each domain of the data (None when not split).
-    ``transitions``: MoM only, key -> (H-1, C, C) int64 step-to-step pick pairs.
-    ``skip``: MoM only, whether the last entry of each count is SKIP.
+    ``arch``: the model's routing family ("moduleformer", "mom"). ``counts``: key ->
+    (num_choices,) int64 (see the module docstring for the keys). ``tokens``: real
+    (non-padding) tokens seen. ``per_domain``: the same statistics for each domain of the
+    data (None when not split). ``transitions``: key -> (H-1, C, C) int64 step-to-step
+    pick pairs (None when no pool is decided at several steps). ``skip``: whether the
+    last entry of each count is SKIP. ``label_prefix`` / ``choice_name``: how the choices
+    are shown ("E" / "expert", "M" / "module").
     """
 
     arch: str
@@ -80,12 +92,21 @@ class UsageStats:
     per_domain: dict[str, UsageStats] | None = None
     transitions: dict[str, torch.Tensor] | None = None
     skip: bool = False
+    label_prefix: str = ""
+    choice_name: str = ""
 
     def __post_init__(self) -> None:
-        if self.arch not in (ARCH_MODULEFORMER, ARCH_MOM):
-            raise UsageError(
-                f"arch must be {ARCH_MODULEFORMER!r} or {ARCH_MOM!r}, got {self.arch!r}"
-            )
+        if not isinstance(self.arch, str) or not self.arch:
+            raise UsageError(f"arch must name the model family, got {self.arch!r}")
+        self.counts = _canonical_keys(self.counts)
+        self.transitions = _canonical_keys(self.transitions)
+        legacy = _LEGACY_LABELS.get(self.arch, ("C", "choice"))
+        self.label_prefix = self.label_prefix or legacy[0]
+        self.choice_name = self.choice_name or legacy[1]
+
+    def column_labels(self, num_columns: int) -> list[str]:
+        """Names of the columns of a count: E0.. / M0.., SKIP last when it is a choice."""
+        return choice_labels(self.label_prefix, num_columns, self.skip)
 
     def frequencies(self, norm: str = "max") -> dict[str, torch.Tensor]:
         """Per key, counts normalised within the key by their max (default) or sum."""
@@ -93,19 +114,17 @@ class UsageStats:
         return {key: normalize(c, norm) for key, c in self.counts.items()}
 
     def module_counts(self) -> dict[str, torch.Tensor]:
-        """Counts per module pool, without SKIP.
+        """Counts per pool (`RoutedPool.name`), without SKIP.
 
-        MoM: ``chunk{c}/attn`` / ``chunk{c}/ffn``, summed over the chunk's steps (a module
-        of a chunk is the same parameters at every step, so this is what deciding whether
-        to prune it needs). ModuleFormer: the per-layer counts as they are.
+        A pool decided at several steps (MoM: ``chunk{c}/step{h}/attn``) is summed over its
+        steps into ``chunk{c}/attn`` (a module of a chunk is the same parameters at every
+        step, so this is what deciding whether to prune it needs); a pool decided once
+        (ModuleFormer: ``layer{l}/attn``) keeps its counts.
         """
-        if self.arch == ARCH_MODULEFORMER:
-            return dict(self.counts)
         pooled: dict[str, torch.Tensor] = {}
         for key, c in self.counts.items():
-            chunk, _, kind = key.split("/")
+            name = "/".join(part for part in key.split("/") if not part.startswith("step"))
             modules = c[:-1] if self.skip else c
-            name = f"{chunk}/{kind}"
             pooled[name] = pooled[name] + modules if name in pooled else modules.clone()
         return pooled
 
@@ -121,6 +140,8 @@ class UsageStats:
             "arch": self.arch,
             "tokens": self.tokens,
             "skip": self.skip,
+            "label_prefix": self.label_prefix,
+            "choice_name": self.choice_name,
             "counts": {key: c.tolist() for key, c in self.counts.items()},
             "frequencies": {key: f.tolist() for key, f in self.frequencies().items()},
         }
@@ -150,6 +171,8 @@ class UsageStats:
                     else {k: torch.tensor(v, dtype=torch.int64) for k, v in transitions.items()}
                 ),
                 skip=bool(d.get("skip", False)),
+                label_prefix=str(d.get("label_prefix", "")),
+                choice_name=str(d.get("choice_name", "")),
             )
         except (KeyError, TypeError, AttributeError) as error:
             raise UsageError(
@@ -195,53 +218,37 @@ def merge_usage(parts: Iterable[UsageStats]) -> UsageStats:
         tokens=sum(p.tokens for p in parts),
         transitions=transitions,
         skip=first.skip,
+        label_prefix=first.label_prefix,
+        choice_name=first.choice_name,
     )
 
 
 # ---- collection ------------------------------------------------------------------------
 
 
-def model_arch(model: nn.Module) -> str:
-    """ "moduleformer" or "mom"; a clear error for models without routing."""
-    from modformer.models.moduleformer import ModuleFormerModel
-    from modformer.models.mom import MoMModel
-
-    base = getattr(model, "base_model", model)
-    if isinstance(base, ModuleFormerModel):
-        return ARCH_MODULEFORMER
-    if isinstance(base, MoMModel):
-        return ARCH_MOM
+def routed_model(model: nn.Module) -> RoutedModel:
+    """`model` itself when it is a routed model; a clear error for models without routing."""
+    if isinstance(model, RoutedModel):
+        return model
     raise UsageError(
         f"{type(model).__name__} has no routers, so there is no module usage to count; "
-        "usage statistics need a ModuleFormer or MoM model (arch 'moduleformer' or 'mom')"
+        "usage statistics need a routed causal LM (ModuleFormer or MoM)"
     )
-
-
-def mom_has_skip(config: Any) -> bool:
-    """Whether a MoM chunk's choices include SKIP (the pool size as the last index)."""
-    if config.policy == "learned":
-        return bool(config.skip)
-    return config.policy in ("layer_skip", "early_exit")
 
 
 class _Counter:
     """Device-side accumulators for one `collect_usage` call."""
 
-    def __init__(self, arch: str, device: torch.device):
-        self.arch = arch
+    def __init__(self, device: torch.device):
         self.device = device
         self.counts: dict[str, torch.Tensor] = {}
         self.transitions: dict[str, torch.Tensor] = {}
         self.tokens = torch.zeros((), dtype=torch.int64, device=device)
 
-    def add_picks(self, key: str, picks: torch.Tensor, num_choices: int, weight: torch.Tensor):
-        """picks: (n, k) choice indices; weight: (n,) int64, 1 for real tokens."""
-        if key not in self.counts:
-            self.counts[key] = torch.zeros(num_choices, dtype=torch.int64, device=self.device)
-        k = picks.shape[-1]
-        self.counts[key].scatter_add_(
-            0, picks.reshape(-1), weight[:, None].expand(-1, k).reshape(-1)
-        )
+    def add_picks(self, key: str, decision: RoutingDecision, weight: torch.Tensor) -> None:
+        """weight: (n,) int64, 1 for real tokens."""
+        counts = decision.counts(weight)
+        self.counts[key] = self.counts[key] + counts if key in self.counts else counts
 
     def add_transition(
         self,
@@ -249,78 +256,59 @@ class _Counter:
         pair_index: int,
         before: torch.Tensor,
         after: torch.Tensor,
-        num_choices: int,
+        num_columns: int,
         weight: torch.Tensor,
     ) -> None:
         """Every (pick at step h, pick at step h+1) pair of each real token: the pair
         (i, j) is flattened to i * C + j and counted with one scatter_add_."""
-        pairs = before[:, :, None] * num_choices + after[:, None, :]  # (n, k, k)
+        pairs = before[:, :, None] * num_columns + after[:, None, :]  # (n, k, k)
         per_pair = weight[:, None, None].expand_as(pairs)
         table = self.transitions[key][pair_index].view(-1)  # a view: counts in place
         table.scatter_add_(0, pairs.reshape(-1), per_pair.reshape(-1))
 
-    def new_transitions(self, key: str, steps: int, num_choices: int) -> None:
+    def new_transitions(self, key: str, steps: int, num_columns: int) -> None:
         if key not in self.transitions:
             self.transitions[key] = torch.zeros(
-                steps - 1, num_choices, num_choices, dtype=torch.int64, device=self.device
+                steps - 1, num_columns, num_columns, dtype=torch.int64, device=self.device
             )
 
-    def result(self, skip: bool) -> UsageStats:
+    def count(self, model: RoutedModel, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Count the decisions of one forward pass over the (B, T) batch x."""
+        if mask is None:
+            weight = torch.ones(x.numel(), dtype=torch.int64, device=x.device)
+        else:
+            weight = mask.reshape(-1).to(device=x.device, dtype=torch.int64)
+        self.tokens += weight.sum()
+        previous: dict[str, torch.Tensor] = {}  # per multi-step pool: the last step's picks
+        for routed in model.routing_decisions(x, mask):  # in execution order
+            pool, decision = routed.pool, routed.decision
+            self.add_picks(routed.key, decision, weight)
+            if not pool.per_step:
+                continue
+            columns = decision.num_columns
+            self.new_transitions(pool.name, pool.steps, columns)
+            if routed.step > 0:
+                before = previous[pool.name]
+                self.add_transition(
+                    pool.name, routed.step - 1, before, decision.indices, columns, weight
+                )
+            previous[pool.name] = decision.indices
+
+    def result(self, model: RoutedModel) -> UsageStats:
+        pools = model.routed_pools()
         return UsageStats(
-            arch=self.arch,
+            arch=model.routing_family,
             counts={key: c.cpu() for key, c in self.counts.items()},
             tokens=int(self.tokens),  # the one host sync of the whole collection
             transitions=(
                 {key: t.cpu() for key, t in self.transitions.items()}
-                if self.arch == ARCH_MOM
+                if any(pool.per_step for pool in pools)
                 else None
             ),
-            skip=skip,
+            skip=any(pool.has_skip for pool in pools),
+            label_prefix=pools[0].label_prefix if pools else "",
+            choice_name=pools[0].choice_name if pools else "",
         )
-
-
-def _count_moduleformer(base: nn.Module, x: torch.Tensor, mask, counter: _Counter) -> None:
-    out = base(input_ids=x, attention_mask=mask, use_cache=False)
-    n = x.numel()
-    weight = (
-        torch.ones(n, dtype=torch.int64, device=x.device)
-        if out.token_mask is None
-        else out.token_mask.to(torch.int64)
-    )
-    counter.tokens += weight.sum()
-    config = base.config
-    for layer, (att, ffd) in enumerate(out.router_outputs):
-        # Each layer's own count: a pruned model's layers may differ.
-        n_att, n_ffd = config.att_experts_in_layer(layer), config.ffd_experts_in_layer(layer)
-        counter.add_picks(f"layer{layer}/att", att.top_k_indices, n_att, weight)
-        counter.add_picks(f"layer{layer}/ffd", ffd.top_k_indices, n_ffd, weight)
-
-
-def _count_mom(base: nn.Module, x: torch.Tensor, mask, counter: _Counter, skip: bool) -> None:
-    out = base(input_ids=x, attention_mask=mask, use_cache=False, return_routing=True)
-    n = x.numel()
-    if mask is None:
-        weight = torch.ones(n, dtype=torch.int64, device=x.device)
-    else:
-        weight = mask.reshape(-1).to(device=x.device, dtype=torch.int64)
-    counter.tokens += weight.sum()
-    extra = 1 if skip else 0  # SKIP is the index after the pool's modules
-    steps = base.config.H
-    previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for route in out.routing:  # chunk steps in execution order
-        c, h = route.chunk, route.step
-        attn = route.attn_index.reshape(n, -1)
-        ffn = route.ffn_index.reshape(n, -1)
-        n_attn, n_ffn = route.num_attn_modules + extra, route.num_ffn_modules + extra
-        counter.add_picks(f"chunk{c}/step{h}/attn", attn, n_attn, weight)
-        counter.add_picks(f"chunk{c}/step{h}/ffn", ffn, n_ffn, weight)
-        counter.new_transitions(f"chunk{c}/attn", steps, n_attn)
-        counter.new_transitions(f"chunk{c}/ffn", steps, n_ffn)
-        if h > 0:
-            prev_attn, prev_ffn = previous[c]
-            counter.add_transition(f"chunk{c}/attn", h - 1, prev_attn, attn, n_attn, weight)
-            counter.add_transition(f"chunk{c}/ffn", h - 1, prev_ffn, ffn, n_ffn, weight)
-        previous[c] = (attn, ffn)
 
 
 @torch.no_grad()
@@ -336,11 +324,9 @@ def collect_usage(
     neither counted nor in ``tokens``. The model runs in eval mode without gradients (its
     mode is restored afterwards).
     """
-    arch = model_arch(model)
-    base = getattr(model, "base_model", model)
+    routed = routed_model(model)
     device = torch.device(device)
-    skip = arch == ARCH_MOM and mom_has_skip(base.config)
-    counter = _Counter(arch, device)
+    counter = _Counter(device)
     was_training = model.training
     model.eval()
     seen_batch = False
@@ -365,15 +351,12 @@ def collect_usage(
                         f"attention_mask_fn returned shape {tuple(mask.shape)} for a batch of "
                         f"shape {tuple(x.shape)}; it must return one flag per token"
                     )
-            if arch == ARCH_MODULEFORMER:
-                _count_moduleformer(base, x, mask, counter)
-            else:
-                _count_mom(base, x, mask, counter, skip)
+            counter.count(routed, x, mask)
     finally:
         model.train(was_training)
     if not seen_batch:
         raise UsageError("no batches to count: the data holds fewer tokens than one window")
-    return counter.result(skip)
+    return counter.result(routed)
 
 
 # ---- data sets and tokenizers ----------------------------------------------------------
@@ -453,7 +436,7 @@ def collect_usage_on_data(
     else:
         name = getattr(model, "name_or_path", "") or ""
         model_dir = Path(name) if name and Path(name).is_dir() else None
-    model_arch(model)  # fail on GPT before touching the data
+    routed_model(model)  # fail on GPT before touching the data
     ds = TokenDataset(data_dir, split)
     ds.check_vocab_fits(model.config.vocab_size)
     if model_dir is not None:
@@ -482,8 +465,7 @@ def _table_rows(stats: UsageStats, norm: str) -> list[tuple[str, list[str], list
     """(title, row labels, rows of frequencies) per table: one for attention, one for FFN."""
     freqs = stats.frequencies(norm)
     tables = []
-    kinds = ("att", "ffd") if stats.arch == ARCH_MODULEFORMER else ("attn", "ffn")
-    for kind in kinds:
+    for kind in POOL_KINDS:
         keys = [key for key in stats.counts if key.endswith(f"/{kind}")]
         labels = [key.rsplit("/", 1)[0] for key in keys]
         tables.append((kind, labels, [freqs[key].tolist() for key in keys]))
@@ -491,17 +473,15 @@ def _table_rows(stats: UsageStats, norm: str) -> list[tuple[str, list[str], list
 
 
 def format_usage_table(stats: UsageStats, norm: str = "max") -> str:
-    """Frequencies as text: a row per layer (ModuleFormer) or chunk step (MoM), a column
-    per expert/module, SKIP last for MoM with SKIP."""
+    """Frequencies as text: a row per decision (a ModuleFormer layer, a MoM chunk step), a
+    column per choice (expert / module), SKIP last when it is a choice."""
     _check_norm(norm)
     lines = [f"{stats.arch} usage over {stats.tokens:,} tokens (normalised by {norm})"]
     for kind, labels, rows in _table_rows(stats, norm):
         if not rows:
             continue
         width = max(len(r) for r in rows)
-        header = [f"E{i}" if stats.arch == ARCH_MODULEFORMER else f"M{i}" for i in range(width)]
-        if stats.skip:
-            header[-1] = "SKIP"
+        header = stats.column_labels(width)
         label_width = max(12, *(len(label) for label in labels))
         lines.append("")
         lines.append(f"{kind:<{label_width}} " + " ".join(f"{h:>6}" for h in header))

@@ -19,13 +19,15 @@ from modformer.convert.jetmoe import export_jetmoe
 from modformer.models.gpt import GPTForCausalLM
 from modformer.models.moduleformer import ModuleFormerForCausalLM
 
+# modformer class -> the exporter to its native transformers counterpart.
+EXPORTERS = {GPTForCausalLM: export_gpt2, ModuleFormerForCausalLM: export_jetmoe}
+
 
 def export_hf(model: PreTrainedModel, dst: str | Path, tokenizer_dir: Path | None = None) -> Path:
-    """Write `model` as the native transformers class of its architecture."""
-    if isinstance(model, GPTForCausalLM):
-        return export_gpt2(model, dst, tokenizer_dir)
-    if isinstance(model, ModuleFormerForCausalLM):
-        return export_jetmoe(model, dst, tokenizer_dir)
+    """Write `model` as the native transformers class of its architecture (`EXPORTERS`)."""
+    for model_class, exporter in EXPORTERS.items():
+        if isinstance(model, model_class):
+            return exporter(model, dst, tokenizer_dir)
     raise ConversionError(
         f"{type(model).__name__} has no native transformers counterpart; `export hf` writes "
         f"GPT models as GPT2LMHeadModel and JetMoE-style ModuleFormers as JetMoeForCausalLM"

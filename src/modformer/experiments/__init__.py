@@ -38,6 +38,18 @@ EXPERIMENTS["moduleformer-specialisation"] = Experiment(
     "per-domain FFN-expert KL of the MI and Switch models of moduleformer-balance against a "
     "split-half noise floor and an untrained model (Fig. 2)",
 )
+EXPERIMENTS["moduleformer-forgetting"] = Experiment(
+    "modformer.experiments.moduleformer_forgetting",
+    "forgetting and learning of full fine-tuning, expert insertion (reg 0 and 1) and a dense "
+    "GPT on a new domain, and insertion vs the full fine-tuning trajectory at equal learning "
+    "(Tables 5-6)",
+)
+EXPERIMENTS["moduleformer-pruning"] = Experiment(
+    "modformer.experiments.moduleformer_pruning",
+    "pruning curves on the python domain: finetune-then-prune (with and without load "
+    "concentration) and prune-then-finetune against layer dropping at equal parameters "
+    "(Figs. 3-4)",
+)
 
 # Mixture-of-Modules paper (docs/results.md, "## Mixture-of-Modules").
 EXPERIMENTS["mom-vs-vanilla"] = Experiment(

@@ -237,7 +237,7 @@ def measure(
         "val_loss": losses["all"]["loss"],
         "val_tokens": losses["all"]["tokens"],
         "val_loss_per_domain": {k: v["loss"] for k, v in losses.items() if k != "all"},
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "total_params": model.num_parameters(),
         "active_params": flops.active_parameters,
         "flops_per_token": flops.per_token,
     }

@@ -127,7 +127,7 @@ def stage_vanilla(settings: DemoSettings, data_dir: Path, work: Path) -> dict[st
 
 def count_parameters(model) -> tuple[int, int]:
     """(active, total): parameters one token touches, and all of them."""
-    total = sum(p.numel() for p in model.parameters())
+    total = model.num_parameters()
     active = model.active_parameters() if hasattr(model, "active_parameters") else total
     return active, total
 

@@ -34,7 +34,7 @@ from modformer.experiments.moduleformer_vs_dense import data_dir, scale_of, trai
 
 NAME = "moduleformer-specialisation"
 TRAINED_ARMS = ("mi", "switch")
-KIND = "ffd"  # the paper's Fig. 2 is over the MLP (FFN) experts
+KIND = "ffn"  # the paper's Fig. 2 is over the MLP (FFN) experts (models.routed.FFN)
 
 
 def _half_counts(model, data: Path, block_size: int, batch_size: int) -> dict[str, list]:

@@ -127,7 +127,7 @@ def measure_model(model, data: Path, block_size: int, batch_size: int = 16) -> d
     return {
         "val_loss": losses["all"]["loss"],
         "val_tokens": losses["all"]["tokens"],
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "total_params": model.num_parameters(),
         "active_params": flops.active_parameters,
         "flops_per_token": flops.per_token,
     }

@@ -83,15 +83,15 @@ def routing_structure(model_dir: Path, data: Path, block_size: int, batch_size: 
         for _, x in zip(range(batches), iterator):
             out = base(input_ids=x, use_cache=False, return_routing=True)
             for route in out.routing:
-                for index, n in ((route.attn_index, route.num_attn_modules),
-                                 (route.ffn_index, route.num_ffn_modules)):  # fmt: skip
-                    index = index.reshape(x.numel(), -1)  # (tokens, K); SKIP is index n
+                for decision in (route.attn.flat(), route.ffn.flat()):  # (tokens, K) picks
+                    n = decision.num_choices
                     pool_sizes.add(n)
-                    diag += (index == depth_module(route.step, n, config.H)).sum().item()
-                    skips += (index == n).sum().item()
-                    picks += index.numel()
-                    all_skip += (index == n).all(dim=-1).sum().item()
-                    decisions += index.shape[0]
+                    skipped = ~decision.picks_module()
+                    diag += (decision.indices == depth_module(route.step, n, config.H)).sum().item()
+                    skips += skipped.sum().item()
+                    picks += skipped.numel()
+                    all_skip += skipped.all(dim=-1).sum().item()
+                    decisions += skipped.shape[0]
     (n,) = pool_sizes  # one routed chunk in these models
     return {
         "diagonal_mass": diag / picks,

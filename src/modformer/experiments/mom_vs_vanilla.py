@@ -177,7 +177,7 @@ def measure_domains(model_dir: Path, data: Path, s: Scale) -> dict[str, Any]:
         "val_loss": sum(per_domain[d] * tokens[d] for d in per_domain) / total,
         "val_tokens": total,
         "val_loss_per_domain": per_domain,
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "total_params": model.num_parameters(),
         "active_params": flops.active_parameters,
         "flops_per_token": flops.per_token,
     }

@@ -120,9 +120,9 @@ def router_output_flops(in_features: int, num_choices: int, slots: RouterSlots |
     return 2 * in_features * (num_choices if slots is None else slots.num_slots)
 
 
-def total_parameters(model: nn.Module) -> int:
+def total_parameters(model: PreTrainedModel) -> int:
     """Every parameter once (a tied LM head counts once)."""
-    return sum(p.numel() for p in model.parameters())
+    return model.num_parameters()
 
 
 def finish_report(

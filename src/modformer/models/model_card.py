@@ -74,7 +74,7 @@ def _costs(model: PreTrainedModel) -> tuple[int, float | None, float | None, int
     """(total parameters, active parameters, FLOPs per token, tokens counted on): the
     model's own `count_flops` (models/flops.py, what `modformer cost` reports) on one
     forward of seeded random ids, in eval mode without gradients."""
-    total = sum(p.numel() for p in model.parameters())
+    total = model.num_parameters()
     if not callable(getattr(model, "count_flops", None)):
         return total, None, None, 0
     seq_len = min(FLOPS_TOKENS, getattr(model.config, "n_positions", FLOPS_TOKENS))

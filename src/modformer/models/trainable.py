@@ -10,6 +10,7 @@ and the rows A' of their routers are separate parameters named ``*_inserted`` /
 from __future__ import annotations
 
 from torch import nn
+from transformers import PreTrainedModel
 
 SCOPE_INSERTED = "inserted_experts"
 SCOPE_INSERTED_AND_EMBEDDINGS = "inserted_experts+embeddings"
@@ -27,9 +28,9 @@ def is_inserted_parameter(name: str) -> bool:
     return parts[-1].endswith("_inserted") or "inserted_expert_embedding" in parts
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+def count_parameters(model: PreTrainedModel, trainable_only: bool = False) -> int:
     """Parameters counted once each (a tied LM head counts once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    return model.num_parameters(only_trainable=trainable_only)
 
 
 def apply_trainable_scope(model: nn.Module) -> dict[str, int]:

@@ -28,8 +28,6 @@ Nothing here reads a value back to the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,27 +36,12 @@ from modformer.nn.activations import get_activation
 from modformer.nn.experts import Experts, compute_dtype
 from modformer.nn.rope_attention import apply_rotary, softmax_attention
 from modformer.nn.routers import RouterSlots, routing_dtype
+from modformer.nn.routing import RoutingDecision
 from modformer.nn.stick_breaking import stick_breaking_attention
 
 ROUTER_TYPES = ("mlp", "linear")
 EXPERT_MLPS = ("gelu", "swiglu")
 ATTENTION_TYPES = ("stick_breaking", "softmax_rope")
-
-
-@dataclass
-class RouterOutput:
-    """One router's decisions for a flat batch of tokens.
-
-    ``logits`` (tokens, N) are ``h(x) = A act(B x)``; ``probs`` their softmax (the
-    full distribution the auxiliary losses need); ``top_k_gates`` / ``top_k_indices``
-    (tokens, k) the kept gates (renormalised to sum to 1 only for the linear router)
-    and their experts. All floats are in at least fp32 (fp64 in an fp64 model).
-    """
-
-    logits: torch.Tensor
-    probs: torch.Tensor
-    top_k_gates: torch.Tensor
-    top_k_indices: torch.Tensor
 
 
 def _check_inserted(num_inserted: int, num_experts: int) -> None:
@@ -144,8 +127,10 @@ class TopKRouter(nn.Module):
             return self.expert_embedding.weight
         return torch.cat([self.expert_embedding.weight, self.inserted_expert_embedding.weight])
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
-        """x: (tokens, n_embd)."""
+    def forward(self, x: torch.Tensor) -> RoutingDecision:
+        """x: (tokens, n_embd) -> the decision: (tokens, k) ``indices`` and ``weights``
+        (the kept gates), the (tokens, N) ``logits`` ``h(x)`` and ``probs`` (their
+        softmax, the full distribution the auxiliary losses need), in at least fp32."""
         hidden = x if self.input_proj is None else self.act(self.input_proj(x))
         weight = self.expert_embedding_weight()
         if self.slots is None:
@@ -162,7 +147,9 @@ class TopKRouter(nn.Module):
         if self.slots is not None:
             top_k_indices = self.slots.choice_index(top_k_indices)
             logits, probs = self.slots.choices(logits), self.slots.choices(probs)
-        return RouterOutput(logits, probs, top_k_gates, top_k_indices)
+        return RoutingDecision(
+            top_k_indices, top_k_gates, self.num_experts, probs=probs, logits=logits
+        )
 
 
 def _output_bias(enabled: bool, n_embd: int) -> nn.Parameter | None:
@@ -233,14 +220,12 @@ class SparseMoE(Experts):
 
     def forward(
         self, x: torch.Tensor, token_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, RouterOutput]:
+    ) -> tuple[torch.Tensor, RoutingDecision]:
         """x: (..., n_embd); token_mask: x.shape[:-1].numel() bools, True = real token."""
         flat = x.reshape(-1, x.shape[-1])
         route = self.router(flat)
         # Without padding every pick is one of the experts: no left-out pairs.
-        pairs = self.route(
-            route.top_k_indices, route.top_k_gates, token_mask, all_picked=token_mask is None
-        )
+        pairs = self.route(route.indices, route.weights, token_mask, all_picked=token_mask is None)
         w_in = _all_experts(self.w_in, self.w_in_inserted)
         w_out = _all_experts(self.w_out, self.w_out_inserted)
         hidden = pairs.linear(pairs.gather(flat.to(compute_dtype(flat))), w_in)
@@ -376,7 +361,7 @@ class MixtureOfAttentionHeads(Experts):
         token_mask: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, RouterOutput]:
+    ) -> tuple[torch.Tensor, RoutingDecision]:
         """Attend from x (B, T, n_embd) to ``keys``/``values`` (B, n_head, Tk, head_dim).
 
         The last T keys belong to x; the first ``Tk - T`` are a prefix (KV cache or
@@ -389,7 +374,7 @@ class MixtureOfAttentionHeads(Experts):
         k = self.top_k
         flat = x.reshape(-1, C)
         route = self.router(flat)
-        pairs = self.route(route.top_k_indices, route.top_k_gates, token_mask)
+        pairs = self.route(route.indices, route.weights, token_mask)
         dtype = compute_dtype(flat)
 
         # Queries of the selected pairs, put back at their (token, slot) place; slot s of

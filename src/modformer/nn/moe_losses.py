@@ -6,8 +6,9 @@ True for real tokens. Padding tokens take no part: they are dropped from every m
 so a padded batch gives the same value as the same batch without the padding.
 
 - ``mutual_information_loss``: eq. 7, ``-H(m) + mean_x H(m|x)`` (pretraining).
-- ``switch_load_balancing_loss`` and ``router_z_loss``: the Switch Transformer /
-  ST-MoE alternative (the official code adds them as ``switch + 0.1 * z``).
+- ``switch_load_balancing_loss`` (``switch_balance`` from probabilities) and
+  ``router_z_loss``: the Switch Transformer / ST-MoE alternative (the official code
+  adds them as ``switch + 0.1 * z``).
 - ``pooled_switch_loss``: JetMoE's variant, statistics pooled over all routers.
 - ``load_concentration_loss``: eq. 8, ``H(m)`` (fine-tuning; concentrates the load).
 - ``routing_regularization``: eq. 10, ``||A'||^2`` over newly inserted expert embeddings.
@@ -42,11 +43,14 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def mean_probs(probs: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean_x probs(x)`` over the real tokens: (tokens, experts) -> (experts,)."""
+    return _token_weights(probs.shape[0], token_mask, probs) @ probs
+
+
 def marginal_expert_probs(logits: torch.Tensor, token_mask: torch.Tensor | None = None):
     """``p(m) = mean_x softmax(logits)(m)`` over the real tokens: shape (experts,)."""
-    logits = _at_least_fp32(logits)
-    weights = _token_weights(logits.shape[0], token_mask, logits)
-    return weights @ torch.softmax(logits, dim=-1)
+    return mean_probs(torch.softmax(_at_least_fp32(logits), dim=-1), token_mask)
 
 
 def _entropy_of_distribution(p: torch.Tensor) -> torch.Tensor:
@@ -111,9 +115,18 @@ def switch_load_balancing_loss(
     (as in the official ModuleFormer code). It equals 1 for a perfectly uniform router
     and grows as the load concentrates. Only ``P_m`` carries a gradient.
     """
-    num_experts = logits.shape[-1]
+    return switch_balance(torch.softmax(_at_least_fp32(logits), dim=-1), top_k_indices, token_mask)
+
+
+def switch_balance(
+    probs: torch.Tensor, top_k_indices: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`switch_load_balancing_loss` from the router's probabilities (tokens, experts), for
+    routers whose distribution is not the softmax of plain logits (MoM's temperature,
+    pruned slots)."""
+    num_experts = probs.shape[-1]
     assignment_share = expert_load(top_k_indices, num_experts, token_mask) / top_k_indices.shape[1]
-    return num_experts * (assignment_share * marginal_expert_probs(logits, token_mask)).sum()
+    return num_experts * (assignment_share * mean_probs(probs, token_mask)).sum()
 
 
 def pooled_switch_loss(

@@ -1,6 +1,8 @@
-"""Module surgery: pruning experts/modules by usage (`prune`), inserting experts for
-continual learning (`extend`), and the catastrophic-forgetting experiment (`forgetting`,
-imported on its own: it pulls in the trainer). Names are imported on first use (see
+"""Module surgery: pruning experts/modules by usage (`prune`), dropping whole layers
+(`layer_drop`, the pruning baseline) and inserting experts for continual learning
+(`extend`). The forgetting experiment (`modformer.experiments.forgetting`) and the
+prune-and-fine-tune workflows (`modformer.experiments.prune_workflows`) are experiment
+drivers. Names are imported on first use (see
 modformer._lazy)."""
 
 from typing import TYPE_CHECKING
@@ -12,18 +14,16 @@ _EXPORTS = {
     "apply_trainable_scope": "modformer.surgery.extend",
     "extend_model": "modformer.surgery.extend",
     "merge_inserted_experts": "modformer.surgery.extend",
-    "finetune_then_prune": "modformer.surgery.prune",
+    "drop_layers": "modformer.surgery.layer_drop",
     "prune_model": "modformer.surgery.prune",
-    "prune_then_finetune": "modformer.surgery.prune",
 }
 __all__ = [
     "SurgeryError",
     "apply_trainable_scope",
+    "drop_layers",
     "extend_model",
-    "finetune_then_prune",
     "merge_inserted_experts",
     "prune_model",
-    "prune_then_finetune",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
@@ -34,4 +34,5 @@ if TYPE_CHECKING:
         extend_model,
         merge_inserted_experts,
     )
-    from modformer.surgery.prune import finetune_then_prune, prune_model, prune_then_finetune
+    from modformer.surgery.layer_drop import drop_layers
+    from modformer.surgery.prune import prune_model

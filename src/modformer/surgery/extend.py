@@ -45,8 +45,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from modformer.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
-from modformer.models.mom import MoMForCausalLM
+from modformer.models.routed import ATTN, FFN, RoutedModel
 from modformer.models.trainable import (  # noqa: F401  (re-exported: the surgery API)
     SCOPE_INSERTED,
     SCOPE_INSERTED_AND_EMBEDDINGS,
@@ -56,10 +55,6 @@ from modformer.models.trainable import (  # noqa: F401  (re-exported: the surger
     is_inserted_parameter,
 )
 
-# Parameter names of the inserted experts and their router rows, relative to the module
-# that holds them (SparseMoE / MixtureOfAttentionHeads and their TopKRouter).
-_INSERTED_EXPERT_WEIGHTS = {"mlp": ("w_in", "w_out"), "attn": ("w_q", "w_o")}
-
 
 class SurgeryError(ValueError):
     """A surgery request that cannot be carried out; the message says why and the fix."""
@@ -68,14 +63,14 @@ class SurgeryError(ValueError):
 # ---- shared helpers --------------------------------------------------------------------
 
 
-def require_moduleformer(model: nn.Module, what: str) -> ModuleFormerForCausalLM:
-    if isinstance(model, ModuleFormerForCausalLM):
+def require_insertion(model: nn.Module, what: str) -> RoutedModel:
+    """`model` when its pools can take inserted experts (`RoutedModel.supports_insertion`)."""
+    if isinstance(model, RoutedModel) and model.supports_insertion:
         return model
-    kind = "a MoM" if isinstance(model, MoMForCausalLM) else f"a {type(model).__name__}"
     raise SurgeryError(
-        f"{what} needs a ModuleFormer model (arch 'moduleformer'), got {kind} model; "
-        "expert insertion follows ModuleFormer sec. 4.3, whose routers have one expert "
-        "embedding row per expert"
+        f"{what} needs a ModuleFormer model (arch 'moduleformer'), got a "
+        f"{type(model).__name__}; expert insertion follows ModuleFormer sec. 4.3, whose "
+        "routers have one expert embedding row per expert"
     )
 
 
@@ -144,65 +139,24 @@ def new_config(config: Any, **changes: Any) -> Any:
 # ---- merge -----------------------------------------------------------------------------
 
 
-def _layer_counts(config: ModuleFormerConfig) -> tuple[list[int], list[int]]:
-    layers = range(config.n_layer)
-    return (
-        [config.att_experts_in_layer(i) for i in layers],
-        [config.ffd_experts_in_layer(i) for i in layers],
-    )
-
-
-def _per_layer_or_none(counts: list[int]) -> list[int] | None:
-    """None when every layer has the same count (the config's plain form)."""
-    return None if len(set(counts)) == 1 else counts
-
-
 def merge_inserted_experts(model: PreTrainedModel) -> PreTrainedModel:
     """A plain ModuleFormer equal to `model` whose inserted experts are ordinary experts
     (appended after the original ones, A' appended to A); every parameter trainable.
 
     The logits are unchanged: the forward pass concatenates the same tensors.
     """
-    model = require_moduleformer(model, "merging inserted experts")
-    config = model.config
-    if config.n_inserted_att_experts == 0 and config.n_inserted_ffd_experts == 0:
+    model = require_insertion(model, "merging inserted experts")
+    pairs = model.inserted_parameter_pairs()
+    if not pairs:
         return model
     state = dict(model.state_dict())
-    for layer in range(config.n_layer):
-        for kind, weights in _INSERTED_EXPERT_WEIGHTS.items():
-            prefix = f"transformer.h.{layer}.{kind}."
-            if prefix + f"{weights[0]}_inserted" not in state:
-                continue
-            for name in weights:
-                inserted = state.pop(prefix + f"{name}_inserted")
-                state[prefix + name] = torch.cat([state[prefix + name], inserted])
-            rows = state.pop(prefix + "router.inserted_expert_embedding.weight")
-            key = prefix + "router.expert_embedding.weight"
-            state[key] = torch.cat([state[key], rows])
-    merged = new_config(
-        config, n_inserted_att_experts=0, n_inserted_ffd_experts=0, trainable_scope=None
-    )
+    for original, inserted in pairs:
+        state[original] = torch.cat([state[original], state.pop(inserted)])
+    merged = new_config(model.config, **model.config_merging_inserted(), trainable_scope=None)
     return rebuild(model, merged, state)
 
 
 # ---- extend ----------------------------------------------------------------------------
-
-
-def _slots_after_insertion(
-    config: ModuleFormerConfig, kind: str, new: int, counts: list[int]
-) -> dict[str, Any]:
-    """Config changes for the router slots of a pruned model that gets `new` experts per
-    layer (`counts` after insertion): the new experts take slots after the unpruned
-    width, which grows by `new`."""
-    slots = getattr(config, f"{kind}_expert_slots")
-    if slots is None:
-        return {}
-    width = getattr(config, f"n_{kind}_experts")
-    return {
-        f"n_{kind}_experts": width + new,
-        f"{kind}_experts_per_layer": counts,
-        f"{kind}_expert_slots": [s + list(range(width, width + new)) for s in slots],
-    }
 
 
 def extend_model(
@@ -231,7 +185,7 @@ def extend_model(
     is frozen along with the rest. Logits change only by the new experts' share of the
     routing probabilities; the original parameters are copied exactly.
     """
-    model = require_moduleformer(model, "expert insertion")
+    model = require_insertion(model, "expert insertion")
     if isinstance(new_experts, bool) or not isinstance(new_experts, int) or new_experts < 1:
         raise SurgeryError(f"new_experts must be a positive integer, got {new_experts!r}")
     if not (attention or ffn):
@@ -245,21 +199,11 @@ def extend_model(
 
     model = merge_inserted_experts(model)
     config = model.config
-    att_counts, ffd_counts = _layer_counts(config)
-    n_att, n_ffd = (new_experts if attention else 0), (new_experts if ffn else 0)
-    att_counts = [n + n_att for n in att_counts]
-    ffd_counts = [n + n_ffd for n in ffd_counts]
-    changes: dict[str, Any] = dict(
-        n_att_experts=max(att_counts),
-        n_ffd_experts=max(ffd_counts),
-        att_experts_per_layer=_per_layer_or_none(att_counts),
-        ffd_experts_per_layer=_per_layer_or_none(ffd_counts),
-        n_inserted_att_experts=n_att,
-        n_inserted_ffd_experts=n_ffd,
-        trainable_scope=SCOPE_INSERTED_AND_EMBEDDINGS if train_embeddings else SCOPE_INSERTED,
+    new_per_kind = {ATTN: new_experts if attention else 0, FFN: new_experts if ffn else 0}
+    changes: dict[str, Any] = model.config_with_new_choices(new_per_kind)
+    changes["trainable_scope"] = (
+        SCOPE_INSERTED_AND_EMBEDDINGS if train_embeddings else SCOPE_INSERTED
     )
-    changes.update(_slots_after_insertion(config, "att", n_att, att_counts))
-    changes.update(_slots_after_insertion(config, "ffd", n_ffd, ffd_counts))
     for name, weight in weights.items():
         if weight is not None:
             changes[name] = float(weight)

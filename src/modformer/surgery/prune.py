@@ -4,7 +4,10 @@ appendix D.2; MoM paper sec. 4.2 / Figure 3; design §3).
 The activation frequency ``f_m`` of a module is how often it is in a token's top-k on
 some data (`modformer.analysis.usage`), normalised within its layer (ModuleFormer) or
 chunk pool (MoM) by the max (the paper's choice) or the sum. Every module with
-``f_m < tau`` is removed together with its router row:
+``f_m < tau`` is removed together with its router row. The surgery is the same for
+every family: it loops over the model's routed pools (`modformer.models.routed`), keeps
+the chosen rows of each pool's stacked parameters (the pool's declarative key map) and
+asks the model for the config of the smaller pools:
 
 - ModuleFormer: attention and FFN experts of each layer, their stacked weights and their
   rows of the expert embedding ``A``; the layers get their own expert counts
@@ -32,40 +35,29 @@ another order and move the last bit. ModuleFormer's gates are not renormalised, 
 holds when the removed experts' softmax mass is zero in fp32; MoM renormalises over the
 kept logits, so its removed modules may hold mass.
 
-The two workflows of sec. 5.3 are `prune_then_finetune` (prune by the pretrained model's
-usage on the target data, then fine-tune the smaller model) and `finetune_then_prune`
-(fine-tune with the load-concentration loss of eq. 8, ``load_concentration_weight``, so
-the task's load gathers on few experts, then prune; one fine-tuning serves every
-threshold).
+The two workflows of sec. 5.3 (prune then fine-tune, fine-tune with load concentration
+then prune) are experiment drivers: `modformer.experiments.prune_workflows`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from modformer.analysis.usage import UsageStats, check_same_tokenizer, normalize
+from modformer.analysis.usage import UsageStats, normalize
 from modformer.defaults import NORMS
-from modformer.models.moduleformer import ModuleFormerForCausalLM
-from modformer.models.mom import MoMForCausalLM
-from modformer.models.mom.modeling_mom import MoMChunk
-from modformer.nn.routers import RouterSlots
+from modformer.models.routed import RoutedModel, RoutedPool, canonical_pool_key
 from modformer.surgery.extend import (
     SurgeryError,
     count_parameters,
-    load_model_dir,
     merge_inserted_experts,
     new_config,
     rebuild,
-    save_model_with_tokenizer,
 )
 
 
@@ -73,7 +65,7 @@ from modformer.surgery.extend import (
 class PoolPlan:
     """What pruning keeps of one pool of modules (a layer's experts, a chunk's pool)."""
 
-    key: str  # usage key: "layer{l}/att|ffd" or "chunk{c}/attn|ffn"
+    key: str  # the pool's name: "layer{l}/attn|ffn" or "chunk{c}/attn|ffn"
     frequencies: list[float]
     kept: list[int]
     raised_to_top_k: bool
@@ -109,7 +101,7 @@ def _frequencies(
     """Per-pool frequencies normalised by `norm`, whatever form they came in."""
     if norm not in NORMS:
         raise SurgeryError(f"norm must be one of {list(NORMS)}, got {norm!r}")
-    arch = "moduleformer" if isinstance(model, ModuleFormerForCausalLM) else "mom"
+    arch = model.routing_family
     if isinstance(usage_or_frequencies, UsageStats):
         if usage_or_frequencies.arch != arch:
             raise SurgeryError(
@@ -129,7 +121,7 @@ def _frequencies(
             raise SurgeryError(
                 f"frequencies[{key!r}] must be a 1-D list of finite non-negative numbers"
             )
-        out[key] = normalize(values, norm)
+        out[canonical_pool_key(key)] = normalize(values, norm)
     return out
 
 
@@ -171,104 +163,38 @@ def plan_pool(
     return PoolPlan(key, f, kept, raised)
 
 
-def _kept_slots(slots: RouterSlots | None, num_modules: int, kept: list[int]) -> list[int]:
-    """The router slots of the `kept` modules: where they sat before any pruning."""
-    before = list(range(num_modules)) if slots is None else slots.slot_list
-    return [before[i] for i in kept]
+def _check_prunable(model: RoutedModel) -> None:
+    try:
+        model.check_prunable()
+    except ValueError as error:
+        raise SurgeryError(str(error)) from None
 
 
-# ---- ModuleFormer ----------------------------------------------------------------------
+def _keep_rows(
+    state: dict[str, torch.Tensor], pool: RoutedPool, kept: list[int]
+) -> dict[str, torch.Tensor]:
+    """`state` with only the `kept` choices' rows of the pool's stacked parameters (and
+    each parameter's extra rows after the choices, e.g. a router's SKIP row)."""
+    for param in pool.stacked:
+        extra = list(range(pool.num_choices, pool.num_choices + param.extra_rows))
+        rows = torch.tensor(kept + extra, dtype=torch.long)
+        state[param.key] = state[param.key][rows].clone()
+    return state
 
 
-def _prune_moduleformer(
-    model: ModuleFormerForCausalLM, frequencies: Mapping[str, torch.Tensor], threshold: float
+def _prune_pools(
+    model: RoutedModel, frequencies: Mapping[str, torch.Tensor], threshold: float
 ) -> tuple[PreTrainedModel, list[PoolPlan]]:
-    config = model.config
+    """Plan every pool, keep the planned rows, rebuild at the model's smaller config."""
+    _check_prunable(model)
     state = dict(model.state_dict())
     plans: list[PoolPlan] = []
-    counts: dict[str, list[int]] = {"att": [], "ffd": []}
-    slots: dict[str, list[list[int]]] = {"att": [], "ffd": []}
-    for layer, block in enumerate(model.transformer.h):
-        for kind, module, weights, k in (
-            ("att", block.attn, ("w_q", "w_o"), config.k_att),
-            ("ffd", block.mlp, ("w_in", "w_out"), config.k_ffd),
-        ):
-            plan = plan_pool(
-                f"layer{layer}/{kind}", frequencies, module.num_experts, threshold, min_keep=k
-            )
-            plans.append(plan)
-            counts[kind].append(len(plan.kept))
-            slots[kind].append(_kept_slots(module.router.slots, module.num_experts, plan.kept))
-            keep = torch.tensor(plan.kept, dtype=torch.long)
-            prefix = f"transformer.h.{layer}.{'attn' if kind == 'att' else 'mlp'}."
-            for name in (*weights, "router.expert_embedding.weight"):
-                state[prefix + name] = state[prefix + name][keep].clone()
-    # n_att_experts / n_ffd_experts stay: the routers' width before pruning.
-    pruned_config = new_config(
-        config,
-        att_experts_per_layer=counts["att"],
-        ffd_experts_per_layer=counts["ffd"],
-        att_expert_slots=slots["att"],
-        ffd_expert_slots=slots["ffd"],
-    )
-    return rebuild(model, pruned_config, state), plans
-
-
-# ---- MoM -------------------------------------------------------------------------------
-
-
-def _prune_mom(
-    model: MoMForCausalLM, frequencies: Mapping[str, torch.Tensor], threshold: float
-) -> tuple[PreTrainedModel, list[PoolPlan]]:
-    config = model.config
-    if config.policy != "learned" or config.mom_same:
-        raise SurgeryError(
-            f"pruning needs a MoM with learned routing and separate modules; this one has "
-            f"policy {config.policy!r}, mom_same={config.mom_same} (fixed policies index "
-            "modules by step, and MoM-same modules are one module)"
-        )
-    if config.router_width == "chunk":
-        raise SurgeryError(
-            "pruning needs router_width='pool'; this MoM's routers score the chunk's N choices "
-            "whatever the pool size (router_width='chunk', the official num_attn != num_ffn "
-            "layout), which pruned router slots do not represent"
-        )
-    min_keep = max(1, config.K - (1 if config.skip else 0))
-    state = dict(model.state_dict())
-    plans: list[PoolPlan] = []
-    sizes: dict[str, list[int]] = {"attn": [], "ffn": []}
-    slots: dict[str, list[list[int]]] = {"attn": [], "ffn": []}
-    for layer_index, chunk in enumerate(model.transformer.h):
-        if not isinstance(chunk, MoMChunk):
-            continue  # a fixed block: nothing routed
-        c = chunk.chunk_index
-        for kind, pool, router in (
-            ("attn", chunk.attn, chunk.policy.attn_router),
-            ("ffn", chunk.ffn, chunk.policy.ffn_router),
-        ):
-            plan = plan_pool(f"chunk{c}/{kind}", frequencies, pool.num_modules, threshold, min_keep)
-            plans.append(plan)
-            sizes[kind].append(len(plan.kept))
-            slots[kind].append(_kept_slots(router.slots, pool.num_modules, plan.kept))
-            keep = torch.tensor(plan.kept, dtype=torch.long)
-            prefix = f"transformer.h.{layer_index}."
-            # Every pool parameter is stacked by module along dim 0.
-            for name, _ in pool.named_parameters(recurse=False):
-                key = f"{prefix}{kind}.{name}"
-                state[key] = state[key][keep].clone()
-            # Router output rows: the kept modules in order, then SKIP (the last row).
-            rows = torch.cat([keep, torch.tensor([pool.num_modules])]) if config.skip else keep
-            for name, _ in router.out.named_parameters():
-                key = f"{prefix}policy.{kind}_router.out.{name}"
-                state[key] = state[key][rows].clone()
-    pruned_config = new_config(
-        config,
-        attn_modules_per_chunk=sizes["attn"],
-        ffn_modules_per_chunk=sizes["ffn"],
-        attn_module_slots=slots["attn"],
-        ffn_module_slots=slots["ffn"],
-    )
-    return rebuild(model, pruned_config, state), plans
+    for pool in model.routed_pools():
+        plan = plan_pool(pool.name, frequencies, pool.num_choices, threshold, pool.min_keep)
+        plans.append(plan)
+        state = _keep_rows(state, pool, plan.kept)
+    kept = {plan.key: plan.kept for plan in plans}
+    return rebuild(model, new_config(model.config, **model.config_keeping(kept)), state), plans
 
 
 # ---- entry points ----------------------------------------------------------------------
@@ -283,8 +209,9 @@ def prune_model(
     """Remove every module whose normalised activation frequency is below `threshold`.
 
     `usage_or_frequencies`: a `UsageStats` of this model, or a dict of per-pool counts or
-    frequencies keyed like `UsageStats.module_frequencies` ("layer{l}/att", "layer{l}/ffd"
-    for ModuleFormer, "chunk{c}/attn", "chunk{c}/ffn" for MoM, SKIP excluded); they are
+    frequencies keyed like `UsageStats.module_frequencies` (the pool names: "layer{l}/attn",
+    "layer{l}/ffn" for ModuleFormer, "chunk{c}/attn", "chunk{c}/ffn" for MoM, SKIP
+    excluded; the old ModuleFormer names "att" / "ffd" are read too); they are
     normalised within each pool by `norm` ("max" as the paper, or "sum").
 
     Returns the pruned model (a new model; `model` is untouched) and a JSON-able report:
@@ -292,21 +219,18 @@ def prune_model(
     A ModuleFormer with inserted experts is merged first (they become ordinary experts).
     """
     threshold = _check_threshold(threshold)
-    if not isinstance(model, (ModuleFormerForCausalLM, MoMForCausalLM)):
+    if not isinstance(model, RoutedModel):
         raise SurgeryError(
-            f"{type(model).__name__} has no modules to prune; pruning needs a ModuleFormer "
-            "or MoM model (arch 'moduleformer' or 'mom')"
+            f"{type(model).__name__} has no modules to prune; pruning needs a routed model "
+            "(a ModuleFormer or MoM)"
         )
     frequencies = _frequencies(model, usage_or_frequencies, norm)
-    merged = False
-    if isinstance(model, ModuleFormerForCausalLM):
-        merged = model.config.n_inserted_att_experts + model.config.n_inserted_ffd_experts > 0
-        pruned, plans = _prune_moduleformer(merge_inserted_experts(model), frequencies, threshold)
-    else:
-        pruned, plans = _prune_mom(model, frequencies, threshold)
+    merged = bool(model.inserted_parameter_pairs())
+    source = merge_inserted_experts(model) if merged else model
+    pruned, plans = _prune_pools(source, frequencies, threshold)
     before, after = count_parameters(model), count_parameters(pruned)
     report = {
-        "arch": "moduleformer" if isinstance(model, ModuleFormerForCausalLM) else "mom",
+        "arch": model.routing_family,
         "threshold": threshold,
         "norm": norm,
         "params_before": before,
@@ -334,145 +258,3 @@ def format_prune_report(report: Mapping[str, Any]) -> str:
         f"({100 * report['params_ratio']:.1f}%)"
     )
     return "\n".join(lines)
-
-
-# ---- workflows (sec. 5.3) --------------------------------------------------------------
-
-
-def _train(init_from: Path, data_dir: str | Path, out_dir: Path, settings: Sequence[str]):
-    from modformer.train.config import load_train_config
-    from modformer.train.trainer import train
-
-    overrides = [f"model.init_from={init_from}", f"data.dir={data_dir}", f"out_dir={out_dir}"]
-    cfg = load_train_config(overrides=[*overrides, *settings])
-    return train(cfg)
-
-
-def _usage(
-    model: PreTrainedModel | str | Path,
-    data_dir: str | Path,
-    split: str,
-    block_size: int,
-    max_batches: int | None,
-) -> UsageStats:
-    from modformer.analysis.usage import collect_usage_on_data
-
-    return collect_usage_on_data(
-        model, data_dir, split=split, block_size=block_size, max_batches=max_batches
-    )
-
-
-def prune_then_finetune(
-    model_dir: str | Path,
-    data_dir: str | Path,
-    threshold: float,
-    out_dir: str | Path,
-    train_settings: Sequence[str] = (),
-    norm: str = "max",
-    split: str = "val",
-    block_size: int = 128,
-    max_batches: int | None = None,
-) -> dict[str, Any]:
-    """Workflow 1 (sec. 5.3, "p-f"): prune by the model's usage on the target data, then
-    fine-tune the pruned model there. `train_settings` are `modformer train --set` strings
-    (e.g. "max_steps=200"). Writes out_dir/pruned (the pruned model, prune_report.json)
-    and out_dir/finetuned (the training run). Returns {"prune": report, "train": final}.
-
-    The commands are the same two steps::
-
-        modformer prune MODEL --data DATA --threshold TAU OUT/pruned
-        modformer train --set model.init_from=OUT/pruned --set data.dir=DATA \\
-            --set out_dir=OUT/finetuned ...
-    """
-    out_dir = Path(out_dir)
-    check_same_tokenizer(model_dir, data_dir)
-    model = load_model_dir(model_dir)
-    usage = _usage(model, data_dir, split, block_size, max_batches)
-    pruned, report = prune_model(model, usage, threshold, norm)
-    save_pruned(pruned, report, out_dir / "pruned", model_dir)
-    final = _train(out_dir / "pruned", data_dir, out_dir / "finetuned", train_settings)
-    return {"prune": report, "train": final}
-
-
-def finetune_then_prune(
-    model_dir: str | Path,
-    data_dir: str | Path,
-    thresholds: Sequence[float],
-    out_dir: str | Path,
-    load_concentration_weight: float = 0.001,
-    train_settings: Sequence[str] = (),
-    norm: str = "max",
-    split: str = "val",
-    block_size: int = 128,
-    max_batches: int | None = None,
-) -> dict[str, Any]:
-    """Workflow 2 (sec. 5.3, "f-p"): fine-tune with the load-concentration loss (eq. 8;
-    the paper's weight is 0.001), then prune the fine-tuned model at every threshold.
-    Writes out_dir/finetuned (the run) and out_dir/pruned_tau{TAU}. Returns {"train":
-    final metrics, "prune": {tau: report}}.
-
-    As commands: write the weight into the model's config (the trainer keeps a saved
-    model's config), fine-tune, then prune::
-
-        modformer train --set model.init_from=START --set data.dir=DATA \\
-            --set out_dir=OUT/finetuned ...      # START: config has load_concentration_weight
-        modformer prune OUT/finetuned --data DATA --threshold TAU OUT/pruned_tauTAU
-    """
-    if not load_concentration_weight >= 0:
-        raise SurgeryError(
-            f"load_concentration_weight must be >= 0, got {load_concentration_weight}"
-        )
-    thresholds = [_check_threshold(t) for t in thresholds]
-    out_dir = Path(out_dir)
-    check_same_tokenizer(model_dir, data_dir)
-    model = load_model_dir(model_dir)
-    if not isinstance(model, ModuleFormerForCausalLM):
-        raise SurgeryError(
-            "the load-concentration loss (eq. 8) is a ModuleFormer loss; pass a ModuleFormer"
-        )
-    model.config.load_concentration_weight = float(load_concentration_weight)
-    save_model_with_tokenizer(model, out_dir / "start", model_dir)
-    final = _train(out_dir / "start", data_dir, out_dir / "finetuned", train_settings)
-    finetuned = out_dir / "finetuned" / "model"
-    model = load_model_dir(finetuned)
-    usage = _usage(model, data_dir, split, block_size, max_batches)
-    reports = {}
-    for tau in thresholds:
-        pruned, report = prune_model(model, usage, tau, norm)
-        save_pruned(pruned, report, out_dir / f"pruned_tau{tau:g}", finetuned)
-        reports[tau] = report
-    return {"train": final, "prune": reports}
-
-
-def save_pruned(
-    model: PreTrainedModel, report: Mapping[str, Any], out_dir: str | Path, source_dir
-) -> Path:
-    """The pruned model (with the source's tokenizer) and its prune_report.json."""
-    from modformer.utils import atomic_write_text
-
-    out = save_model_with_tokenizer(model, out_dir, source_dir, method="prune")
-    atomic_write_text(Path(out) / "prune_report.json", json.dumps(report, indent=1))
-    return out
-
-
-# ---- CLI -------------------------------------------------------------------------------
-
-
-def run_prune(args: argparse.Namespace) -> dict[str, Any]:
-    _check_threshold(args.threshold)  # fail before loading anything
-    if args.data:
-        check_same_tokenizer(args.model, args.data)
-    model = load_model_dir(args.model)
-    if args.usage:
-        usage = UsageStats.load(args.usage)
-    else:
-        usage = _usage(model, args.data, args.split, args.block_size, args.max_batches)
-    pruned, report = prune_model(model, usage, args.threshold, args.norm)
-    save_pruned(pruned, report, args.out, args.model)
-    if args.report:
-        from modformer.utils import atomic_write_text
-
-        atomic_write_text(args.report, json.dumps(report, indent=1))
-    print(format_prune_report(report))
-    print(f"wrote {args.out}")
-    return report

@@ -57,7 +57,7 @@ from modformer.train.evaluate import evaluate_batches
 from modformer.train.metrics import MetricsWriter, format_duration, to_jsonable, val_line
 from modformer.train.optim import lr_at, make_optimizer
 from modformer.train.resume import restore_checkpoint
-from modformer.utils import DirectoryLock, check_output_path
+from modformer.utils import DirectoryLock, atomic_write_text, check_output_path
 
 log = logging.getLogger("modformer.train")
 
@@ -457,8 +457,9 @@ def _train(
             val_loss=last_eval.get("val_loss"),
         )
         ckpt_lib.atomic_save_model(export, out_dir / "model", tokenizer_dir, provenance)
-        n_params = sum(p.numel() for p in model.parameters())
-        final.update({"params": n_params, "tokens_trained": cfg.max_steps * tokens_per_step})
-        (out_dir / "final.json").write_text(json.dumps(final, indent=2))
+        final.update(
+            {"params": export.num_parameters(), "tokens_trained": cfg.max_steps * tokens_per_step}
+        )
+        atomic_write_text(out_dir / "final.json", json.dumps(final, indent=2))
     metrics.close()
     return final

@@ -35,17 +35,17 @@ def moduleformer_flops(model, input_ids, attention_mask, real, attention) -> Flo
             embedding = router_output_flops(width, router.num_experts, router.slots)
             tally.add("router", n, (0 if proj is None else linear_flops(proj)) + embedding)
             # top-k picks k distinct experts for every real token (padding picks none).
-            pairs = n * route.top_k_indices.shape[1]
+            pairs = n * route.top_k
             params = sum(p.numel() for p in module.expert_parameters())
             expert_params += params
             touched_params += pairs * params / module.num_experts
         moa, smoe = block.attn, block.mlp
-        k_att = routes[0].top_k_indices.shape[1]
+        k_att = routes[0].top_k
         if moa.kv_proj is not None:  # keys/values are shared by the experts: once per token
             tally.add("attention_projections", n, linear_flops(moa.kv_proj))
         tally.add("attention_projections", n * k_att, weight_flops(moa.w_q) + weight_flops(moa.w_o))
         tally.add("attention_scores", query_key_pairs(real, attention), 4 * k_att * moa.att_hidden)
-        k_ffd = routes[1].top_k_indices.shape[1]
+        k_ffd = routes[1].top_k
         tally.add("ffn", n * k_ffd, weight_flops(smoe.w_in) + weight_flops(smoe.w_out))
     active = total_parameters(model) - expert_params + touched_params / n
     return finish_report(model, tally, real, attention, active)

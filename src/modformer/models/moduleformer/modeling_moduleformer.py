@@ -46,6 +46,7 @@ from modformer.models.moduleformer.configuration_moduleformer import (
     ModuleFormerConfig,
 )
 from modformer.models.moduleformer.flops import moduleformer_cache_memory, moduleformer_flops
+from modformer.models.moduleformer.routing import ModuleFormerRouting
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
     cache_field,
@@ -54,7 +55,8 @@ from modformer.models.outputs import (
     output_cache,
     resolve_cache,
 )
-from modformer.nn.moe import MixtureOfAttentionHeads, RouterOutput, SparseMoE
+from modformer.models.routed import POOL_KINDS
+from modformer.nn.moe import MixtureOfAttentionHeads, SparseMoE
 from modformer.nn.moe_losses import (
     expert_load,
     load_concentration_loss,
@@ -66,6 +68,7 @@ from modformer.nn.moe_losses import (
 from modformer.nn.norms import make_norm
 from modformer.nn.rope_attention import positions_from_mask, rotary_cos_sin
 from modformer.nn.routers import RouterSlots
+from modformer.nn.routing import RoutingDecision
 
 
 @dataclass
@@ -94,12 +97,13 @@ class ModuleFormerMemory:
 class ModuleFormerModelOutput(BaseModelOutputWithPast):
     """`BaseModelOutputWithPast` plus what the LM head needs for the routing losses.
 
-    ``router_outputs[l]`` is (MoA router, SMoE router) of layer l; ``token_mask`` the
+    ``router_outputs[l]`` is the (MoA, SMoE) `RoutingDecision` pair of layer l (flat
+    (B*T, k) picks, with the routers' logits and probabilities); ``token_mask`` the
     flat (B*T,) real-token mask the routers saw (None: all real); ``memory`` the history
     for the next segment (None unless ``config.use_history``).
     """
 
-    router_outputs: tuple[tuple[RouterOutput, RouterOutput], ...] | None = None
+    router_outputs: tuple[tuple[RoutingDecision, RoutingDecision], ...] | None = None
     token_mask: torch.Tensor | None = None
     memory: ModuleFormerMemory | None = None
 
@@ -171,7 +175,9 @@ class ModuleFormerBlock(GradientCheckpointingLayer):
         memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
-    ) -> tuple[torch.Tensor, tuple[RouterOutput, RouterOutput], tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[
+        torch.Tensor, tuple[RoutingDecision, RoutingDecision], tuple[torch.Tensor, torch.Tensor]
+    ]:
         """Returns the new x, the (MoA, SMoE) router outputs and the keys/values attended
         to (prefix + current), from which the model builds the next memory.
 
@@ -239,7 +245,7 @@ class ModuleFormerPreTrainedModel(CheckpointingMixin, PortableModelMixin, PreTra
 
     def total_parameters(self) -> int:
         """Every parameter once (a tied LM head counts once)."""
-        return sum(p.numel() for p in self.parameters())
+        return self.num_parameters()
 
     def active_parameters(self) -> int:
         """Parameters one token touches: everything shared, plus k/N of each layer's
@@ -453,7 +459,9 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         )
 
 
-class ModuleFormerForCausalLM(FlopCounting, ModuleFormerPreTrainedModel, GenerationMixin):
+class ModuleFormerForCausalLM(
+    FlopCounting, ModuleFormerRouting, ModuleFormerPreTrainedModel, GenerationMixin
+):
     flop_counter = staticmethod(moduleformer_flops)
     cache_memory_formula = staticmethod(moduleformer_cache_memory)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
@@ -472,13 +480,13 @@ class ModuleFormerForCausalLM(FlopCounting, ModuleFormerPreTrainedModel, Generat
 
     def auxiliary_losses(
         self,
-        router_outputs: tuple[tuple[RouterOutput, RouterOutput], ...],
+        router_outputs: tuple[tuple[RoutingDecision, RoutingDecision], ...],
         token_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted sum of the enabled routing losses, and detached metrics.
 
         Metrics: ``aux/<name>`` for each enabled loss (mean over the 2 * n_layer routers;
-        ``aux/routing_reg`` is the sum), and ``load/att/<layer>`` / ``load/ffd/<layer>``:
+        ``aux/routing_reg`` is the sum), and ``load/attn/<layer>`` / ``load/ffn/<layer>``:
         the fraction of real tokens that picked each expert (sums to k).
         """
         config = self.config
@@ -492,12 +500,12 @@ class ModuleFormerForCausalLM(FlopCounting, ModuleFormerPreTrainedModel, Generat
                 per_router = [mutual_information_loss(z, token_mask) for z in logits]
             elif config.aux_loss_type == "switch":
                 per_router = [
-                    switch_loss(r.logits, r.top_k_indices, token_mask, config.switch_z_loss_coef)
+                    switch_loss(r.logits, r.indices, token_mask, config.switch_z_loss_coef)
                     for routes in router_outputs
                     for r in routes
                 ]
             else:  # "switch_pooled": JetMoE's one loss over the statistics of all routers
-                indices = [r.top_k_indices for routes in router_outputs for r in routes]
+                indices = [r.indices for routes in router_outputs for r in routes]
                 slots = [
                     None if router.slots is None else (router.slots.slots, router.slots.num_slots)
                     for layer_routers in routers
@@ -525,13 +533,11 @@ class ModuleFormerForCausalLM(FlopCounting, ModuleFormerPreTrainedModel, Generat
             aux_loss = aux_loss + config.routing_reg_weight * regularizer
             metrics["aux/routing_reg"] = regularizer.detach()
 
-        for i, (att_route, ffd_route) in enumerate(router_outputs):
-            metrics[f"load/att/{i}"] = expert_load(
-                att_route.top_k_indices, att_route.logits.shape[-1], token_mask
-            )
-            metrics[f"load/ffd/{i}"] = expert_load(
-                ffd_route.top_k_indices, ffd_route.logits.shape[-1], token_mask
-            )
+        for i, routes in enumerate(router_outputs):
+            for kind, route in zip(POOL_KINDS, routes):
+                metrics[f"load/{kind}/{i}"] = expert_load(
+                    route.indices, route.num_choices, token_mask
+                )
         return aux_loss, metrics
 
     def forward(

@@ -62,7 +62,7 @@ and ``router_softmax_temperature``):
 - ``router_output``: ``"softmax"`` (default) or ``"logits"``, the official routers without
   "softmax" in their type: the raw top-K logits are the weights, unnormalised and possibly
   negative. It needs ``renormalize=False`` and T = 1 (neither applies to raw logits);
-  ``Selection.probs`` (balance loss, loads) is still ``softmax(logits)``.
+  ``RoutingDecision.probs`` (balance loss, loads) is still ``softmax(logits)``.
 
 All-SKIP tokens (``all_skip_tokens``): a token whose K picks are all SKIP at an attention
 step (K = 1 with SKIP, or the layer_skip / early_exit policies) has no q, k, v there and

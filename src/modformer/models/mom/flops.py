@@ -24,6 +24,7 @@ from modformer.models.flops import (
 from modformer.models.gpt.flops import count_block_flops
 from modformer.models.mom.policies import AssemblyPolicy, LearnedPolicy, MoEPolicy
 from modformer.nn.routers import GRURouter, LinearRouter, MLPRouter
+from modformer.nn.routing import RoutingDecision
 
 if TYPE_CHECKING:  # the modeling file imports this one
     from modformer.models.mom.modeling_mom import MoMChunk, RoutingStep
@@ -55,19 +56,19 @@ def _router_flops(policy: AssemblyPolicy, step: int) -> int:
 
 
 def _distinct_modules(
-    indices: list[torch.Tensor], num_choices: int, num_stored: int, tied: bool
+    decisions: list[RoutingDecision], num_stored: int, tied: bool
 ) -> torch.Tensor:
     """(B*T,) how many distinct stored modules each token ran over a chunk's steps.
 
-    indices: (B, T, k) picks per step; values >= num_choices are SKIP. With MoM-same
-    (`tied`) every pick runs stored module 0.
+    decisions: one per step, (B, T, k) picks. With MoM-same (`tied`) every pick runs
+    stored module 0.
     """
-    n = indices[0].shape[0] * indices[0].shape[1]
-    touched = torch.zeros(n, num_stored + 1, dtype=torch.bool, device=indices[0].device)
-    for index in indices:
-        flat = index.reshape(n, -1)
-        stored = torch.zeros_like(flat) if tied else flat
-        stored = torch.where(flat < num_choices, stored, num_stored)
+    n = decisions[0].indices.shape[:-1].numel()
+    touched = torch.zeros(n, num_stored + 1, dtype=torch.bool, device=decisions[0].indices.device)
+    for decision in decisions:
+        decision = decision.flat()
+        stored = torch.zeros_like(decision.indices) if tied else decision.indices
+        stored = torch.where(decision.picks_module(), stored, num_stored)
         touched.scatter_(1, stored, True)
     return touched[:, :num_stored].sum(1)
 
@@ -88,24 +89,21 @@ def _count_mom_chunk(
     width = attn.n_head * attn.head_dim
     zero_keys = chunk.zero_keys
     for step in steps:
-        attn_picks = (step.attn_index < step.num_attn_modules) & real[..., None]
+        attn_picks = step.attn.picks_module() & real[..., None]
         tally.add("attention_projections", attn_picks.sum(), attn_pair_flops)
         takes_part = attn_picks.any(-1)  # all-SKIP tokens are no queries ...
         keys = real if zero_keys else None  # ... and no keys, unless they stay zero keys
         tally.add("attention_scores", query_key_pairs(takes_part, attention, keys), 4 * width)
-        ffn_picks = (step.ffn_index < step.num_ffn_modules) & real[..., None]
+        ffn_picks = step.ffn.picks_module() & real[..., None]
         tally.add("ffn", ffn_picks.sum(), ffn_pair_flops)
         tally.add("router", n, _router_flops(chunk.policy, step.step))
 
     pool_params, touched_params = 0, 0.0
     real_flat = real.reshape(-1)
-    for pool, indices, num_choices in (
-        (attn, [s.attn_index for s in steps], chunk.policy.num_attn_modules),
-        (ffn, [s.ffn_index for s in steps], chunk.policy.num_ffn_modules),
-    ):
+    for pool, decisions in ((attn, [s.attn for s in steps]), (ffn, [s.ffn for s in steps])):
         params = sum(p.numel() for p in pool.parameters())
         pool_params += params
-        distinct = _distinct_modules(indices, num_choices, pool.num_modules, chunk.tied)
+        distinct = _distinct_modules(decisions, pool.num_modules, chunk.tied)
         touched_params += int((distinct * real_flat).sum()) * params / pool.num_modules
     return pool_params, touched_params
 

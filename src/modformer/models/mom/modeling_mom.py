@@ -28,7 +28,8 @@ them aligned with the keys. `config.num_hidden_layers` counts both kinds.
 
 Routing trace: `model(..., return_routing=True)` returns `routing`, a tuple with one
 `RoutingStep` per chunk step in execution order (fixed blocks are not listed: every
-token runs their one attention and one FFN). Nothing is kept when it is off.
+token runs their one attention and one FFN): where the step is, and its attention and
+FFN `RoutingDecision`s. Nothing is kept when it is off.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ from modformer.models.gpt.modeling_gpt import Block
 from modformer.models.mom.configuration_mom import MoMConfig
 from modformer.models.mom.flops import mom_cache_memory, mom_flops
 from modformer.models.mom.module_pools import AttentionModulePool, FFNModulePool, ModulePool
-from modformer.models.mom.policies import AssemblyPolicy, Selection, SkipCriterion, build_policy
+from modformer.models.mom.policies import AssemblyPolicy, SkipCriterion, build_policy
+from modformer.models.mom.routing import MoMRouting
 from modformer.models.outputs import (
     ModformerCausalLMOutput,
     cache_field,
@@ -63,32 +65,28 @@ from modformer.models.outputs import (
 )
 from modformer.nn.experts import ExpertPairs
 from modformer.nn.masking import causal_padding_mask
+from modformer.nn.moe_losses import expert_load, switch_balance
 from modformer.nn.routers import RouterSlots
+from modformer.nn.routing import RoutingDecision
 
 # ---- outputs ---------------------------------------------------------------------------
 
 
 @dataclass
 class RoutingStep:
-    """The decisions of one chunk step. B, T: batch and tokens of the call.
+    """Where one chunk step is, and its two decisions. B, T: batch and tokens of the call.
 
-    attn_index / ffn_index: (B, T, k) long pool indices; the value num_attn_modules /
-        num_ffn_modules means SKIP (with `router_width="chunk"` also a choice beyond
-        the pool, which runs no module either). For the `moe` policy FFN indices count over the
-        H * E pool (expert e of step h is h * E + e).
-    attn_weight / ffn_weight: (B, T, k) weights r_k, in at least fp32.
-    A token runs `(attn_index < num_attn_modules).sum(-1)` attention modules here.
+    attn / ffn: the step's decisions with (B, T, k) indices and weights (detached); the
+    index equal to `RoutingDecision.num_choices` (the pool size) runs no module (SKIP,
+    and with `router_width="chunk"` also a choice beyond the pool). For the `moe` policy
+    FFN indices count over the H * E pool (expert e of step h is h * E + e).
     """
 
     chunk: int
     step: int
     layer: int
-    attn_index: torch.Tensor
-    attn_weight: torch.Tensor
-    ffn_index: torch.Tensor
-    ffn_weight: torch.Tensor
-    num_attn_modules: int
-    num_ffn_modules: int
+    attn: RoutingDecision
+    ffn: RoutingDecision
 
 
 @dataclass
@@ -157,24 +155,14 @@ class ChunkTrace:
     loads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     routing: list[RoutingStep] = field(default_factory=list)
 
-    def observe(self, name: str, sel: Selection, ctx: ForwardContext) -> None:
+    def observe(self, name: str, decision: RoutingDecision, ctx: ForwardContext) -> None:
         """Module load (fraction of picks per choice) and the Switch balance term of a
         routed decision; no host syncs."""
-        picks = sel.picks
-        k = picks.shape[-1]
-        picked = torch.zeros_like(sel.probs).scatter_add_(
-            1, picks, torch.ones(picks.shape, dtype=sel.probs.dtype, device=picks.device)
-        )
-        if ctx.token_weight is None:
-            load, mean_prob = picked.mean(0) / k, sel.probs.mean(0)
-        else:
-            w = ctx.token_weight[:, None]
-            denom = w.sum().clamp(min=1.0)
-            load = (picked * w).sum(0) / (denom * k)
-            mean_prob = (sel.probs * w).sum(0) / denom
+        picks, probs = decision.router_picks, decision.probs
+        load = expert_load(picks, probs.shape[-1], ctx.token_weight) / decision.top_k
         self.loads.setdefault(name, []).append(load.detach())
         if ctx.balance_loss:
-            self.balance_terms.append(sel.probs.shape[-1] * (load * mean_prob).sum())
+            self.balance_terms.append(switch_balance(probs, picks, ctx.token_weight))
 
 
 # ---- chunk -----------------------------------------------------------------------------
@@ -211,11 +199,11 @@ class MoMChunk(GradientCheckpointingLayer):
         self.attn = AttentionModulePool(config, 1 if self.tied else self.policy.num_attn_modules)
         self.ffn = FFNModulePool(config, 1 if self.tied else self.policy.num_ffn_modules)
 
-    def _pairs(self, sel: Selection, num_choices: int, pool: ModulePool) -> ExpertPairs:
-        index = sel.index
+    def _pairs(self, decision: RoutingDecision, pool: ModulePool) -> ExpertPairs:
+        index = decision.indices
         if self.tied:  # every module pick -> stored module 0, SKIP -> 1 (= the pool size)
-            index = (index >= num_choices).long()
-        return pool.route(index, sel.weight)
+            index = (~decision.picks_module()).long()
+        return pool.route(index, decision.weights)
 
     def forward(
         self,
@@ -233,13 +221,13 @@ class MoMChunk(GradientCheckpointingLayer):
         prefix = f"mom/chunk{self.chunk_index}"
         qkv, fc = self.attn.qkv_projection(), self.ffn.fc_projection()
         for h in range(self.steps):
-            attn_sel = policy.attention(h, x.reshape(B * T, d), state)
+            attn_route = policy.attention(h, x.reshape(B * T, d), state)
             is_key = None
             if self.key_flag_layer is not None:
-                is_key = (attn_sel.index < policy.num_attn_modules).any(-1).view(B, T)
+                is_key = attn_route.runs_any_module().view(B, T)
             x = x + self.attn(
                 x,
-                self._pairs(attn_sel, policy.num_attn_modules, self.attn),
+                self._pairs(attn_route, self.attn),
                 qkv,
                 ctx.masks,
                 cache,
@@ -247,26 +235,22 @@ class MoMChunk(GradientCheckpointingLayer):
                 is_key,
                 None if self.key_flag_layer is None else self.key_flag_layer + h,
             )
-            ffn_sel = policy.ffn(h, x.reshape(B * T, d), state)
-            x = x + self.ffn(x, self._pairs(ffn_sel, policy.num_ffn_modules, self.ffn), fc)
+            ffn_route = policy.ffn(h, x.reshape(B * T, d), state)
+            x = x + self.ffn(x, self._pairs(ffn_route, self.ffn), fc)
 
             if observe:
-                if attn_sel.probs is not None:
-                    trace.observe(f"{prefix}/attn_load", attn_sel, ctx)
-                if ffn_sel.probs is not None:
-                    trace.observe(f"{prefix}/ffn_load", ffn_sel, ctx)
+                if attn_route.probs is not None:
+                    trace.observe(f"{prefix}/attn_load", attn_route, ctx)
+                if ffn_route.probs is not None:
+                    trace.observe(f"{prefix}/ffn_load", ffn_route, ctx)
             if ctx.record_routing:
                 trace.routing.append(
                     RoutingStep(
                         chunk=self.chunk_index,
                         step=h,
                         layer=self.first_layer + h,
-                        attn_index=attn_sel.index.view(B, T, -1),
-                        attn_weight=attn_sel.weight.detach().view(B, T, -1),
-                        ffn_index=ffn_sel.index.view(B, T, -1),
-                        ffn_weight=ffn_sel.weight.detach().view(B, T, -1),
-                        num_attn_modules=policy.num_attn_modules,
-                        num_ffn_modules=policy.num_ffn_modules,
+                        attn=attn_route.detach().view_tokens(B, T),
+                        ffn=ffn_route.detach().view_tokens(B, T),
                     )
                 )
         return x, trace
@@ -445,7 +429,7 @@ class MoMModel(MoMPreTrainedModel):
         )
 
 
-class MoMForCausalLM(FlopCounting, MoMPreTrainedModel, GenerationMixin):
+class MoMForCausalLM(FlopCounting, MoMRouting, MoMPreTrainedModel, GenerationMixin):
     flop_counter = staticmethod(mom_flops)
     cache_memory_formula = staticmethod(mom_cache_memory)
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}

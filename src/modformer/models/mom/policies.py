@@ -7,8 +7,9 @@ layer-skip, early exit, parameter sharing, MoE, MoE-share) follow a rule. All of
 feed the same assembly code in `modeling_mom.py`, which is what makes them special cases
 of MoM.
 
-Choices are indices into the chunk's module pool; the index equal to the pool size is
-SKIP (the identity: the pair is left out of every grouped GEMM).
+Every decision is a `RoutingDecision` (`modformer.nn.routing`): indices into the chunk's
+module pool, where the index equal to the pool size is SKIP (the identity: the pair is
+left out of every grouped GEMM).
 """
 
 from __future__ import annotations
@@ -22,33 +23,11 @@ from torch import nn
 
 from modformer.models.mom.configuration_mom import MoMConfig
 from modformer.nn.routers import GRURouter, LinearRouter, MLPRouter, RouterSlots, top_k_routing
+from modformer.nn.routing import RoutingDecision
 
 # criterion(layer, hidden) -> (n,) bool, True = skip: `layer` is the assembled layer
 # number, `hidden` the (n, n_embd) residual stream entering that layer's attention.
 SkipCriterion = Callable[[int, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class Selection:
-    """The modules one decision picked for each of n tokens.
-
-    index: (n, k) long, pool indices; the value `num_modules` of the pool means SKIP.
-    weight: (n, k) weights r_k, in at least fp32 (`routing_dtype`).
-    probs: (n, C) router distribution (at least fp32), for the balance loss and load metrics
-        (routed policies only).
-    router_index: (n, k) the picks in the router's own choice space, where it differs
-        from `index` (the per-step MoE routers pick among E experts of a larger pool;
-        chunk-wide MoM routers score N choices over a smaller pool).
-    """
-
-    index: torch.Tensor
-    weight: torch.Tensor
-    probs: torch.Tensor | None = None
-    router_index: torch.Tensor | None = None
-
-    @property
-    def picks(self) -> torch.Tensor:
-        return self.index if self.router_index is None else self.router_index
 
 
 @dataclass
@@ -65,28 +44,34 @@ class PolicyState:
     step_skipped: torch.Tensor | bool = False  # layer-skip decision of the current step
 
 
-def fixed_selection(x: torch.Tensor, module: int) -> Selection:
-    """Every token runs `module` with weight 1 (a module index or the SKIP index)."""
+def fixed_decision(
+    x: torch.Tensor, module: int, num_modules: int, has_skip: bool = False
+) -> RoutingDecision:
+    """Every token runs `module` with weight 1 (a module index, or `num_modules`: SKIP)."""
     n = x.shape[0]
-    return Selection(
-        index=torch.full((n, 1), module, dtype=torch.long, device=x.device),
-        weight=torch.ones(n, 1, dtype=torch.float32, device=x.device),
+    return RoutingDecision(
+        indices=torch.full((n, 1), module, dtype=torch.long, device=x.device),
+        weights=torch.ones(n, 1, dtype=torch.float32, device=x.device),
+        num_choices=num_modules,
+        has_skip=has_skip,
     )
 
 
 def module_or_skip(
-    x: torch.Tensor, module: int, skip_index: int, skipped: torch.Tensor | bool
-) -> Selection:
+    x: torch.Tensor, module: int, num_modules: int, skipped: torch.Tensor | bool
+) -> RoutingDecision:
     """Module `module`, or SKIP where `skipped` ((n,) bool tensor, or a Python bool)."""
     if isinstance(skipped, bool):
-        return fixed_selection(x, skip_index if skipped else module)
-    index = torch.where(skipped, skip_index, module).to(torch.long)[:, None]
-    return Selection(index=index, weight=torch.ones(index.shape, device=x.device))
+        return fixed_decision(x, num_modules if skipped else module, num_modules, has_skip=True)
+    index = torch.where(skipped, num_modules, module).to(torch.long)[:, None]
+    weight = torch.ones(index.shape, dtype=torch.float32, device=x.device)
+    return RoutingDecision(index, weight, num_modules, has_skip=True)
 
 
 class AssemblyPolicy(nn.Module, ABC):
     """Base class. `num_attn_modules` / `num_ffn_modules` are the pool sizes the choices
-    index; `routed` says whether choices come from routers (then `Selection.probs` is set).
+    index; `routed` says whether choices come from routers (then `RoutingDecision.probs` is
+    set).
     """
 
     routed = False
@@ -101,11 +86,11 @@ class AssemblyPolicy(nn.Module, ABC):
         return PolicyState(carry=carry)
 
     @abstractmethod
-    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
+    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> RoutingDecision:
         """Attention modules of step `step` for the (n, n_embd) rows `x` (= x_h)."""
 
     @abstractmethod
-    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
+    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> RoutingDecision:
         """FFN modules of step `step` for the (n, n_embd) rows `u` (= u_h)."""
 
 
@@ -149,6 +134,7 @@ class LearnedPolicy(AssemblyPolicy):
             )
         self.attn_router, self.ffn_router = routers
         self.attn_k, self.ffn_k = config.attn_k, config.ffn_k
+        self.skip = config.skip
         self.renormalize = config.renormalize
         self.temperature = config.router_temperature
         self.output = config.router_output
@@ -163,18 +149,19 @@ class LearnedPolicy(AssemblyPolicy):
         )
         if router.slots is not None:
             index, probs = router.slots.choice_index(index), router.slots.choices(probs)
+        skip = self.skip
         if self.chunk_wide:
             pool_index = index.clamp(max=num_modules)  # no module there: the pool's SKIP
-            return Selection(pool_index, weight, probs, router_index=index), state
-        return Selection(index=index, weight=weight, probs=probs), state
+            return RoutingDecision(pool_index, weight, num_modules, skip, probs, None, index), state
+        return RoutingDecision(index, weight, num_modules, skip, probs), state
 
-    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
+    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> RoutingDecision:
         selection, state.attn_router_state = self._route(
             self.attn_router, x, state.attn_router_state, self.num_attn_modules, self.attn_k
         )
         return selection
 
-    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
+    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> RoutingDecision:
         selection, state.ffn_router_state = self._route(
             self.ffn_router, u, state.ffn_router_state, self.num_ffn_modules, self.ffn_k
         )
@@ -187,11 +174,11 @@ class VanillaPolicy(AssemblyPolicy):
     def __init__(self, num_modules: int, first_layer: int):
         super().__init__(num_modules, num_modules, first_layer)
 
-    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
-        return fixed_selection(x, step)
+    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> RoutingDecision:
+        return fixed_decision(x, step, self.num_attn_modules)
 
-    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
-        return fixed_selection(u, step)
+    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> RoutingDecision:
+        return fixed_decision(u, step, self.num_ffn_modules)
 
 
 class LayerSkipPolicy(AssemblyPolicy):
@@ -214,11 +201,11 @@ class LayerSkipPolicy(AssemblyPolicy):
             skipped = self.criterion(layer, x).reshape(-1).to(torch.bool)
         return skipped
 
-    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
+    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> RoutingDecision:
         state.step_skipped = self.decide(step, x, state)
         return module_or_skip(x, step, self.num_attn_modules, state.step_skipped)
 
-    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
+    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> RoutingDecision:
         return module_or_skip(u, step, self.num_ffn_modules, state.step_skipped)
 
 
@@ -254,11 +241,11 @@ class ParameterSharingPolicy(AssemblyPolicy):
         super().__init__(num_modules, num_modules, first_layer)
         self.share_map = list(share_map)
 
-    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
-        return fixed_selection(x, self.share_map[step])
+    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> RoutingDecision:
+        return fixed_decision(x, self.share_map[step], self.num_attn_modules)
 
-    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
-        return fixed_selection(u, self.share_map[step])
+    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> RoutingDecision:
+        return fixed_decision(u, self.share_map[step], self.num_ffn_modules)
 
 
 class MoEPolicy(AssemblyPolicy):
@@ -286,16 +273,18 @@ class MoEPolicy(AssemblyPolicy):
             LinearRouter(config.n_embd, self.num_experts) for _ in range(config.H)
         )
 
-    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> Selection:
-        return fixed_selection(x, step)
+    def attention(self, step: int, x: torch.Tensor, state: PolicyState) -> RoutingDecision:
+        return fixed_decision(x, step, self.num_attn_modules)
 
-    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> Selection:
+    def ffn(self, step: int, u: torch.Tensor, state: PolicyState) -> RoutingDecision:
         logits, _ = self.routers[step](u)
         weight, expert, probs = top_k_routing(
             logits, self.k, self.renormalize, self.temperature, self.output
         )
         index = expert if self.shared else expert + step * self.num_experts
-        return Selection(index=index, weight=weight, probs=probs, router_index=expert)
+        return RoutingDecision(
+            index, weight, self.num_ffn_modules, probs=probs, router_indices=expert
+        )
 
 
 def build_policy(
