@@ -295,8 +295,8 @@ def test_learned_assembly_matches_explicit_loops(kwargs):
     if model.config.attn_k == 1:  # some tokens skip a whole attention step
         assert any(s.all(-1).any() for s in skip_picks)
     for r in out.routing:  # each router picks its own K
-        assert r.attn.index.shape[-1] == model.config.attn_k
-        assert r.ffn.index.shape[-1] == model.config.ffn_k
+        assert r.attn.indices.shape[-1] == model.config.attn_k
+        assert r.ffn.indices.shape[-1] == model.config.ffn_k
     torch.testing.assert_close(out.logits, reference_logits(model, ids), atol=1e-4, rtol=1e-4)
 
 

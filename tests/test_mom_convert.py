@@ -203,7 +203,7 @@ def test_reduced_pools_take_layers_spread_in_depth_order():
     ids = torch.randint(0, VOCAB, (2, 12))
     out = mom(ids, labels=ids, return_routing=True)
     assert torch.isfinite(out.loss)
-    assert all(s.attn.index.shape[-1] == 2 and s.ffn.index.shape[-1] == 1 for s in out.routing)
+    assert all(s.attn.indices.shape[-1] == 2 and s.ffn.indices.shape[-1] == 1 for s in out.routing)
 
 
 def test_reduced_pools_larger_than_a_chunk_are_a_clear_error():
