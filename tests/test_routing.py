@@ -149,6 +149,21 @@ def test_mom_pools_per_policy():
     assert all(p.has_skip for p in layer_skip.routed_pools())
 
 
+def test_mom_pools_keep_their_own_routers_top_k():
+    """With separate K per router, each pool keeps enough modules for its own top-K, so a
+    pruned model still validates."""
+    model = mom(mom="K2H3S", K_attn=1, K_ffn=3)
+    assert [p.min_keep for p in model.routed_pools()] == [1, 2, 1, 2]  # K - SKIP, >= 1
+    torch.manual_seed(0)
+    frequencies = {}
+    for pool in model.routed_pools():  # one module per pool is used: prune all others
+        frequencies[pool.name] = torch.tensor([1.0] + [0.0] * (pool.num_choices - 1))
+    pruned, report = prune_model(model, frequencies, threshold=0.5)
+    kept = [p.num_choices for p in pruned.routed_pools()]
+    assert kept == [1, 2, 1, 2]
+    assert (pruned.config.attn_k, pruned.config.ffn_k) == (1, 3)
+
+
 @pytest.mark.parametrize("family", ["moduleformer", "mom"])
 def test_routing_decisions_cover_every_pool_and_step(family):
     model = moduleformer() if family == "moduleformer" else mom(mom="K1H2S")

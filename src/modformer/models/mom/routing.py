@@ -47,7 +47,10 @@ class MoMRouting(RoutedModel):
         config = self.config
         has_skip = chunk_has_skip(config)
         # Top-K must stay possible: K choices counting SKIP, and at least one module.
-        min_keep = max(1, config.K - (1 if config.skip else 0))
+        min_keep = {
+            kind: max(1, k - (1 if config.skip else 0))
+            for kind, k in ((ATTN, config.attn_k), (FFN, config.ffn_k))
+        }
         names = {id(module): name for name, module in self.named_modules()}
         pools = []
         for chunk in self.transformer.chunks:
@@ -81,7 +84,7 @@ class MoMRouting(RoutedModel):
                         has_skip=has_skip,
                         label_prefix="M",
                         choice_name="module",
-                        min_keep=min_keep,
+                        min_keep=min_keep[kind],
                         steps=chunk.steps,
                         per_step=True,
                         stacked=tuple(stacked),
