@@ -1,4 +1,10 @@
-"""Activation functions by name (the names HF configs use)."""
+"""Activation functions by name (the names HF configs use).
+
+Not transformers' `ACT2FN`, on purpose: there ``gelu_new`` is the unfused Python formula
+(five kernels, and a different last bit from the fused one), and its fused classes are
+decorated to swap in kernels from the Hub when the `kernels` package is present; nothing
+we run may fetch code. Each name here maps to one fused torch module with the same math.
+"""
 
 from __future__ import annotations
 
