@@ -260,6 +260,8 @@ def test_core_only_scale_trains_the_headline_arms(mom_data, tmp_path, monkeypatc
     monkeypatch.setitem(mom_vs_vanilla.SCALES, "quick", replace(quick, core_only=True))
     vs = run_experiment("mom-vs-vanilla", tmp_path / "a", [0], "quick")
     assert set(by_arm(vs)) == {"vanilla_cont", "mom_p", "vanilla_flops_mom_p"}
+    md = (tmp_path / "a" / "results.md").read_text()
+    assert "`mom_p`: equal tokens" in md and "`mom_e`" not in md  # only the arms it ran
     two = run_experiment("mom-two-phase", tmp_path / "b", [0], "quick")
     assert set(by_arm(two)) == {"vanilla_all", "mom_scratch_all", "vanilla_phase1", "two_phase"}
 

@@ -409,14 +409,15 @@ def finish(
     seconds = time.perf_counter() - start
     val = ("the whole validation split" if s.val_fraction >= 1
            else f"val: first {s.val_fraction:.0%} of each domain")  # fmt: skip
+    present = {r.arm for r in results}
     parts = [
         f"# {name} ({scale}: {s.n_layer} layers, d={s.n_embd}, chunks {CHUNKS}, phase 1 "
         f"{s.phase1_steps} steps, phase 2 {s.phase2_steps} steps, batch {s.batch_size} x "
         f"{s.block_size}, {val})",
         results_table(results, baseline, order),
-        "What each arm is matched on:\n" + "\n".join(f"- `{a}`: {matched[a]}" for a in order),
+        "What each arm is matched on:\n"
+        + "\n".join(f"- `{a}`: {matched[a]}" for a in order if a in present),
     ]
-    present = {r.arm for r in results}
     comparisons = {f"{a} vs {baseline}": asdict(compare(results, a, baseline)) for a in order
                    if a != baseline and a in present}  # fmt: skip
     for title, (other, arms) in (extra_tables or {}).items():
