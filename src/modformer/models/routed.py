@@ -143,7 +143,12 @@ class RoutedModel:
     routing_family: str = ""
     pool_config_fields: dict[str, tuple[str, str]] = {}
 
+    # The two methods below are the protocol's required part: each family's mixin
+    # (models/<family>/routing.py) overrides them; the base raises so that a new routed
+    # family that forgets one fails loudly instead of reporting no pools.
+
     def routed_pools(self) -> list[RoutedPool]:
+        """Every routed pool of the model, in forward order."""
         raise NotImplementedError(f"{type(self).__name__} does not list its routed pools")
 
     def routing_decisions(
