@@ -21,6 +21,7 @@ own package; usage statistics, routing reports, pruning and expert insertion loo
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -132,7 +133,7 @@ def kept_choices_config(
     return changes
 
 
-class RoutedModel:
+class RoutedModel(ABC):
     """Mixin of the routed causal LMs (see the module docstring).
 
     ``routing_family``: the name usage statistics and reports record ("moduleformer",
@@ -143,22 +144,22 @@ class RoutedModel:
     routing_family: str = ""
     pool_config_fields: dict[str, tuple[str, str]] = {}
 
-    # The two methods below are the protocol's required part: each family's mixin
-    # (models/<family>/routing.py) overrides them; the base raises so that a new routed
-    # family that forgets one fails loudly instead of reporting no pools.
+    # The protocol's required part: each family's mixin (models/<family>/routing.py)
+    # implements these; a class that forgets one cannot be instantiated.
 
+    @abstractmethod
     def routed_pools(self) -> list[RoutedPool]:
         """Every routed pool of the model, in forward order."""
-        raise NotImplementedError(f"{type(self).__name__} does not list its routed pools")
 
+    @abstractmethod
     def routing_decisions(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> list[PoolDecision]:
         """One forward pass without a cache: every routed decision, per pool and step."""
-        raise NotImplementedError(f"{type(self).__name__} does not report its decisions")
 
-    def check_prunable(self) -> None:
-        """Raise a ValueError naming the reason when pools cannot lose choices."""
+    def check_prunable(self) -> None:  # noqa: B027  (an optional hook, not abstract)
+        """Raise a ValueError naming the reason when pools cannot lose choices (by default
+        every pool can)."""
 
     def config_keeping(self, kept: Mapping[str, Sequence[int]]) -> dict[str, Any]:
         """Config changes for keeping the choices `kept[pool name]` of every pool."""
